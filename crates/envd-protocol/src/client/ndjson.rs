@@ -1,0 +1,61 @@
+//! Decoding of the newline-delimited JSON event stream of `/processes/stream`.
+
+use bytes::{Buf, BytesMut};
+use futures::stream::{self, BoxStream, StreamExt};
+use http_body_util::BodyDataStream;
+use hyper::body::Incoming;
+
+use super::EnvdError;
+use crate::ProcessEvent;
+
+/// Lines longer than this are a protocol error (envd sends bounded chunks).
+const MAX_LINE: usize = 8 * 1024 * 1024;
+
+struct State {
+    body: BodyDataStream<Incoming>,
+    buffer: BytesMut,
+    done: bool,
+}
+
+/// Stream of typed events; blank lines (keep-alives) are skipped.
+pub fn events(body: Incoming) -> BoxStream<'static, Result<ProcessEvent, EnvdError>> {
+    let state = State { body: BodyDataStream::new(body), buffer: BytesMut::new(), done: false };
+    stream::unfold(state, |mut state| async move {
+        loop {
+            if let Some(newline) = state.buffer.iter().position(|&b| b == b'\n') {
+                let line = state.buffer.split_to(newline + 1);
+                let line = &line[..newline];
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                let event = serde_json::from_slice::<ProcessEvent>(line)
+                    .map_err(|e| EnvdError::Decode(format!("bad event line: {e}")));
+                return Some((event, state));
+            }
+            if state.done {
+                if state.buffer.has_remaining() && !state.buffer.iter().all(u8::is_ascii_whitespace) {
+                    let line = std::mem::take(&mut state.buffer);
+                    let event = serde_json::from_slice::<ProcessEvent>(&line)
+                        .map_err(|e| EnvdError::Decode(format!("bad event line: {e}")));
+                    return Some((event, state));
+                }
+                return None;
+            }
+            if state.buffer.len() > MAX_LINE {
+                state.done = true;
+                state.buffer.clear();
+                return Some((Err(EnvdError::Decode("event line too long".into())), state));
+            }
+            match state.body.next().await {
+                Some(Ok(chunk)) => state.buffer.extend_from_slice(&chunk),
+                Some(Err(e)) => {
+                    state.done = true;
+                    state.buffer.clear();
+                    return Some((Err(EnvdError::Transport(e.to_string())), state));
+                }
+                None => state.done = true,
+            }
+        }
+    })
+    .boxed()
+}

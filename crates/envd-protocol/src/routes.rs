@@ -1,0 +1,52 @@
+//! Paths of every envd endpoint. Query parameters are described by the
+//! `*Query` types in [`crate::types`].
+
+/// `GET` → [`crate::Health`]. The only endpoint that needs no token.
+pub const HEALTH: &str = "/health";
+/// `PUT` (streamed write, body = raw bytes, query [`crate::WriteQuery`]) → [`crate::WriteInfo`];
+/// `GET` (streamed read, query [`crate::PathQuery`]) → raw bytes;
+/// `DELETE` (recursive remove, query [`crate::PathQuery`]) → [`crate::Empty`].
+pub const FILES: &str = "/files";
+/// `GET`, query [`crate::ListQuery`] → `Vec<`[`crate::EntryInfo`]`>`.
+pub const FILES_LIST: &str = "/files/list";
+/// `GET`, query [`crate::PathQuery`] → [`crate::EntryInfo`].
+pub const FILES_STAT: &str = "/files/stat";
+/// `GET`, query [`crate::PathQuery`] → [`crate::ExistsResponse`].
+pub const FILES_EXISTS: &str = "/files/exists";
+/// `POST` [`crate::MkdirRequest`] → [`crate::MkdirResponse`].
+pub const FILES_MKDIR: &str = "/files/mkdir";
+/// `POST` [`crate::RenameRequest`] → [`crate::EntryInfo`] of the new path.
+pub const FILES_RENAME: &str = "/files/rename";
+/// `POST`, query [`crate::UnpackQuery`], body = tar stream (optionally
+/// `Content-Encoding: gzip`) → [`crate::UnpackReport`].
+pub const FILES_UNPACK: &str = "/files/unpack";
+/// `PUT` [`crate::SetEnvRequest`] → [`crate::Empty`]: replaces the sandbox env
+/// every later process starts with (under the request's own `envs`).
+pub const ENV: &str = "/env";
+/// `GET` → `Vec<`[`crate::ProcessInfo`]`>` of tracked background processes.
+pub const PROCESSES: &str = "/processes";
+/// `POST` [`crate::ProcessRequest`] → [`crate::RunResult`] (foreground).
+pub const PROCESSES_RUN: &str = "/processes/run";
+/// `POST` [`crate::ProcessRequest`] → [`crate::StartedProcess`] (background).
+pub const PROCESSES_START: &str = "/processes/start";
+/// `POST` [`crate::ProcessRequest`] → newline-delimited JSON
+/// [`crate::ProcessEvent`]s, ending with [`crate::ProcessEvent::Exit`].
+pub const PROCESSES_STREAM: &str = "/processes/stream";
+
+/// `POST /processes/{pid}/wait` → [`crate::RunResult`].
+pub fn process_wait(pid: u32) -> String {
+    format!("/processes/{pid}/wait")
+}
+/// `POST /processes/{pid}/stdin` [`crate::StdinRequest`] → [`crate::Empty`].
+pub fn process_stdin(pid: u32) -> String {
+    format!("/processes/{pid}/stdin")
+}
+/// `POST /processes/{pid}/stdin/close` → [`crate::Empty`].
+pub fn process_close_stdin(pid: u32) -> String {
+    format!("/processes/{pid}/stdin/close")
+}
+/// `DELETE /processes/{pid}` → [`crate::KillResponse`]; kills the whole
+/// process group.
+pub fn process(pid: u32) -> String {
+    format!("/processes/{pid}")
+}
