@@ -1,0 +1,153 @@
+//! Wiring: state, router, start-up duties and the serve loop.
+
+use crate::config::{BlobBackend, Config};
+use crate::routes::{health, volumes};
+use crate::{auth, metrics};
+use anyhow::Context;
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::routing::get;
+use axum::Router;
+use sandbox_blobs::{BlobStore, LocalBlobStore, S3BlobStore, S3Settings, VOLUMES_PREFIX};
+use sandbox_store::Store;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+/// JSON bodies above this get 413 (contract §6.3); raw uploads have their own caps.
+const JSON_BODY_LIMIT: usize = 10 << 20;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub store: Arc<dyn Store>,
+    pub blobs: Arc<dyn BlobStore>,
+}
+
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    if config.database.url.is_empty() {
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
+    }
+    let url = config.database_url();
+    let store = sandbox_store::connect(&url, config.database.max_connections)
+        .await
+        .with_context(|| format!("connecting to the {} store", store_kind(&url)))?;
+    store.migrate().await.context("running migrations")?;
+    Ok(store)
+}
+
+fn store_kind(url: &str) -> &'static str {
+    if url.starts_with("sqlite:") {
+        "SQLite"
+    } else {
+        "Postgres"
+    }
+}
+
+pub async fn open_blobs(config: &Config) -> anyhow::Result<Arc<dyn BlobStore>> {
+    Ok(match config.blobs.backend {
+        BlobBackend::Local => Arc::new(LocalBlobStore::open(config.blob_dir()).await?),
+        BlobBackend::S3 => {
+            let s3 = &config.blobs.s3;
+            anyhow::ensure!(!s3.bucket.is_empty(), "blobs.s3.bucket must be set for the s3 backend");
+            let credentials = (!s3.access_key_id.is_empty())
+                .then(|| (s3.access_key_id.clone(), s3.secret_access_key.clone()));
+            Arc::new(S3BlobStore::new(S3Settings {
+                endpoint: (!s3.endpoint.is_empty()).then(|| s3.endpoint.clone()),
+                region: s3.region.clone(),
+                bucket: s3.bucket.clone(),
+                path_style: s3.path_style,
+                credentials,
+                part_size: s3.part_size_mib << 20,
+                max_inflight_parts: s3.max_inflight_parts,
+            })?)
+        }
+    })
+}
+
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/volumes", get(volumes::list).post(volumes::create))
+        .route("/volumes/{id}", get(volumes::get).delete(volumes::delete))
+        .route("/volumes/{id}/download", get(volumes::download))
+        .route("/health", get(health::health))
+        .with_state(state);
+    let metrics_routes =
+        Router::new().route("/metrics", get(metrics::render)).with_state(metrics::recorder());
+    api.merge(metrics_routes)
+        .layer(axum::middleware::from_fn(metrics::track))
+        .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|request: &Request| {
+                let request_id = request
+                    .headers()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-");
+                tracing::info_span!("request", %request_id, method = %request.method(), path = %request.uri().path())
+            }),
+        )
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+}
+
+/// On first start (no keys at all) create owner `default` with a key, print
+/// it once and keep it in `{data_dir}/api-key`, readable by us alone.
+async fn bootstrap_default_key(config: &Config, store: &dyn Store) -> anyhow::Result<()> {
+    if store.count_api_keys().await? > 0 {
+        return Ok(());
+    }
+    let (_, key) = auth::create_key(store, "default").await?;
+    std::fs::create_dir_all(&config.data_dir)?;
+    let path = config.data_dir.join("api-key");
+    write_private(&path, &format!("{key}\n"))?;
+    println!("created owner 'default'; its API key (also in {}):", path.display());
+    println!("{key}");
+    Ok(())
+}
+
+fn write_private(path: &std::path::Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file =
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    file.write_all(contents.as_bytes())
+}
+
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let store = open_store(&config).await?;
+    let blobs = open_blobs(&config).await?;
+    tracing::info!(store = store.backend(), blobs = %blobs.describe(), "storage ready");
+    bootstrap_default_key(&config, store.as_ref()).await?;
+
+    let stale = Duration::from_secs(config.blobs.stale_upload_secs);
+    match blobs.abort_stale_uploads(VOLUMES_PREFIX, stale).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(aborted = n, "aborted stale uploads left by an earlier run"),
+        Err(e) => tracing::warn!(error = %e, "could not sweep stale uploads"),
+    }
+
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let address = listener.local_addr()?;
+    let state = AppState { config: Arc::new(config), store, blobs };
+    tracing::info!(%address, "serving");
+    // Tests and scripts read this line to learn the port when listening on :0.
+    println!("listening on {address}");
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term.recv() => {},
+    }
+    tracing::info!("shutting down");
+}

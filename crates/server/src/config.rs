@@ -1,0 +1,129 @@
+//! All configuration is read here, once. Layers, later wins: the built-in
+//! `config/default.toml`, the `--config` file, then `SANDBOX_MANAGER__…`
+//! environment variables (`__` separates sections).
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+const DEFAULT_TOML: &str = include_str!("../../../config/default.toml");
+const ENV_PREFIX: &str = "SANDBOX_MANAGER__";
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub database: DatabaseConfig,
+    pub blobs: BlobsConfig,
+    pub volumes: VolumesConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct DatabaseConfig {
+    pub url: String,
+    pub max_connections: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BlobBackend {
+    Local,
+    S3,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct BlobsConfig {
+    pub backend: BlobBackend,
+    pub dir: String,
+    pub stale_upload_secs: u64,
+    pub s3: S3Config,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct S3Config {
+    pub endpoint: String,
+    pub region: String,
+    pub bucket: String,
+    pub path_style: bool,
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub part_size_mib: usize,
+    pub max_inflight_parts: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct VolumesConfig {
+    pub max_upload_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LogConfig {
+    pub format: LogFormat,
+}
+
+impl Config {
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Config> {
+        let mut figment = Figment::new().merge(Toml::string(DEFAULT_TOML));
+        if let Some(file) = file {
+            anyhow::ensure!(file.exists(), "config file {} does not exist", file.display());
+            figment = figment.merge(Toml::file(file));
+        }
+        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__"));
+        Ok(figment.extract()?)
+    }
+
+    /// `database.url`, or the embedded SQLite file under `data_dir`.
+    pub fn database_url(&self) -> String {
+        if self.database.url.is_empty() {
+            format!("sqlite:{}", self.data_dir.join("sandbox-manager.db").display())
+        } else {
+            self.database.url.clone()
+        }
+    }
+
+    pub fn blob_dir(&self) -> PathBuf {
+        if self.blobs.dir.is_empty() {
+            self.data_dir.join("blobs")
+        } else {
+            PathBuf::from(&self.blobs.dir)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_embedded_mode() {
+        let config = Config::load(None).unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(config.blobs.backend, BlobBackend::Local);
+        assert!(config.database_url().starts_with("sqlite:"));
+        assert_eq!(config.volumes.max_upload_bytes, 4 << 30);
+    }
+
+    #[test]
+    fn environment_overrides_nested_keys() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("SANDBOX_MANAGER__LISTEN", "127.0.0.1:9999");
+            jail.set_env("SANDBOX_MANAGER__BLOBS__S3__BUCKET", "from-env");
+            jail.set_env("SANDBOX_MANAGER__VOLUMES__MAX_UPLOAD_BYTES", "1024");
+            let config = Config::load(None).unwrap();
+            assert_eq!(config.listen.port(), 9999);
+            assert_eq!(config.blobs.s3.bucket, "from-env");
+            assert_eq!(config.volumes.max_upload_bytes, 1024);
+            Ok(())
+        });
+    }
+}

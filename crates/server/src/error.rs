@@ -1,0 +1,84 @@
+//! The one place where failures become HTTP statuses and JSON bodies.
+//! Every error answer is `{"message": …, "code": …}`; the Declaw SDKs read
+//! `message` and map the status to their exception types.
+
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("unauthorized: missing or invalid API key")]
+    Unauthorized,
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("{message}")]
+    Conflict { code: &'static str, message: String, retry_after: Option<u64> },
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(#[from] anyhow::Error),
+}
+
+impl ApiError {
+    fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Conflict { .. } => StatusCode::CONFLICT,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::PayloadTooLarge(_) => "payload_too_large",
+            ApiError::Conflict { code, .. } => code,
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::error!(error = %self, "request failed");
+        }
+        let body = Json(json!({ "message": self.to_string(), "code": self.code() }));
+        let mut response = (status, body).into_response();
+        if let ApiError::Conflict { retry_after: Some(secs), .. } = self {
+            response.headers_mut().insert("retry-after", HeaderValue::from(secs));
+        }
+        response
+    }
+}
+
+impl From<sandbox_store::StoreError> for ApiError {
+    fn from(e: sandbox_store::StoreError) -> Self {
+        ApiError::Internal(e.into())
+    }
+}
+
+impl From<sandbox_blobs::BlobError> for ApiError {
+    fn from(e: sandbox_blobs::BlobError) -> Self {
+        match e {
+            sandbox_blobs::BlobError::NotFound(key) => ApiError::NotFound(format!("blob {key}")),
+            other => ApiError::Unavailable(format!("object storage unavailable: {other}")),
+        }
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;

@@ -1,0 +1,11 @@
+//! sandbox-manager's control plane: configuration, HTTP API, auth.
+
+pub mod app;
+pub mod archive;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod routes;
+pub mod telemetry;
+pub mod timefmt;

@@ -1,0 +1,27 @@
+use crate::app::AppState;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use serde_json::{json, Value};
+
+/// Unauthenticated liveness and dependency check: 200 when the store and
+/// the blob store both answer, 503 otherwise, naming what failed.
+pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+    let (store, blobs) = tokio::join!(state.store.ping(), state.blobs.check());
+    let status_of = |ok: bool| if ok { "ok" } else { "unavailable" };
+    let healthy = store.is_ok() && blobs.is_ok();
+    let mut body = json!({
+        "status": status_of(healthy),
+        "version": env!("CARGO_PKG_VERSION"),
+        "store": { "backend": state.store.backend(), "status": status_of(store.is_ok()) },
+        "blobs": { "backend": state.blobs.describe(), "status": status_of(blobs.is_ok()) },
+    });
+    if let Err(e) = &store {
+        body["store"]["error"] = json!(e.to_string());
+    }
+    if let Err(e) = &blobs {
+        body["blobs"]["error"] = json!(e.to_string());
+    }
+    let code = if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, Json(body))
+}

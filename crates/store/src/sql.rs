@@ -1,0 +1,234 @@
+//! The two SQL backends. Postgres and SQLite (via sqlx's `$N` support) accept
+//! the same statements, so one macro writes both implementations and they
+//! cannot drift apart.
+
+use crate::model::{NewVolume, Owner, Volume, VolumeRow, VolumeState};
+use crate::{Store, StoreResult};
+use async_trait::async_trait;
+use chrono::Utc;
+use rand::Rng;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use std::str::FromStr;
+use std::time::Duration;
+
+const VOLUME_COLUMNS: &str = "id, owner_id, name, blob_key, size_bytes, sha256, content_type, \
+     uncompressed_bytes, entry_count, metadata, state, created_at, updated_at";
+
+fn new_owner_id() -> String {
+    format!("own-{:012x}", rand::rng().random::<u64>() & 0xffff_ffff_ffff)
+}
+
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    pub async fn connect(url: &str, max_connections: u32) -> StoreResult<Self> {
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(url)
+            .await?;
+        Ok(PgStore { pool })
+    }
+}
+
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    pub async fn connect(url: &str, max_connections: u32) -> StoreResult<Self> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(max_connections)
+            .connect_with(options)
+            .await?;
+        Ok(SqliteStore { pool })
+    }
+}
+
+macro_rules! sql_store {
+    ($store:ty, $backend:literal, $migrations:literal) => {
+        #[async_trait]
+        impl Store for $store {
+            fn backend(&self) -> &'static str {
+                $backend
+            }
+
+            async fn migrate(&self) -> StoreResult<()> {
+                sqlx::migrate!($migrations).run(&self.pool).await?;
+                Ok(())
+            }
+
+            async fn ping(&self) -> StoreResult<()> {
+                sqlx::query("SELECT 1").execute(&self.pool).await?;
+                Ok(())
+            }
+
+            async fn ensure_owner(&self, name: &str) -> StoreResult<Owner> {
+                sqlx::query(
+                    "INSERT INTO owners (id, name, created_at) VALUES ($1, $2, $3) \
+                     ON CONFLICT (name) DO NOTHING",
+                )
+                .bind(new_owner_id())
+                .bind(name)
+                .bind(Utc::now())
+                .execute(&self.pool)
+                .await?;
+                let owner = sqlx::query_as::<_, Owner>(
+                    "SELECT id, name, created_at FROM owners WHERE name = $1",
+                )
+                .bind(name)
+                .fetch_one(&self.pool)
+                .await?;
+                Ok(owner)
+            }
+
+            async fn insert_api_key(
+                &self,
+                owner_id: &str,
+                key_hash: &str,
+                prefix: &str,
+            ) -> StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO api_keys (key_hash, owner_id, prefix, created_at) \
+                     VALUES ($1, $2, $3, $4)",
+                )
+                .bind(key_hash)
+                .bind(owner_id)
+                .bind(prefix)
+                .bind(Utc::now())
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn owner_by_key_hash(&self, key_hash: &str) -> StoreResult<Option<Owner>> {
+                let owner = sqlx::query_as::<_, Owner>(
+                    "SELECT o.id, o.name, o.created_at FROM owners o \
+                     JOIN api_keys k ON k.owner_id = o.id WHERE k.key_hash = $1",
+                )
+                .bind(key_hash)
+                .fetch_optional(&self.pool)
+                .await?;
+                Ok(owner)
+            }
+
+            async fn count_api_keys(&self) -> StoreResult<i64> {
+                let (count,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM api_keys")
+                    .fetch_one(&self.pool)
+                    .await?;
+                Ok(count)
+            }
+
+            async fn insert_volume(&self, v: &NewVolume) -> StoreResult<Volume> {
+                let now = Utc::now();
+                sqlx::query(
+                    "INSERT INTO volumes (id, owner_id, name, blob_key, size_bytes, sha256, \
+                     content_type, uncompressed_bytes, entry_count, metadata, state, \
+                     created_at, updated_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                )
+                .bind(&v.id)
+                .bind(&v.owner_id)
+                .bind(&v.name)
+                .bind(&v.blob_key)
+                .bind(v.size_bytes)
+                .bind(&v.sha256)
+                .bind(&v.content_type)
+                .bind(v.uncompressed_bytes)
+                .bind(v.entry_count)
+                .bind(sqlx::types::Json(&v.metadata))
+                .bind(VolumeState::Ready.as_str())
+                .bind(now)
+                .bind(now)
+                .execute(&self.pool)
+                .await?;
+                Ok(Volume {
+                    id: v.id.clone(),
+                    owner_id: v.owner_id.clone(),
+                    name: v.name.clone(),
+                    blob_key: v.blob_key.clone(),
+                    size_bytes: v.size_bytes,
+                    sha256: v.sha256.clone(),
+                    content_type: v.content_type.clone(),
+                    uncompressed_bytes: v.uncompressed_bytes,
+                    entry_count: v.entry_count,
+                    metadata: v.metadata.clone(),
+                    state: VolumeState::Ready,
+                    created_at: now,
+                    updated_at: now,
+                })
+            }
+
+            async fn get_volume(&self, owner_id: &str, id: &str) -> StoreResult<Option<Volume>> {
+                Ok(self
+                    .get_volume_any_state(owner_id, id)
+                    .await?
+                    .filter(|v| v.state == VolumeState::Ready))
+            }
+
+            async fn get_volume_any_state(
+                &self,
+                owner_id: &str,
+                id: &str,
+            ) -> StoreResult<Option<Volume>> {
+                let sql = format!(
+                    "SELECT {VOLUME_COLUMNS} FROM volumes WHERE owner_id = $1 AND id = $2"
+                );
+                let row = sqlx::query_as::<_, VolumeRow>(&sql)
+                    .bind(owner_id)
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                Ok(row.map(Volume::from))
+            }
+
+            async fn list_volumes(&self, owner_id: &str) -> StoreResult<Vec<Volume>> {
+                let sql = format!(
+                    "SELECT {VOLUME_COLUMNS} FROM volumes WHERE owner_id = $1 AND state = $2 \
+                     ORDER BY created_at DESC, id DESC"
+                );
+                let rows = sqlx::query_as::<_, VolumeRow>(&sql)
+                    .bind(owner_id)
+                    .bind(VolumeState::Ready.as_str())
+                    .fetch_all(&self.pool)
+                    .await?;
+                Ok(rows.into_iter().map(Volume::from).collect())
+            }
+
+            async fn mark_volume_deleted(&self, owner_id: &str, id: &str) -> StoreResult<bool> {
+                let result = sqlx::query(
+                    "UPDATE volumes SET state = $1, updated_at = $2 \
+                     WHERE owner_id = $3 AND id = $4 AND state = $5",
+                )
+                .bind(VolumeState::Deleted.as_str())
+                .bind(Utc::now())
+                .bind(owner_id)
+                .bind(id)
+                .bind(VolumeState::Ready.as_str())
+                .execute(&self.pool)
+                .await?;
+                Ok(result.rows_affected() == 1)
+            }
+
+            async fn volume_id_exists(&self, id: &str) -> StoreResult<bool> {
+                let found: Option<(String,)> =
+                    sqlx::query_as("SELECT id FROM volumes WHERE id = $1")
+                        .bind(id)
+                        .fetch_optional(&self.pool)
+                        .await?;
+                Ok(found.is_some())
+            }
+        }
+    };
+}
+
+sql_store!(PgStore, "postgres", "../../migrations/postgres");
+sql_store!(SqliteStore, "sqlite", "../../migrations/sqlite");

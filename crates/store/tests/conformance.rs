@@ -1,0 +1,107 @@
+//! One suite, two backends: every behaviour the server relies on is checked
+//! against SQLite and against a fresh Postgres database.
+
+use rand::Rng;
+use sandbox_store::{NewVolume, Store, VolumeState};
+use sqlx::Connection;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+fn postgres_admin_url() -> String {
+    std::env::var("TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// Creates an empty database for this run and returns its URL.
+async fn fresh_postgres_database() -> String {
+    let admin = postgres_admin_url();
+    let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap_or_else(|e| {
+        panic!("Postgres is required at {admin} (start it with scripts/postgres.sh): {e}")
+    });
+    let name = format!("store_test_{:08x}", rand::rng().random::<u32>());
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .expect("create test database");
+    let base = admin.rsplit_once('/').expect("url has a database").0;
+    format!("{base}/{name}")
+}
+
+fn sample_volume(id: &str, owner_id: &str, name: &str) -> NewVolume {
+    NewVolume {
+        id: id.into(),
+        owner_id: owner_id.into(),
+        name: name.into(),
+        blob_key: format!("owners/{owner_id}/volumes/{id}.tar.gz"),
+        size_bytes: 1234,
+        sha256: "ab".repeat(32),
+        content_type: "application/gzip".into(),
+        uncompressed_bytes: 10_240,
+        entry_count: 3,
+        metadata: BTreeMap::from([("team".to_string(), "ml".to_string())]),
+    }
+}
+
+async fn conformance(store: Arc<dyn Store>) {
+    store.migrate().await.expect("migrate");
+    store.migrate().await.expect("migrate is idempotent");
+    store.ping().await.unwrap();
+
+    // Owners and keys.
+    let alice = store.ensure_owner("alice").await.unwrap();
+    assert_eq!(store.ensure_owner("alice").await.unwrap(), alice);
+    let bob = store.ensure_owner("bob").await.unwrap();
+    assert_ne!(alice.id, bob.id);
+    assert_eq!(store.count_api_keys().await.unwrap(), 0);
+    store.insert_api_key(&alice.id, "hash-a", "sm_a").await.unwrap();
+    store.insert_api_key(&bob.id, "hash-b", "sm_b").await.unwrap();
+    assert_eq!(store.count_api_keys().await.unwrap(), 2);
+    assert_eq!(store.owner_by_key_hash("hash-a").await.unwrap(), Some(alice.clone()));
+    assert_eq!(store.owner_by_key_hash("nope").await.unwrap(), None);
+
+    // Volumes are owner scoped and listed newest first.
+    let first = store.insert_volume(&sample_volume("vol-00000001", &alice.id, "one")).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let second = store.insert_volume(&sample_volume("vol-00000002", &alice.id, "two")).await.unwrap();
+    store.insert_volume(&sample_volume("vol-00000003", &bob.id, "bobs")).await.unwrap();
+    assert!(store.insert_volume(&sample_volume("vol-00000001", &bob.id, "dup")).await.is_err());
+
+    let fetched = store.get_volume(&alice.id, "vol-00000001").await.unwrap().unwrap();
+    assert_eq!(fetched.metadata.get("team").map(String::as_str), Some("ml"));
+    assert_eq!(fetched.size_bytes, 1234);
+    assert_eq!(fetched.state, VolumeState::Ready);
+    assert_eq!(fetched.created_at.timestamp_micros(), first.created_at.timestamp_micros());
+    assert_eq!(store.get_volume(&bob.id, "vol-00000001").await.unwrap(), None);
+
+    let listed: Vec<String> =
+        store.list_volumes(&alice.id).await.unwrap().into_iter().map(|v| v.id).collect();
+    assert_eq!(listed, vec![second.id.clone(), first.id.clone()]);
+    assert!(store.volume_id_exists("vol-00000003").await.unwrap());
+    assert!(!store.volume_id_exists("vol-ffffffff").await.unwrap());
+
+    // Deletion leaves a tombstone only its owner can see.
+    assert!(!store.mark_volume_deleted(&bob.id, "vol-00000001").await.unwrap());
+    assert!(store.mark_volume_deleted(&alice.id, "vol-00000001").await.unwrap());
+    assert!(!store.mark_volume_deleted(&alice.id, "vol-00000001").await.unwrap());
+    assert_eq!(store.get_volume(&alice.id, "vol-00000001").await.unwrap(), None);
+    let tomb = store.get_volume_any_state(&alice.id, "vol-00000001").await.unwrap().unwrap();
+    assert_eq!(tomb.state, VolumeState::Deleted);
+    assert_eq!(store.list_volumes(&alice.id).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn sqlite_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite:{}", dir.path().join("store.db").display());
+    let store = sandbox_store::connect(&url, 4).await.unwrap();
+    assert_eq!(store.backend(), "sqlite");
+    conformance(store).await;
+}
+
+#[tokio::test]
+async fn postgres_backend() {
+    let url = fresh_postgres_database().await;
+    let store = sandbox_store::connect(&url, 4).await.unwrap();
+    assert_eq!(store.backend(), "postgres");
+    conformance(store).await;
+}
