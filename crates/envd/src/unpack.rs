@@ -1,0 +1,333 @@
+//! `POST /files/unpack`: one streamed request carrying a tar archive
+//! (optionally gzipped) that is written under a destination directory.
+//!
+//! Only regular files and directories are materialised. Symlinks, hardlinks,
+//! devices, FIFOs and names containing `..` are skipped and reported; leading
+//! `/` is stripped. Below the destination nothing is ever followed: each
+//! directory is opened with `O_NOFOLLOW`, so a symlink planted in the sandbox
+//! makes the entry skipped instead of redirecting the write.
+
+use std::ffi::CString;
+use std::io::{self, BufReader, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap};
+use axum::Json;
+use envd_protocol::{SkippedEntry, UnpackQuery, UnpackReport};
+use tar::EntryType;
+use tokio::task::spawn_blocking;
+
+use crate::body::{self, BodyReader};
+use crate::error::{ApiError, ApiResult};
+use crate::paths::{self, Ownership, SandboxRoot};
+use crate::server::AppState;
+use crate::sys;
+
+/// Skipped entries listed by name in the report (all are counted).
+const MAX_REPORTED_SKIPS: usize = 100;
+/// Buffer between the body channel and the tar parser / gunzip.
+const READ_BUFFER: usize = 1024 * 1024;
+/// Copy buffer for file contents.
+const COPY_BUFFER: usize = 1024 * 1024;
+
+pub async fn unpack(
+    State(state): State<Arc<AppState>>,
+    Query(query): Query<UnpackQuery>,
+    headers: HeaderMap,
+    request_body: Body,
+) -> ApiResult<Json<UnpackReport>> {
+    let gzip = match headers.get(header::CONTENT_ENCODING).map(|v| v.to_str().unwrap_or("")) {
+        None | Some("identity") => false,
+        Some(value) if value.eq_ignore_ascii_case("gzip") => true,
+        Some(other) => return Err(ApiError::bad_request(format!("unsupported Content-Encoding {other:?}"))),
+    };
+    let dest = paths::clean_path(&query.path);
+    let (sender, reader) = body::channel();
+    let worker = spawn_blocking(move || {
+        let user = state.users.lookup(&state.root, &query.username)?;
+        let owner = state.users.ownership(&user);
+        unpack_blocking(&state.root, &query.path, owner, reader, gzip)
+    });
+    let (_, report) = tokio::join!(body::pump(request_body, sender), worker);
+    let report = report??;
+    tracing::info!(
+        dest = %dest,
+        files = report.files,
+        dirs = report.dirs,
+        bytes = report.bytes,
+        skipped = report.skipped,
+        "unpack finished"
+    );
+    Ok(Json(report))
+}
+
+/// Unpacks the tar stream read from `reader` under `dest` (created if
+/// missing). Runs on a blocking thread.
+pub fn unpack_blocking(
+    root: &SandboxRoot,
+    dest: &str,
+    owner: Option<Ownership>,
+    reader: BodyReader,
+    gzip: bool,
+) -> ApiResult<UnpackReport> {
+    let clean_dest = paths::clean_path(dest);
+    let dest_fd = root.open_dir(dest, true, owner).map_err(|e| ApiError::from_io(e, &clean_dest))?;
+    let buffered = BufReader::with_capacity(READ_BUFFER, reader);
+    let input: Box<dyn Read> = if gzip {
+        Box::new(BufReader::with_capacity(READ_BUFFER, flate2::read::MultiGzDecoder::new(buffered)))
+    } else {
+        Box::new(buffered)
+    };
+    let mut unpacker = Unpacker::new(dest_fd, owner);
+    unpacker.run(input).map_err(|e| match e.raw_os_error() {
+        Some(_) => ApiError::from_io(e, &clean_dest),
+        None => ApiError::bad_request(format!("invalid archive: {e}")),
+    })?;
+    Ok(unpacker.report)
+}
+
+struct Unpacker {
+    dest: OwnedFd,
+    owner: Option<Ownership>,
+    /// Directories currently open, from the destination down: reused while
+    /// consecutive entries share a prefix (archives are grouped by directory).
+    open_dirs: Vec<(Vec<u8>, OwnedFd)>,
+    copy_buffer: Vec<u8>,
+    /// Non-root envd keeps owner permission on directories so it can fill them.
+    force_owner_rwx: bool,
+    report: UnpackReport,
+}
+
+/// Why an entry is not written; not an error of the whole unpack.
+struct Skip(String);
+
+enum Kind {
+    File,
+    Dir,
+}
+
+impl Unpacker {
+    fn new(dest: OwnedFd, owner: Option<Ownership>) -> Self {
+        Self {
+            dest,
+            owner,
+            open_dirs: Vec::new(),
+            copy_buffer: vec![0; COPY_BUFFER],
+            // SAFETY: trivial getter.
+            force_owner_rwx: unsafe { libc::geteuid() } != 0,
+            report: UnpackReport::default(),
+        }
+    }
+
+    fn run(&mut self, input: Box<dyn Read>) -> io::Result<()> {
+        let mut archive = tar::Archive::new(input);
+        for entry in archive.entries()? {
+            let mut entry = entry?;
+            let name_bytes = entry.path_bytes().into_owned();
+            let display = String::from_utf8_lossy(&name_bytes).into_owned();
+            let kind = match entry.header().entry_type() {
+                EntryType::Regular | EntryType::Continuous => Kind::File,
+                EntryType::Directory => Kind::Dir,
+                // Metadata records the tar crate does not fold into entries.
+                EntryType::XGlobalHeader | EntryType::XHeader | EntryType::GNULongName | EntryType::GNULongLink => {
+                    continue
+                }
+                EntryType::Symlink => {
+                    self.skip(display, "symlink");
+                    continue;
+                }
+                EntryType::Link => {
+                    self.skip(display, "hardlink");
+                    continue;
+                }
+                EntryType::Char | EntryType::Block => {
+                    self.skip(display, "device node");
+                    continue;
+                }
+                EntryType::Fifo => {
+                    self.skip(display, "fifo");
+                    continue;
+                }
+                other => {
+                    self.skip(display, &format!("unsupported entry type {:?}", other.as_byte() as char));
+                    continue;
+                }
+            };
+            let components = match sanitize(&name_bytes) {
+                Ok(components) => components,
+                Err(Skip(reason)) => {
+                    self.skip(display, &reason);
+                    continue;
+                }
+            };
+            let mode = entry.header().mode().unwrap_or(0o644);
+            let result = match kind {
+                Kind::Dir if components.is_empty() => Ok(()), // "./" itself
+                Kind::File if components.is_empty() => Err(Skip("empty name".into()).into()),
+                Kind::Dir => self.write_dir(&components, mode),
+                Kind::File => self.write_file(&components, mode, &mut entry),
+            };
+            match result {
+                Ok(()) => {}
+                Err(EntryError::Skip(Skip(reason))) => self.skip(display, &reason),
+                Err(EntryError::Fatal(error)) => return Err(error),
+            }
+        }
+        Ok(())
+    }
+
+    fn skip(&mut self, name: String, reason: &str) {
+        tracing::debug!(name, reason, "unpack skipped entry");
+        self.report.skipped += 1;
+        if self.report.skipped_entries.len() < MAX_REPORTED_SKIPS {
+            self.report.skipped_entries.push(SkippedEntry { name, reason: reason.to_string() });
+        }
+    }
+
+    fn write_dir(&mut self, components: &[Vec<u8>], mode: u32) -> Result<(), EntryError> {
+        let mut mode = mode & 0o1777;
+        if self.force_owner_rwx {
+            mode |= 0o700;
+        }
+        let dir = self.open_dir(components)?;
+        sys::fchmod(dir, mode).map_err(EntryError::from_io)?;
+        Ok(())
+    }
+
+    fn write_file(&mut self, components: &[Vec<u8>], mode: u32, data: &mut impl Read) -> Result<(), EntryError> {
+        let (parents, last) = components.split_at(components.len() - 1);
+        let name = sys::component(&last[0]).map_err(EntryError::from_io)?;
+        let owner = self.owner;
+        let parent = self.open_dir(parents)?;
+        let fd = create_file(parent, &name)?;
+        let stat = sys::fstat(fd.as_fd()).map_err(EntryError::from_io)?;
+        if !sys::is_regular(&stat) {
+            return Err(Skip("existing entry is not a regular file".into()).into());
+        }
+        sys::set_blocking(fd.as_fd()).map_err(EntryError::from_io)?;
+        sys::fchmod(fd.as_fd(), mode & 0o777).map_err(EntryError::from_io)?;
+        if let Some(owner) = owner {
+            sys::fchown(fd.as_fd(), owner.uid, owner.gid).map_err(EntryError::from_io)?;
+        }
+        let mut file = std::fs::File::from(fd);
+        let mut written = 0u64;
+        loop {
+            let length = match data.read(&mut self.copy_buffer) {
+                Ok(0) => break,
+                Ok(length) => length,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                // A read error is the archive/body failing: abort the unpack.
+                Err(error) => return Err(EntryError::Fatal(error)),
+            };
+            file.write_all(&self.copy_buffer[..length]).map_err(EntryError::from_io)?;
+            written += length as u64;
+        }
+        self.report.files += 1;
+        self.report.bytes += written;
+        Ok(())
+    }
+
+    /// Opens (creating as needed) the directory `components` below the
+    /// destination, without following any symlink.
+    fn open_dir(&mut self, components: &[Vec<u8>]) -> Result<BorrowedFd<'_>, EntryError> {
+        let shared = self
+            .open_dirs
+            .iter()
+            .zip(components)
+            .take_while(|((open_name, _), wanted)| open_name == *wanted)
+            .count();
+        self.open_dirs.truncate(shared);
+        for component in &components[shared..] {
+            let name = sys::component(component).map_err(EntryError::from_io)?;
+            let parent = self.open_dirs.last().map(|(_, fd)| fd.as_fd()).unwrap_or(self.dest.as_fd());
+            let fd = match open_child_dir(parent, &name) {
+                Ok(fd) => fd,
+                Err(error) if sys::errno_is(&error, libc::ENOENT) => {
+                    match paths::create_dir(parent, &name, self.owner) {
+                        Ok(()) => self.report.dirs += 1,
+                        Err(error) if sys::errno_is(&error, libc::EEXIST) => {}
+                        Err(error) => return Err(EntryError::from_io(error)),
+                    }
+                    open_child_dir(parent, &name).map_err(EntryError::from_io)?
+                }
+                Err(error) => return Err(EntryError::from_io(error)),
+            };
+            self.open_dirs.push((component.clone(), fd));
+        }
+        Ok(self.open_dirs.last().map(|(_, fd)| fd.as_fd()).unwrap_or(self.dest.as_fd()))
+    }
+}
+
+fn open_child_dir(parent: BorrowedFd<'_>, name: &CString) -> io::Result<OwnedFd> {
+    sys::openat(parent, name, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0)
+}
+
+/// Creates or truncates `name` without following a symlink; an existing
+/// symlink is replaced by the file (as `tar -x` does).
+fn create_file(parent: BorrowedFd<'_>, name: &CString) -> Result<OwnedFd, EntryError> {
+    // O_NONBLOCK: an existing FIFO must not block the unpack.
+    let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW | libc::O_NONBLOCK;
+    match sys::openat(parent, name, flags, 0o600) {
+        Ok(fd) => Ok(fd),
+        Err(error) if sys::errno_is(&error, libc::ELOOP) => {
+            sys::unlinkat(parent, name, false).map_err(EntryError::from_io)?;
+            sys::openat(parent, name, flags | libc::O_EXCL, 0o600).map_err(EntryError::from_io)
+        }
+        Err(error) => Err(EntryError::from_io(error)),
+    }
+}
+
+/// Entry name → components below the destination: leading `/` stripped,
+/// `.` dropped, any `..` rejected.
+fn sanitize(name: &[u8]) -> Result<Vec<Vec<u8>>, Skip> {
+    let mut components = Vec::new();
+    for part in name.split(|&b| b == b'/') {
+        match part {
+            b"" | b"." => {}
+            b".." => return Err(Skip("name contains ..".into())),
+            _ if part.contains(&0) => return Err(Skip("name contains NUL".into())),
+            _ => components.push(part.to_vec()),
+        }
+    }
+    Ok(components)
+}
+
+enum EntryError {
+    Skip(Skip),
+    Fatal(io::Error),
+}
+
+impl From<Skip> for EntryError {
+    fn from(skip: Skip) -> Self {
+        EntryError::Skip(skip)
+    }
+}
+
+impl EntryError {
+    /// A full disk or an I/O failure ends the unpack; anything else about one
+    /// entry (a symlink in the way, a file where a directory should be,
+    /// permissions) skips just that entry.
+    fn from_io(error: io::Error) -> Self {
+        match error.raw_os_error() {
+            Some(libc::ENOSPC | libc::EDQUOT | libc::EIO | libc::EROFS) => EntryError::Fatal(error),
+            Some(libc::ELOOP) => EntryError::Skip(Skip("path goes through a symlink".into())),
+            Some(libc::ENOTDIR) => EntryError::Skip(Skip("a parent is not a directory".into())),
+            _ => EntryError::Skip(Skip(error.to_string())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sanitizes_names() {
+        assert_eq!(sanitize(b"/abs/./x").ok().unwrap(), vec![b"abs".to_vec(), b"x".to_vec()]);
+        assert!(sanitize(b"a/../b").is_err());
+        assert!(sanitize(b"./").ok().unwrap().is_empty());
+    }
+}
