@@ -44,6 +44,10 @@ pub trait BlobStore: Send + Sync + 'static {
     async fn get(&self, key: &str) -> BlobResult<BlobReader>;
     /// Deleting a missing blob is not an error.
     async fn delete(&self, key: &str) -> BlobResult<()>;
+    /// Keys of complete blobs under `prefix`.
+    async fn list_keys(&self, prefix: &str) -> BlobResult<Vec<String>>;
+    /// Keys of unfinished uploads under `prefix`.
+    async fn pending_uploads(&self, prefix: &str) -> BlobResult<Vec<String>>;
     /// Aborts unfinished uploads under `prefix` started more than
     /// `older_than` ago (leftovers of a crash); returns how many.
     async fn abort_stale_uploads(&self, prefix: &str, older_than: Duration) -> BlobResult<usize>;

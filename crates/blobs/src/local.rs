@@ -87,12 +87,40 @@ impl BlobStore for LocalBlobStore {
         }
     }
 
+    async fn list_keys(&self, prefix: &str) -> BlobResult<Vec<String>> {
+        let files = self.files_under(prefix).await?;
+        Ok(files.into_iter().filter(|(key, _)| !is_partial(key)).map(|(key, _)| key).collect())
+    }
+
+    async fn pending_uploads(&self, prefix: &str) -> BlobResult<Vec<String>> {
+        let files = self.files_under(prefix).await?;
+        Ok(files.into_iter().filter(|(key, _)| is_partial(key)).map(|(key, _)| key).collect())
+    }
+
     async fn abort_stale_uploads(&self, prefix: &str, older_than: Duration) -> BlobResult<usize> {
+        let cutoff = SystemTime::now() - older_than;
+        let mut removed = 0;
+        for (key, modified) in self.files_under(prefix).await? {
+            if is_partial(&key) && modified <= cutoff {
+                fs::remove_file(self.root.join(&key)).await.or_else(ignore_not_found)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+fn is_partial(key: &str) -> bool {
+    key.ends_with(PARTIAL_SUFFIX)
+}
+
+impl LocalBlobStore {
+    /// Every file below `prefix`, as (key relative to the root, mtime).
+    async fn files_under(&self, prefix: &str) -> BlobResult<Vec<(String, SystemTime)>> {
         let start = self.path_of(prefix.trim_end_matches('/'))?;
         let root = self.root.clone();
-        let removed = tokio::task::spawn_blocking(move || {
-            let cutoff = SystemTime::now() - older_than;
-            let mut removed = 0;
+        let walk = move || {
+            let mut found = Vec::new();
             let mut pending = vec![start];
             while let Some(dir) = pending.pop() {
                 let Ok(entries) = std::fs::read_dir(&dir) else { continue };
@@ -101,20 +129,15 @@ impl BlobStore for LocalBlobStore {
                     let Ok(meta) = entry.metadata() else { continue };
                     if meta.is_dir() {
                         pending.push(path);
-                    } else if path.to_string_lossy().ends_with(PARTIAL_SUFFIX)
-                        && meta.modified().map(|m| m <= cutoff).unwrap_or(true)
-                        && std::fs::remove_file(&path).is_ok()
-                    {
-                        removed += 1;
+                    } else if let Ok(relative) = path.strip_prefix(&root) {
+                        let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+                        found.push((relative.to_string_lossy().into_owned(), modified));
                     }
                 }
             }
-            tracing::debug!(root = %root.display(), removed, "scanned for stale partial blobs");
-            removed
-        })
-        .await
-        .map_err(|e| BlobError::Backend(e.to_string()))?;
-        Ok(removed)
+            found
+        };
+        tokio::task::spawn_blocking(walk).await.map_err(|e| BlobError::Backend(e.to_string()))
     }
 }
 

@@ -110,6 +110,7 @@ impl BlobStore for S3BlobStore {
             multipart: None,
             inflight: Arc::new(Semaphore::new(self.settings.max_inflight_parts.max(1))),
             parts: JoinSet::new(),
+            completed: Vec::new(),
             next_part: 1,
             written: 0,
             finished: false,
@@ -144,9 +145,57 @@ impl BlobStore for S3BlobStore {
         Ok(())
     }
 
+    async fn list_keys(&self, prefix: &str) -> BlobResult<Vec<String>> {
+        let mut keys = Vec::new();
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.settings.bucket)
+            .prefix(prefix)
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| backend_error("list objects", e))?;
+            keys.extend(page.contents().iter().filter_map(|o| o.key().map(str::to_string)));
+        }
+        Ok(keys)
+    }
+
+    async fn pending_uploads(&self, prefix: &str) -> BlobResult<Vec<String>> {
+        Ok(self.multipart_uploads(prefix).await?.into_iter().map(|u| u.key).collect())
+    }
+
     async fn abort_stale_uploads(&self, prefix: &str, older_than: Duration) -> BlobResult<usize> {
-        let cutoff = chrono::Utc::now() - older_than;
+        let cutoff = (chrono::Utc::now() - older_than).timestamp();
         let mut aborted = 0;
+        for upload in self.multipart_uploads(prefix).await? {
+            if upload.initiated_secs > cutoff {
+                continue;
+            }
+            self.client
+                .abort_multipart_upload()
+                .bucket(&self.settings.bucket)
+                .key(&upload.key)
+                .upload_id(&upload.upload_id)
+                .send()
+                .await
+                .map_err(|e| backend_error("abort multipart upload", e))?;
+            tracing::info!(key = %upload.key, upload_id = %upload.upload_id, "aborted stale multipart upload");
+            aborted += 1;
+        }
+        Ok(aborted)
+    }
+}
+
+struct PendingUpload {
+    key: String,
+    upload_id: String,
+    initiated_secs: i64,
+}
+
+impl S3BlobStore {
+    async fn multipart_uploads(&self, prefix: &str) -> BlobResult<Vec<PendingUpload>> {
+        let mut found = Vec::new();
         let (mut key_marker, mut id_marker) = (None::<String>, None::<String>);
         loop {
             let page = self
@@ -160,21 +209,12 @@ impl BlobStore for S3BlobStore {
                 .await
                 .map_err(|e| backend_error("list multipart uploads", e))?;
             for upload in page.uploads() {
-                let started = upload.initiated().map(|t| t.secs()).unwrap_or(0);
                 let (Some(key), Some(id)) = (upload.key(), upload.upload_id()) else { continue };
-                if started > cutoff.timestamp() {
-                    continue;
-                }
-                self.client
-                    .abort_multipart_upload()
-                    .bucket(&self.settings.bucket)
-                    .key(key)
-                    .upload_id(id)
-                    .send()
-                    .await
-                    .map_err(|e| backend_error("abort multipart upload", e))?;
-                tracing::info!(key, upload_id = id, "aborted stale multipart upload");
-                aborted += 1;
+                found.push(PendingUpload {
+                    key: key.to_string(),
+                    upload_id: id.to_string(),
+                    initiated_secs: upload.initiated().map(|t| t.secs()).unwrap_or(0),
+                });
             }
             if page.is_truncated() != Some(true) {
                 break;
@@ -185,7 +225,7 @@ impl BlobStore for S3BlobStore {
                 break;
             }
         }
-        Ok(aborted)
+        Ok(found)
     }
 }
 
@@ -199,6 +239,7 @@ struct S3Upload {
     multipart: Option<String>,
     inflight: Arc<Semaphore>,
     parts: JoinSet<BlobResult<CompletedPart>>,
+    completed: Vec<CompletedPart>,
     next_part: i32,
     written: u64,
     finished: bool,
@@ -228,9 +269,9 @@ impl S3Upload {
         };
         // Waiting for a permit is the back-pressure that bounds memory.
         let permit = self.inflight.clone().acquire_owned().await.expect("semaphore is never closed");
-        // Surface a failed earlier part before queueing more work.
+        // Collect finished parts, surfacing a failure before queueing more.
         while let Some(done) = self.parts.try_join_next() {
-            done.map_err(|e| BlobError::Backend(e.to_string()))??;
+            self.completed.push(done.map_err(|e| BlobError::Backend(e.to_string()))??);
         }
         let part_number = self.next_part;
         self.next_part += 1;
@@ -256,10 +297,10 @@ impl S3Upload {
     }
 
     async fn finish_multipart(&mut self, upload_id: String) -> BlobResult<()> {
-        let mut completed = Vec::new();
         while let Some(done) = self.parts.join_next().await {
-            completed.push(done.map_err(|e| BlobError::Backend(e.to_string()))??);
+            self.completed.push(done.map_err(|e| BlobError::Backend(e.to_string()))??);
         }
+        let mut completed = std::mem::take(&mut self.completed);
         completed.sort_by_key(|p| p.part_number());
         self.client
             .complete_multipart_upload()
