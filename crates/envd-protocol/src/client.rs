@@ -18,7 +18,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::stream::{BoxStream, Stream, StreamExt, TryStreamExt};
 use http::{header, Method, Request, StatusCode};
-use http_body_util::{combinators::BoxBody, BodyDataStream, BodyExt, Full, StreamBody};
+use http_body_util::{combinators::UnsyncBoxBody, BodyDataStream, BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -34,7 +34,7 @@ use crate::routes;
 use crate::types::*;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-type RequestBody = BoxBody<Bytes, BoxError>;
+type RequestBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// Client for one envd. Cheap to clone (shares the connection pool).
 #[derive(Clone)]
@@ -154,7 +154,7 @@ impl EnvdClient {
         body: S,
     ) -> Result<WriteInfo, EnvdError>
     where
-        S: Stream<Item = Result<Bytes, E>> + Send + Sync + 'static,
+        S: Stream<Item = Result<Bytes, E>> + Send + 'static,
         E: Into<BoxError> + 'static,
     {
         let uri = query::build(
@@ -165,7 +165,7 @@ impl EnvdClient {
                 ("mode", mode.map(|m| m.to_string())),
             ],
         );
-        let response = self.send(Method::PUT, &uri, stream_body(body), None).await?;
+        let response = self.send(Method::PUT, &uri, stream_body(body), Some(OCTETS)).await?;
         decode_json(response).await
     }
 
@@ -254,12 +254,12 @@ impl EnvdClient {
     /// Streams a tar archive (gzipped when `gzip`) into directory `dest`.
     pub async fn unpack<S, E>(&self, dest: &str, user: &str, body: S, gzip: bool) -> Result<UnpackReport, EnvdError>
     where
-        S: Stream<Item = Result<Bytes, E>> + Send + Sync + 'static,
+        S: Stream<Item = Result<Bytes, E>> + Send + 'static,
         E: Into<BoxError> + 'static,
     {
         let uri = path_query(routes::FILES_UNPACK, dest, user);
-        let encoding = gzip.then_some("gzip");
-        let response = self.send(Method::POST, &uri, stream_body(body), encoding).await?;
+        let content_type = if gzip { GZIP_TAR } else { TAR };
+        let response = self.send(Method::POST, &uri, stream_body(body), Some(content_type)).await?;
         decode_json(response).await
     }
 
@@ -268,7 +268,7 @@ impl EnvdClient {
     /// Replaces the sandbox-level environment of later processes.
     pub async fn set_env(&self, envs: std::collections::BTreeMap<String, String>) -> Result<(), EnvdError> {
         let response = self
-            .send(Method::PUT, routes::ENV, json_body(&SetEnvRequest { envs })?, None)
+            .send(Method::PUT, routes::ENV, json_body(&SetEnvRequest { envs })?, Some(JSON))
             .await?;
         let _: Empty = decode_json(response).await?;
         Ok(())
@@ -319,7 +319,7 @@ impl EnvdClient {
         request: &ProcessRequest,
     ) -> Result<BoxStream<'static, Result<ProcessEvent, EnvdError>>, EnvdError> {
         let response = self
-            .send(Method::POST, routes::PROCESSES_STREAM, json_body(request)?, None)
+            .send(Method::POST, routes::PROCESSES_STREAM, json_body(request)?, Some(JSON))
             .await?;
         let response = check_status(response).await?;
         Ok(ndjson::events(response.into_body()))
@@ -333,7 +333,7 @@ impl EnvdClient {
     }
 
     async fn post_json<Req: Serialize, T: DeserializeOwned>(&self, uri: &str, body: &Req) -> Result<T, EnvdError> {
-        let response = self.send(Method::POST, uri, json_body(body)?, None).await?;
+        let response = self.send(Method::POST, uri, json_body(body)?, Some(JSON)).await?;
         decode_json(response).await
     }
 
@@ -342,12 +342,12 @@ impl EnvdClient {
         method: Method,
         path_and_query: &str,
         body: RequestBody,
-        content_encoding: Option<&str>,
+        content: Option<BodyKind>,
     ) -> Result<http::Response<Incoming>, EnvdError> {
         if self.inner.check_version {
             self.check_compatible().await?;
         }
-        self.send_unchecked(method, path_and_query, body, content_encoding).await
+        self.send_unchecked(method, path_and_query, body, content).await
     }
 
     async fn send_unchecked(
@@ -355,15 +355,18 @@ impl EnvdClient {
         method: Method,
         path_and_query: &str,
         body: RequestBody,
-        content_encoding: Option<&str>,
+        content: Option<BodyKind>,
     ) -> Result<http::Response<Incoming>, EnvdError> {
         let uri = format!("{}{}", self.inner.base, path_and_query);
         let mut request = Request::builder()
             .method(method)
             .uri(uri)
             .header(header::AUTHORIZATION, format!("{} {}", crate::AUTHORIZATION_SCHEME, self.inner.token));
-        if let Some(encoding) = content_encoding {
-            request = request.header(header::CONTENT_ENCODING, encoding);
+        if let Some(kind) = content {
+            request = request.header(header::CONTENT_TYPE, kind.content_type);
+            if let Some(encoding) = kind.content_encoding {
+                request = request.header(header::CONTENT_ENCODING, encoding);
+            }
         }
         let request = request.body(body).map_err(|e| EnvdError::Transport(e.to_string()))?;
         self.inner
@@ -374,25 +377,37 @@ impl EnvdClient {
     }
 }
 
+/// Content headers of a request body.
+#[derive(Clone, Copy)]
+struct BodyKind {
+    content_type: &'static str,
+    content_encoding: Option<&'static str>,
+}
+
+const JSON: BodyKind = BodyKind { content_type: "application/json", content_encoding: None };
+const OCTETS: BodyKind = BodyKind { content_type: "application/octet-stream", content_encoding: None };
+const TAR: BodyKind = BodyKind { content_type: "application/x-tar", content_encoding: None };
+const GZIP_TAR: BodyKind = BodyKind { content_type: "application/x-tar", content_encoding: Some("gzip") };
+
 fn path_query(route: &str, path: &str, user: &str) -> String {
     query::build(route, &[("path", Some(path.to_string())), ("username", Some(user.to_string()))])
 }
 
 fn empty_body() -> RequestBody {
-    Full::new(Bytes::new()).map_err(|never| match never {}).boxed()
+    Full::new(Bytes::new()).map_err(|never| match never {}).boxed_unsync()
 }
 
 fn json_body<T: Serialize>(value: &T) -> Result<RequestBody, EnvdError> {
     let bytes = serde_json::to_vec(value).map_err(|e| EnvdError::Decode(e.to_string()))?;
-    Ok(Full::new(Bytes::from(bytes)).map_err(|never| match never {}).boxed())
+    Ok(Full::new(Bytes::from(bytes)).map_err(|never| match never {}).boxed_unsync())
 }
 
 fn stream_body<S, E>(body: S) -> RequestBody
 where
-    S: Stream<Item = Result<Bytes, E>> + Send + Sync + 'static,
+    S: Stream<Item = Result<Bytes, E>> + Send + 'static,
     E: Into<BoxError> + 'static,
 {
-    BodyExt::boxed(StreamBody::new(body.map_ok(Frame::data).map_err(Into::into)))
+    BodyExt::boxed_unsync(StreamBody::new(body.map_ok(Frame::data).map_err(Into::into)))
 }
 
 /// Turns a non-2xx response into [`EnvdError::Api`].

@@ -7,7 +7,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -20,6 +20,7 @@ use tokio_util::io::ReaderStream;
 
 use crate::body::{self, BodyReader};
 use crate::error::{ApiError, ApiResult};
+use crate::extract::{JsonBody, QueryParams};
 use crate::paths::{self, ResolveOptions, SandboxRoot};
 use crate::server::AppState;
 use crate::sys;
@@ -34,7 +35,7 @@ const FILE_MODE_MASK: u32 = 0o777;
 
 pub async fn write(
     State(state): State<Arc<AppState>>,
-    Query(query): Query<WriteQuery>,
+    QueryParams(query): QueryParams<WriteQuery>,
     request_body: Body,
 ) -> ApiResult<Json<WriteInfo>> {
     let (sender, reader) = body::channel();
@@ -75,7 +76,7 @@ fn write_blocking(state: &AppState, query: &WriteQuery, mut reader: BodyReader) 
     Ok(WriteInfo { path: clean, size })
 }
 
-pub async fn read(State(state): State<Arc<AppState>>, Query(query): Query<PathQuery>) -> ApiResult<Response> {
+pub async fn read(State(state): State<Arc<AppState>>, QueryParams(query): QueryParams<PathQuery>) -> ApiResult<Response> {
     let clean = paths::clean_path(&query.path);
     let path = clean.clone();
     let file = spawn_blocking(move || -> ApiResult<std::fs::File> {
@@ -96,7 +97,7 @@ pub async fn read(State(state): State<Arc<AppState>>, Query(query): Query<PathQu
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], Body::from_stream(stream)).into_response())
 }
 
-pub async fn list(State(state): State<Arc<AppState>>, Query(query): Query<ListQuery>) -> ApiResult<Json<Vec<EntryInfo>>> {
+pub async fn list(State(state): State<Arc<AppState>>, QueryParams(query): QueryParams<ListQuery>) -> ApiResult<Json<Vec<EntryInfo>>> {
     let entries = spawn_blocking(move || {
         let clean = paths::clean_path(&query.path);
         let io_error = |error| ApiError::from_io(error, &clean);
@@ -170,7 +171,7 @@ fn stat_blocking(root: &SandboxRoot, path: &str) -> std::io::Result<EntryInfo> {
     Ok(entry_info(paths::file_name(&clean), clean, &stat, is_symlink))
 }
 
-pub async fn stat(State(state): State<Arc<AppState>>, Query(query): Query<PathQuery>) -> ApiResult<Json<EntryInfo>> {
+pub async fn stat(State(state): State<Arc<AppState>>, QueryParams(query): QueryParams<PathQuery>) -> ApiResult<Json<EntryInfo>> {
     let info = spawn_blocking(move || {
         stat_blocking(&state.root, &query.path).map_err(|e| ApiError::from_io(e, &paths::clean_path(&query.path)))
     })
@@ -178,7 +179,7 @@ pub async fn stat(State(state): State<Arc<AppState>>, Query(query): Query<PathQu
     Ok(Json(info))
 }
 
-pub async fn exists(State(state): State<Arc<AppState>>, Query(query): Query<PathQuery>) -> ApiResult<Json<ExistsResponse>> {
+pub async fn exists(State(state): State<Arc<AppState>>, QueryParams(query): QueryParams<PathQuery>) -> ApiResult<Json<ExistsResponse>> {
     let exists = spawn_blocking(move || match state.root.stat(&query.path) {
         Ok(_) => Ok(true),
         Err(error) if matches!(error.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP)) => Ok(false),
@@ -188,7 +189,7 @@ pub async fn exists(State(state): State<Arc<AppState>>, Query(query): Query<Path
     Ok(Json(ExistsResponse { exists }))
 }
 
-pub async fn mkdir(State(state): State<Arc<AppState>>, Json(request): Json<MkdirRequest>) -> ApiResult<Json<MkdirResponse>> {
+pub async fn mkdir(State(state): State<Arc<AppState>>, JsonBody(request): JsonBody<MkdirRequest>) -> ApiResult<Json<MkdirResponse>> {
     let created = spawn_blocking(move || {
         let user = state.users.lookup(&state.root, &request.username)?;
         let owner = state.users.ownership(&user);
@@ -201,7 +202,7 @@ pub async fn mkdir(State(state): State<Arc<AppState>>, Json(request): Json<Mkdir
     Ok(Json(MkdirResponse { created }))
 }
 
-pub async fn remove(State(state): State<Arc<AppState>>, Query(query): Query<PathQuery>) -> ApiResult<Json<Empty>> {
+pub async fn remove(State(state): State<Arc<AppState>>, QueryParams(query): QueryParams<PathQuery>) -> ApiResult<Json<Empty>> {
     spawn_blocking(move || {
         let clean = paths::clean_path(&query.path);
         let io_error = |error| ApiError::from_io(error, &clean);
@@ -231,7 +232,7 @@ fn remove_entry(dir: BorrowedFd<'_>, name: &std::ffi::CStr) -> std::io::Result<(
     sys::unlinkat(dir, name, true)
 }
 
-pub async fn rename(State(state): State<Arc<AppState>>, Json(request): Json<RenameRequest>) -> ApiResult<Json<EntryInfo>> {
+pub async fn rename(State(state): State<Arc<AppState>>, JsonBody(request): JsonBody<RenameRequest>) -> ApiResult<Json<EntryInfo>> {
     let info = spawn_blocking(move || {
         let old_clean = paths::clean_path(&request.old_path);
         let new_clean = paths::clean_path(&request.new_path);

@@ -6,6 +6,7 @@ mod auth;
 mod body;
 mod config;
 mod error;
+mod extract;
 mod files;
 mod paths;
 mod process;

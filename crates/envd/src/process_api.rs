@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::error::{ApiError, ApiResult};
+use crate::extract::{JsonBody, Pid};
 use crate::process::{OutputChunk, OutputStream, SpawnOptions, Tracked, Utf8Decoder};
 use crate::server::AppState;
 
@@ -28,7 +29,7 @@ const KEEPALIVE_EVERY: Duration = Duration::from_secs(10);
 /// Output chunks buffered between a process and a slow stream reader.
 const STREAM_CHANNEL_DEPTH: usize = 64;
 
-pub async fn set_env(State(state): State<Arc<AppState>>, Json(request): Json<SetEnvRequest>) -> Json<Empty> {
+pub async fn set_env(State(state): State<Arc<AppState>>, JsonBody(request): JsonBody<SetEnvRequest>) -> Json<Empty> {
     state.processes.set_sandbox_env(request.envs);
     Json(Empty {})
 }
@@ -46,7 +47,7 @@ impl Drop for KillIfAbandoned {
     }
 }
 
-pub async fn run(State(state): State<Arc<AppState>>, Json(request): Json<ProcessRequest>) -> ApiResult<Json<RunResult>> {
+pub async fn run(State(state): State<Arc<AppState>>, JsonBody(request): JsonBody<ProcessRequest>) -> ApiResult<Json<RunResult>> {
     let options = SpawnOptions { capture: true, events: None, stdin: false, forget_on_exit: true };
     let tracked = state.processes.spawn(&state.root, &state.users, &request, options)?;
     let guard = KillIfAbandoned(tracked);
@@ -56,7 +57,7 @@ pub async fn run(State(state): State<Arc<AppState>>, Json(request): Json<Process
 
 pub async fn start(
     State(state): State<Arc<AppState>>,
-    Json(request): Json<ProcessRequest>,
+    JsonBody(request): JsonBody<ProcessRequest>,
 ) -> ApiResult<Json<StartedProcess>> {
     let options = SpawnOptions { capture: true, events: None, stdin: request.stdin, forget_on_exit: false };
     let tracked = state.processes.spawn(&state.root, &state.users, &request, options)?;
@@ -70,7 +71,7 @@ fn tracked(state: &AppState, pid: u32) -> ApiResult<Arc<Tracked>> {
         .ok_or_else(|| ApiError::not_found(format!("process {pid} is not tracked")))
 }
 
-pub async fn wait(State(state): State<Arc<AppState>>, Path(pid): Path<u32>) -> ApiResult<Json<RunResult>> {
+pub async fn wait(State(state): State<Arc<AppState>>, Pid(pid): Pid) -> ApiResult<Json<RunResult>> {
     let process = tracked(&state, pid)?;
     let outcome = process.wait().await;
     state.processes.forget(pid);
@@ -79,8 +80,8 @@ pub async fn wait(State(state): State<Arc<AppState>>, Path(pid): Path<u32>) -> A
 
 pub async fn write_stdin(
     State(state): State<Arc<AppState>>,
-    Path(pid): Path<u32>,
-    Json(request): Json<StdinRequest>,
+    Pid(pid): Pid,
+    JsonBody(request): JsonBody<StdinRequest>,
 ) -> ApiResult<Json<Empty>> {
     let process = tracked(&state, pid)?;
     let data = if request.base64 {
@@ -94,12 +95,12 @@ pub async fn write_stdin(
     Ok(Json(Empty {}))
 }
 
-pub async fn close_stdin(State(state): State<Arc<AppState>>, Path(pid): Path<u32>) -> ApiResult<Json<Empty>> {
+pub async fn close_stdin(State(state): State<Arc<AppState>>, Pid(pid): Pid) -> ApiResult<Json<Empty>> {
     tracked(&state, pid)?.close_stdin().await;
     Ok(Json(Empty {}))
 }
 
-pub async fn kill(State(state): State<Arc<AppState>>, Path(pid): Path<u32>) -> Json<KillResponse> {
+pub async fn kill(State(state): State<Arc<AppState>>, Pid(pid): Pid) -> Json<KillResponse> {
     Json(KillResponse { killed: state.processes.kill(pid) })
 }
 
@@ -109,7 +110,7 @@ pub async fn list(State(state): State<Arc<AppState>>) -> Json<Vec<ProcessInfo>> 
 
 /// One long-lived response: `start`, output events as they come, periodic
 /// `keepalive`, then `exit`. Errors before the start are plain JSON errors.
-pub async fn stream(State(state): State<Arc<AppState>>, Json(request): Json<ProcessRequest>) -> ApiResult<Response> {
+pub async fn stream(State(state): State<Arc<AppState>>, JsonBody(request): JsonBody<ProcessRequest>) -> ApiResult<Response> {
     let (chunk_sender, chunks) = mpsc::channel(STREAM_CHANNEL_DEPTH);
     let options = SpawnOptions { capture: false, events: Some(chunk_sender), stdin: false, forget_on_exit: true };
     let process = state.processes.spawn(&state.root, &state.users, &request, options)?;

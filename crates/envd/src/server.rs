@@ -14,6 +14,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::config::Listen;
+use crate::error::ApiError;
 use crate::paths::SandboxRoot;
 use crate::process::ProcessManager;
 use crate::users::Users;
@@ -48,6 +49,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route(routes::HEALTH, get(health))
         .merge(protected)
+        .fallback(|| async { ApiError::not_found("no such endpoint") })
         // Uploads are streamed to disk, never buffered: no body size limit.
         .layer(DefaultBodyLimit::disable())
         .with_state(state)

@@ -13,7 +13,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap};
 use axum::Json;
 use envd_protocol::{SkippedEntry, UnpackQuery, UnpackReport};
@@ -22,6 +22,7 @@ use tokio::task::spawn_blocking;
 
 use crate::body::{self, BodyReader};
 use crate::error::{ApiError, ApiResult};
+use crate::extract::QueryParams;
 use crate::paths::{self, Ownership, SandboxRoot};
 use crate::server::AppState;
 use crate::sys;
@@ -35,7 +36,7 @@ const COPY_BUFFER: usize = 1024 * 1024;
 
 pub async fn unpack(
     State(state): State<Arc<AppState>>,
-    Query(query): Query<UnpackQuery>,
+    QueryParams(query): QueryParams<UnpackQuery>,
     headers: HeaderMap,
     request_body: Body,
 ) -> ApiResult<Json<UnpackReport>> {
