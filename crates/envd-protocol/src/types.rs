@@ -193,7 +193,7 @@ pub struct SkippedEntry {
 pub struct UnpackReport {
     /// Regular files written.
     pub files: u64,
-    /// Directories created.
+    /// Directories created below the destination.
     pub dirs: u64,
     /// Bytes of file content written.
     pub bytes: u64,
