@@ -2,39 +2,77 @@
 
 mod common;
 
-use common::{targz, ServerOptions, TestServer};
+use common::{targz, TestServer};
 use reqwest::StatusCode;
 use serde_json::Value;
 use std::os::unix::fs::PermissionsExt;
 
 #[tokio::test]
 async fn first_start_creates_a_key_and_volumes_work() {
-    let mut server = TestServer::start(ServerOptions::embedded()).await;
+    let mut server = TestServer::start(common::embedded()).await;
     let key_file = server.data_dir.path().join("api-key");
-    assert_eq!(std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     assert!(server.api_key.starts_with("sm_") && server.api_key.len() == 35);
-    assert!(server.data_dir.path().join("sandbox-manager.db").exists(), "SQLite lives in data_dir");
+    assert!(
+        server.data_dir.path().join("sandbox-manager.db").exists(),
+        "SQLite lives in data_dir"
+    );
 
-    let health: Value = server.http.get(server.url("/health")).send().await.unwrap().json().await.unwrap();
+    let health: Value = server
+        .http
+        .get(server.url("/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(health["store"]["backend"], "sqlite");
-    assert!(health["blobs"]["backend"].as_str().unwrap().starts_with("local:"));
+    assert!(health["blobs"]["backend"]
+        .as_str()
+        .unwrap()
+        .starts_with("local:"));
 
     let archive = targz(&[("rows.csv", b"1\n2\n3\n".to_vec())]);
-    let response = server.post("/volumes?name=local").body(archive.clone()).send().await.unwrap();
+    let response = server
+        .post("/volumes?name=local")
+        .body(archive.clone())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), StatusCode::CREATED);
     let volume: Value = response.json().await.unwrap();
     let id = volume["volume_id"].as_str().unwrap().to_string();
-    let blob = server.data_dir.path().join("blobs").join(volume["blob_key"].as_str().unwrap());
+    let blob = server
+        .data_dir
+        .path()
+        .join("blobs")
+        .join(volume["blob_key"].as_str().unwrap());
     assert_eq!(std::fs::read(&blob).unwrap(), archive);
 
     // A restart keeps the key and the data, and creates no second key.
     server.crash();
     server.launch().await;
-    assert_eq!(std::fs::read_to_string(&key_file).unwrap().trim(), server.api_key);
-    let download = server.get(&format!("/volumes/{id}/download")).send().await.unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&key_file).unwrap().trim(),
+        server.api_key
+    );
+    let download = server
+        .get(&format!("/volumes/{id}/download"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(download.bytes().await.unwrap().as_ref(), archive.as_slice());
 
-    let bad = server.post("/volumes?name=bad").body(b"nope".to_vec()).send().await.unwrap();
+    let bad = server
+        .post("/volumes?name=bad")
+        .body(b"nope".to_vec())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
     let leftovers: Vec<_> = walk(&server.data_dir.path().join("blobs"))
         .into_iter()
@@ -42,7 +80,15 @@ async fn first_start_creates_a_key_and_volumes_work() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 
-    assert_eq!(server.delete(&format!("/volumes/{id}")).send().await.unwrap().status(), StatusCode::NO_CONTENT);
+    assert_eq!(
+        server
+            .delete(&format!("/volumes/{id}"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::NO_CONTENT
+    );
     assert!(!blob.exists(), "delete removes the blob");
 }
 

@@ -15,7 +15,10 @@ fn garage_store(bucket_key: &str) -> S3BlobStore {
         region: g["S3_REGION"].clone(),
         bucket: g[bucket_key].clone(),
         path_style: true,
-        credentials: Some((g["AWS_ACCESS_KEY_ID"].clone(), g["AWS_SECRET_ACCESS_KEY"].clone())),
+        credentials: Some((
+            g["AWS_ACCESS_KEY_ID"].clone(),
+            g["AWS_SECRET_ACCESS_KEY"].clone(),
+        )),
         part_size: 8 << 20,
         max_inflight_parts: 2,
     })
@@ -24,14 +27,24 @@ fn garage_store(bucket_key: &str) -> S3BlobStore {
 
 async fn owner_id(server: &TestServer) -> String {
     // The default owner's id shows in any volume it creates.
-    let body: Value = server.post("/volumes?name=probe").send().await.unwrap().json().await.unwrap();
+    let body: Value = server
+        .post("/volumes?name=probe")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     body["owner_id"].as_str().unwrap().to_string()
 }
 
 async fn assert_error(response: reqwest::Response, status: StatusCode) -> String {
     assert_eq!(response.status(), status);
     let body: Value = response.json().await.expect("error bodies are JSON");
-    body["message"].as_str().expect("error body has a message").to_string()
+    body["message"]
+        .as_str()
+        .expect("error body has a message")
+        .to_string()
 }
 
 /// Nothing of this owner in the bucket but the given keys, and no
@@ -56,7 +69,7 @@ async fn assert_bucket_holds(owner: &str, expected: &[String]) {
 
 #[tokio::test]
 async fn upload_get_list_download_delete() {
-    let server = TestServer::start(ServerOptions::production()).await;
+    let server = TestServer::start(common::production()).await;
     // 20 MiB of noise: a multipart upload of three parts.
     let big = noise(20 << 20, 7);
     let archive = targz(&[("data/rows.csv", b"a,b\n1,2\n".to_vec()), ("blob.bin", big)]);
@@ -80,10 +93,20 @@ async fn upload_get_list_download_delete() {
     assert_eq!(volume["uncompressed_bytes"], (20 << 20) + 8);
     assert_eq!(volume["quota_bytes"], 0);
     assert_eq!(volume["backend"], "tarball");
-    assert_eq!(volume["blob_key"], format!("owners/{owner}/volumes/{id}.tar.gz"));
+    assert_eq!(
+        volume["blob_key"],
+        format!("owners/{owner}/volumes/{id}.tar.gz")
+    );
     assert!(volume["created_at"].as_str().unwrap().ends_with('Z'));
 
-    let fetched: Value = server.get(&format!("/volumes/{id}")).send().await.unwrap().json().await.unwrap();
+    let fetched: Value = server
+        .get(&format!("/volumes/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(fetched, volume);
 
     let second: Value = server
@@ -95,30 +118,76 @@ async fn upload_get_list_download_delete() {
         .json()
         .await
         .unwrap();
-    let listed: Value = server.get("/volumes").send().await.unwrap().json().await.unwrap();
-    let ids: Vec<&str> =
-        listed["volumes"].as_array().unwrap().iter().map(|v| v["volume_id"].as_str().unwrap()).collect();
-    assert_eq!(ids, vec![second["volume_id"].as_str().unwrap(), id.as_str()], "newest first");
+    let listed: Value = server
+        .get("/volumes")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = listed["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["volume_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        vec![second["volume_id"].as_str().unwrap(), id.as_str()],
+        "newest first"
+    );
 
-    let download = server.get(&format!("/volumes/{id}/download")).send().await.unwrap();
+    let download = server
+        .get(&format!("/volumes/{id}/download"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(download.status(), StatusCode::OK);
     let downloaded = download.bytes().await.unwrap();
     assert_eq!(downloaded.len(), archive.len());
-    assert_eq!(sha256_hex(&downloaded), sha256_hex(&archive), "download returns the uploaded bytes");
+    assert_eq!(
+        sha256_hex(&downloaded),
+        sha256_hex(&archive),
+        "download returns the uploaded bytes"
+    );
 
-    let deleted = server.delete(&format!("/volumes/{id}")).send().await.unwrap();
+    let deleted = server
+        .delete(&format!("/volumes/{id}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
-    assert_error(server.get(&format!("/volumes/{id}")).send().await.unwrap(), StatusCode::NOT_FOUND).await;
-    assert_error(server.get(&format!("/volumes/{id}/download")).send().await.unwrap(), StatusCode::NOT_FOUND)
-        .await;
-    let again = server.delete(&format!("/volumes/{id}")).send().await.unwrap();
-    assert_eq!(again.status(), StatusCode::NO_CONTENT, "deleting twice is fine");
+    assert_error(
+        server.get(&format!("/volumes/{id}")).send().await.unwrap(),
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+    assert_error(
+        server
+            .get(&format!("/volumes/{id}/download"))
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+    let again = server
+        .delete(&format!("/volumes/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        again.status(),
+        StatusCode::NO_CONTENT,
+        "deleting twice is fine"
+    );
     assert_bucket_holds(&owner, &[second["blob_key"].as_str().unwrap().to_string()]).await;
 }
 
 #[tokio::test]
 async fn chunked_and_empty_uploads() {
-    let server = TestServer::start(ServerOptions::production()).await;
+    let server = TestServer::start(common::production()).await;
     let archive = targz(&[("a.txt", noise(9 << 20, 3))]);
     let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
         archive.chunks(64 << 10).map(|c| Ok(c.to_vec())).collect();
@@ -134,11 +203,23 @@ async fn chunked_and_empty_uploads() {
     assert_eq!(volume["size_bytes"], archive.len() as u64);
     assert_eq!(volume["sha256"], sha256_hex(&archive));
     let id = volume["volume_id"].as_str().unwrap();
-    let download = server.get(&format!("/volumes/{id}/download")).send().await.unwrap().bytes().await.unwrap();
+    let download = server
+        .get(&format!("/volumes/{id}/download"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
     assert_eq!(sha256_hex(&download), sha256_hex(&archive));
 
     // No body at all (what the Python SDK sends for data=None): an empty volume.
-    let empty = server.post("/volumes?name=empty").header("content-type", "application/json").send().await.unwrap();
+    let empty = server
+        .post("/volumes?name=empty")
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(empty.status(), StatusCode::CREATED);
     let empty: Value = empty.json().await.unwrap();
     assert_eq!(empty["size_bytes"], 0);
@@ -147,15 +228,32 @@ async fn chunked_and_empty_uploads() {
 
 #[tokio::test]
 async fn bad_archives_are_rejected_and_leave_nothing() {
-    let server = TestServer::start(ServerOptions::production()).await;
+    let server = TestServer::start(common::production()).await;
     let owner = owner_id(&server).await;
-    let probe_key = |listed: &Value| listed["volumes"][0]["blob_key"].as_str().unwrap().to_string();
-    let listed: Value = server.get("/volumes").send().await.unwrap().json().await.unwrap();
+    let probe_key = |listed: &Value| {
+        listed["volumes"][0]["blob_key"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let listed: Value = server
+        .get("/volumes")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let probe = probe_key(&listed);
 
     // Not gzip at all.
     let message = assert_error(
-        server.post("/volumes?name=plain").body(b"just some text".to_vec()).send().await.unwrap(),
+        server
+            .post("/volumes?name=plain")
+            .body(b"just some text".to_vec())
+            .send()
+            .await
+            .unwrap(),
         StatusCode::BAD_REQUEST,
     )
     .await;
@@ -165,7 +263,12 @@ async fn bad_archives_are_rejected_and_leave_nothing() {
     let mut truncated = targz(&[("big.bin", noise(24 << 20, 11))]);
     truncated.truncate(truncated.len() - 4096);
     let message = assert_error(
-        server.post("/volumes?name=truncated").body(truncated).send().await.unwrap(),
+        server
+            .post("/volumes?name=truncated")
+            .body(truncated)
+            .send()
+            .await
+            .unwrap(),
         StatusCode::BAD_REQUEST,
     )
     .await;
@@ -173,29 +276,61 @@ async fn bad_archives_are_rejected_and_leave_nothing() {
 
     // Gzip of something that is not a tar.
     let message = assert_error(
-        server.post("/volumes?name=not-tar").body(common::gzip(&noise(4096, 5))).send().await.unwrap(),
+        server
+            .post("/volumes?name=not-tar")
+            .body(common::gzip(&noise(4096, 5)))
+            .send()
+            .await
+            .unwrap(),
         StatusCode::BAD_REQUEST,
     )
     .await;
     assert!(message.contains("corrupt"), "{message}");
 
-    let listed: Value = server.get("/volumes").send().await.unwrap().json().await.unwrap();
-    assert_eq!(listed["volumes"].as_array().unwrap().len(), 1, "only the probe volume exists");
+    let listed: Value = server
+        .get("/volumes")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        listed["volumes"].as_array().unwrap().len(),
+        1,
+        "only the probe volume exists"
+    );
     assert_bucket_holds(&owner, &[probe]).await;
 }
 
 #[tokio::test]
 async fn uploads_over_the_cap_get_413() {
     let server =
-        TestServer::start(ServerOptions::production().with_setting("volumes.max_upload_bytes", "1048576")).await;
+        TestServer::start(common::production().with_setting("volumes.max_upload_bytes", "1048576"))
+            .await;
     let owner = owner_id(&server).await;
-    let listed: Value = server.get("/volumes").send().await.unwrap().json().await.unwrap();
-    let probe = listed["volumes"][0]["blob_key"].as_str().unwrap().to_string();
+    let listed: Value = server
+        .get("/volumes")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let probe = listed["volumes"][0]["blob_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let archive = targz(&[("big.bin", noise(3 << 20, 9))]);
 
     // Declared length over the cap: refused before reading.
     let message = assert_error(
-        server.post("/volumes?name=big").body(archive.clone()).send().await.unwrap(),
+        server
+            .post("/volumes?name=big")
+            .body(archive.clone())
+            .send()
+            .await
+            .unwrap(),
         StatusCode::PAYLOAD_TOO_LARGE,
     )
     .await;
@@ -223,51 +358,102 @@ async fn uploads_over_the_cap_get_413() {
 
 #[tokio::test]
 async fn authentication_and_owner_scoping() {
-    let server = TestServer::start(ServerOptions::production()).await;
+    let server = TestServer::start(common::production()).await;
     let archive = targz(&[("secret.txt", b"alice's".to_vec())]);
-    let volume: Value =
-        server.post("/volumes?name=alice").body(archive.clone()).send().await.unwrap().json().await.unwrap();
+    let volume: Value = server
+        .post("/volumes?name=alice")
+        .body(archive.clone())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let id = volume["volume_id"].as_str().unwrap();
 
     // Missing and wrong keys.
-    let anonymous = server.http.get(server.url("/volumes")).send().await.unwrap();
+    let anonymous = server
+        .http
+        .get(server.url("/volumes"))
+        .send()
+        .await
+        .unwrap();
     let message = assert_error(anonymous, StatusCode::UNAUTHORIZED).await;
     assert_eq!(message, "unauthorized: missing or invalid API key");
-    let wrong = server.http.get(server.url("/volumes")).bearer_auth("sm_wrong").send().await.unwrap();
+    let wrong = server
+        .http
+        .get(server.url("/volumes"))
+        .bearer_auth("sm_wrong")
+        .send()
+        .await
+        .unwrap();
     assert_error(wrong, StatusCode::UNAUTHORIZED).await;
     // X-API-Key is accepted too (the Python SDK's streaming calls use it).
-    let via_header = server.http.get(server.url(&format!("/volumes/{id}"))).header("x-api-key", &server.api_key);
+    let via_header = server
+        .http
+        .get(server.url(&format!("/volumes/{id}")))
+        .header("x-api-key", &server.api_key);
     assert_eq!(via_header.send().await.unwrap().status(), StatusCode::OK);
 
     // Another owner sees nothing of it and cannot delete it.
     let bob = server.create_key("bob");
     let as_bob = |req: reqwest::RequestBuilder| req.bearer_auth(&bob).send();
-    let listed: Value = as_bob(server.http.get(server.url("/volumes"))).await.unwrap().json().await.unwrap();
+    let listed: Value = as_bob(server.http.get(server.url("/volumes")))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(listed, serde_json::json!({ "volumes": [] }));
     for path in [format!("/volumes/{id}"), format!("/volumes/{id}/download")] {
-        assert_error(as_bob(server.http.get(server.url(&path))).await.unwrap(), StatusCode::NOT_FOUND).await;
+        assert_error(
+            as_bob(server.http.get(server.url(&path))).await.unwrap(),
+            StatusCode::NOT_FOUND,
+        )
+        .await;
     }
     assert_error(
-        as_bob(server.http.delete(server.url(&format!("/volumes/{id}")))).await.unwrap(),
+        as_bob(server.http.delete(server.url(&format!("/volumes/{id}"))))
+            .await
+            .unwrap(),
         StatusCode::NOT_FOUND,
     )
     .await;
-    let still_there = server.get(&format!("/volumes/{id}/download")).send().await.unwrap().bytes().await.unwrap();
+    let still_there = server
+        .get(&format!("/volumes/{id}/download"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
     assert_eq!(sha256_hex(&still_there), sha256_hex(&archive));
 }
 
 #[tokio::test]
 async fn interrupted_upload_leaves_no_row_and_no_upload() {
-    let server = TestServer::start(ServerOptions::production()).await;
+    let server = TestServer::start(common::production()).await;
     let owner = owner_id(&server).await;
-    let listed: Value = server.get("/volumes").send().await.unwrap().json().await.unwrap();
-    let probe = listed["volumes"][0]["blob_key"].as_str().unwrap().to_string();
+    let listed: Value = server
+        .get("/volumes")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let probe = listed["volumes"][0]["blob_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
 
     // Send 20 MiB of a declared 64 MiB body, then hang up.
     let archive = targz(&[("big.bin", noise(64 << 20, 13))]);
     let sent = 20 << 20;
-    let mut chunks: Vec<Result<Vec<u8>, std::io::Error>> =
-        archive[..sent].chunks(1 << 20).map(|c| Ok(c.to_vec())).collect();
+    let mut chunks: Vec<Result<Vec<u8>, std::io::Error>> = archive[..sent]
+        .chunks(1 << 20)
+        .map(|c| Ok(c.to_vec()))
+        .collect();
     chunks.push(Err(std::io::Error::other("client gave up")));
     let result = server
         .post("/volumes?name=interrupted")
@@ -276,7 +462,14 @@ async fn interrupted_upload_leaves_no_row_and_no_upload() {
         .await;
     assert!(result.is_err() || !result.unwrap().status().is_success());
 
-    let listed: Value = server.get("/volumes").send().await.unwrap().json().await.unwrap();
+    let listed: Value = server
+        .get("/volumes")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(listed["volumes"].as_array().unwrap().len(), 1);
     assert_bucket_holds(&owner, &[probe]).await;
 }
@@ -286,7 +479,7 @@ async fn restart_aborts_uploads_a_crash_left_behind() {
     // Its own bucket: the sweep aborts every stale upload under owners/.
     let mut server = TestServer::start(ServerOptions {
         bucket: Some(garage()["S3_SWEEP_BUCKET"].clone()),
-        ..ServerOptions::production().with_setting("blobs.stale_upload_secs", "0")
+        ..common::production().with_setting("blobs.stale_upload_secs", "0")
     })
     .await;
     let store = garage_store("S3_SWEEP_BUCKET");
@@ -311,16 +504,28 @@ async fn restart_aborts_uploads_a_crash_left_behind() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(!store.pending_uploads(&prefix).await.unwrap().is_empty(), "a multipart upload is in progress");
+    assert!(
+        !store.pending_uploads(&prefix).await.unwrap().is_empty(),
+        "a multipart upload is in progress"
+    );
     server.crash();
     drop(tx);
     let _ = upload.await;
-    assert!(!store.pending_uploads(&prefix).await.unwrap().is_empty(), "the crash left it behind");
+    assert!(
+        !store.pending_uploads(&prefix).await.unwrap().is_empty(),
+        "the crash left it behind"
+    );
 
     server.launch().await;
-    assert!(store.pending_uploads(&prefix).await.unwrap().is_empty(), "start-up aborted it");
+    assert!(
+        store.pending_uploads(&prefix).await.unwrap().is_empty(),
+        "start-up aborted it"
+    );
     let log = std::fs::read_to_string(server.log_path()).unwrap();
-    assert!(log.contains("aborted stale multipart upload"), "the sweep is logged");
+    assert!(
+        log.contains("aborted stale multipart upload"),
+        "the sweep is logged"
+    );
 }
 
 fn tokio_stream_from(
@@ -331,24 +536,65 @@ fn tokio_stream_from(
 
 #[tokio::test]
 async fn health_and_metrics() {
-    let server = TestServer::start(ServerOptions::production()).await;
-    let health: Value = server.http.get(server.url("/health")).send().await.unwrap().json().await.unwrap();
+    let server = TestServer::start(common::production()).await;
+    let health: Value = server
+        .http
+        .get(server.url("/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(health["status"], "ok");
     assert_eq!(health["store"]["backend"], "postgres");
-    assert!(health["blobs"]["backend"].as_str().unwrap().starts_with("s3://"));
+    assert!(health["blobs"]["backend"]
+        .as_str()
+        .unwrap()
+        .starts_with("s3://"));
 
     let archive = targz(&[("a", b"abc".to_vec())]);
-    server.post("/volumes?name=m").body(archive.clone()).send().await.unwrap();
-    server.http.get(server.url("/volumes")).send().await.unwrap(); // a 401
-    let metrics = server.http.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains(r#"http_requests_total{method="POST",route="/volumes",status="201"} 1"#), "{metrics}");
-    assert!(metrics.contains(r#"http_requests_total{method="GET",route="/volumes",status="401"} 1"#), "{metrics}");
-    assert!(metrics.contains("http_request_duration_seconds_bucket"), "{metrics}");
+    server
+        .post("/volumes?name=m")
+        .body(archive.clone())
+        .send()
+        .await
+        .unwrap();
+    server
+        .http
+        .get(server.url("/volumes"))
+        .send()
+        .await
+        .unwrap(); // a 401
+    let metrics = server
+        .http
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"http_requests_total{method="POST",route="/volumes",status="201"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"http_requests_total{method="GET",route="/volumes",status="401"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("http_request_duration_seconds_bucket"),
+        "{metrics}"
+    );
     let uploaded = metrics
         .lines()
         .find_map(|l| l.strip_prefix("volume_upload_bytes_total "))
         .expect("upload byte counter");
-    assert_eq!(uploaded.trim().parse::<u64>().unwrap(), archive.len() as u64);
+    assert_eq!(
+        uploaded.trim().parse::<u64>().unwrap(),
+        archive.len() as u64
+    );
 
     // A request id comes back on every response.
     let response = server.get("/volumes").send().await.unwrap();

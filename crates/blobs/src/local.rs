@@ -29,7 +29,9 @@ impl LocalBlobStore {
     /// name a file outside the root all the same.
     fn path_of(&self, key: &str) -> BlobResult<PathBuf> {
         let relative = Path::new(key);
-        let safe = relative.components().all(|c| matches!(c, Component::Normal(_)));
+        let safe = relative
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)));
         if !safe || key.is_empty() {
             return Err(BlobError::Backend(format!("invalid blob key {key:?}")));
         }
@@ -77,7 +79,10 @@ impl BlobStore for LocalBlobStore {
             Err(e) => return Err(e.into()),
         };
         let size = file.metadata().await?.len();
-        Ok(BlobReader { size, stream: ReaderStream::with_capacity(file, 256 << 10).boxed() })
+        Ok(BlobReader {
+            size,
+            stream: ReaderStream::with_capacity(file, 256 << 10).boxed(),
+        })
     }
 
     async fn delete(&self, key: &str) -> BlobResult<()> {
@@ -89,12 +94,20 @@ impl BlobStore for LocalBlobStore {
 
     async fn list_keys(&self, prefix: &str) -> BlobResult<Vec<String>> {
         let files = self.files_under(prefix).await?;
-        Ok(files.into_iter().filter(|(key, _)| !is_partial(key)).map(|(key, _)| key).collect())
+        Ok(files
+            .into_iter()
+            .filter(|(key, _)| !is_partial(key))
+            .map(|(key, _)| key)
+            .collect())
     }
 
     async fn pending_uploads(&self, prefix: &str) -> BlobResult<Vec<String>> {
         let files = self.files_under(prefix).await?;
-        Ok(files.into_iter().filter(|(key, _)| is_partial(key)).map(|(key, _)| key).collect())
+        Ok(files
+            .into_iter()
+            .filter(|(key, _)| is_partial(key))
+            .map(|(key, _)| key)
+            .collect())
     }
 
     async fn abort_stale_uploads(&self, prefix: &str, older_than: Duration) -> BlobResult<usize> {
@@ -102,7 +115,9 @@ impl BlobStore for LocalBlobStore {
         let mut removed = 0;
         for (key, modified) in self.files_under(prefix).await? {
             if is_partial(&key) && modified <= cutoff {
-                fs::remove_file(self.root.join(&key)).await.or_else(ignore_not_found)?;
+                fs::remove_file(self.root.join(&key))
+                    .await
+                    .or_else(ignore_not_found)?;
                 removed += 1;
             }
         }
@@ -123,7 +138,9 @@ impl LocalBlobStore {
             let mut found = Vec::new();
             let mut pending = vec![start];
             while let Some(dir) = pending.pop() {
-                let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+                let Ok(entries) = std::fs::read_dir(&dir) else {
+                    continue;
+                };
                 for entry in entries.flatten() {
                     let path = entry.path();
                     let Ok(meta) = entry.metadata() else { continue };
@@ -137,7 +154,9 @@ impl LocalBlobStore {
             }
             found
         };
-        tokio::task::spawn_blocking(walk).await.map_err(|e| BlobError::Backend(e.to_string()))
+        tokio::task::spawn_blocking(walk)
+            .await
+            .map_err(|e| BlobError::Backend(e.to_string()))
     }
 }
 
@@ -167,7 +186,9 @@ impl BlobUpload for LocalUpload {
 
     async fn abort(mut self: Box<Self>) -> BlobResult<()> {
         self.file.take();
-        fs::remove_file(&self.partial).await.or_else(ignore_not_found)?;
+        fs::remove_file(&self.partial)
+            .await
+            .or_else(ignore_not_found)?;
         Ok(())
     }
 }

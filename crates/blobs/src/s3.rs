@@ -59,12 +59,20 @@ impl S3BlobStore {
             ),
         };
         if settings.part_size < 5 << 20 {
-            return Err(BlobError::Backend("S3 part size must be at least 5 MiB".into()));
+            return Err(BlobError::Backend(
+                "S3 part size must be at least 5 MiB".into(),
+            ));
         }
         let mut config = aws_sdk_s3::Config::builder()
             .behavior_version(BehaviorVersion::latest())
             .region(Region::new(settings.region.clone()))
-            .credentials_provider(Credentials::new(key_id, secret, token, None, "sandbox-manager"))
+            .credentials_provider(Credentials::new(
+                key_id,
+                secret,
+                token,
+                None,
+                "sandbox-manager",
+            ))
             .force_path_style(settings.path_style)
             // Checksums only where S3 requires them: S3-compatible stores
             // (Garage, MinIO) differ in which flexible checksums they accept.
@@ -77,7 +85,10 @@ impl S3BlobStore {
         if let Some(endpoint) = &settings.endpoint {
             config = config.endpoint_url(endpoint);
         }
-        Ok(S3BlobStore { client: Client::from_conf(config.build()), settings })
+        Ok(S3BlobStore {
+            client: Client::from_conf(config.build()),
+            settings,
+        })
     }
 }
 
@@ -131,7 +142,10 @@ impl BlobStore for S3BlobStore {
             })?;
         let size = object.content_length().unwrap_or(0).max(0) as u64;
         let reader = object.body.into_async_read();
-        Ok(BlobReader { size, stream: ReaderStream::with_capacity(reader, 256 << 10).boxed() })
+        Ok(BlobReader {
+            size,
+            stream: ReaderStream::with_capacity(reader, 256 << 10).boxed(),
+        })
     }
 
     async fn delete(&self, key: &str) -> BlobResult<()> {
@@ -156,13 +170,22 @@ impl BlobStore for S3BlobStore {
             .send();
         while let Some(page) = pages.next().await {
             let page = page.map_err(|e| backend_error("list objects", e))?;
-            keys.extend(page.contents().iter().filter_map(|o| o.key().map(str::to_string)));
+            keys.extend(
+                page.contents()
+                    .iter()
+                    .filter_map(|o| o.key().map(str::to_string)),
+            );
         }
         Ok(keys)
     }
 
     async fn pending_uploads(&self, prefix: &str) -> BlobResult<Vec<String>> {
-        Ok(self.multipart_uploads(prefix).await?.into_iter().map(|u| u.key).collect())
+        Ok(self
+            .multipart_uploads(prefix)
+            .await?
+            .into_iter()
+            .map(|u| u.key)
+            .collect())
     }
 
     async fn abort_stale_uploads(&self, prefix: &str, older_than: Duration) -> BlobResult<usize> {
@@ -209,7 +232,9 @@ impl S3BlobStore {
                 .await
                 .map_err(|e| backend_error("list multipart uploads", e))?;
             for upload in page.uploads() {
-                let (Some(key), Some(id)) = (upload.key(), upload.upload_id()) else { continue };
+                let (Some(key), Some(id)) = (upload.key(), upload.upload_id()) else {
+                    continue;
+                };
                 found.push(PendingUpload {
                     key: key.to_string(),
                     upload_id: id.to_string(),
@@ -268,10 +293,16 @@ impl S3Upload {
             }
         };
         // Waiting for a permit is the back-pressure that bounds memory.
-        let permit = self.inflight.clone().acquire_owned().await.expect("semaphore is never closed");
+        let permit = self
+            .inflight
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore is never closed");
         // Collect finished parts, surfacing a failure before queueing more.
         while let Some(done) = self.parts.try_join_next() {
-            self.completed.push(done.map_err(|e| BlobError::Backend(e.to_string()))??);
+            self.completed
+                .push(done.map_err(|e| BlobError::Backend(e.to_string()))??);
         }
         let part_number = self.next_part;
         self.next_part += 1;
@@ -298,7 +329,8 @@ impl S3Upload {
 
     async fn finish_multipart(&mut self, upload_id: String) -> BlobResult<()> {
         while let Some(done) = self.parts.join_next().await {
-            self.completed.push(done.map_err(|e| BlobError::Backend(e.to_string()))??);
+            self.completed
+                .push(done.map_err(|e| BlobError::Backend(e.to_string()))??);
         }
         let mut completed = std::mem::take(&mut self.completed);
         completed.sort_by_key(|p| p.part_number());
@@ -307,7 +339,11 @@ impl S3Upload {
             .bucket(&self.bucket)
             .key(&self.key)
             .upload_id(upload_id)
-            .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(completed)).build())
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(completed))
+                    .build(),
+            )
             .send()
             .await
             .map_err(|e| backend_error("complete multipart upload", e))?;
@@ -340,7 +376,9 @@ impl S3Upload {
 }
 
 fn spawn_abort(client: Client, bucket: String, key: String, upload_id: String) {
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
     runtime.spawn(async move {
         let result =
             client.abort_multipart_upload().bucket(&bucket).key(&key).upload_id(&upload_id).send().await;
@@ -402,7 +440,12 @@ impl Drop for S3Upload {
         }
         self.parts.abort_all();
         if let Some(upload_id) = self.multipart.take() {
-            spawn_abort(self.client.clone(), self.bucket.clone(), self.key.clone(), upload_id);
+            spawn_abort(
+                self.client.clone(),
+                self.bucket.clone(),
+                self.key.clone(),
+                upload_id,
+            );
         }
     }
 }

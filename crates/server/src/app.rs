@@ -51,7 +51,10 @@ pub async fn open_blobs(config: &Config) -> anyhow::Result<Arc<dyn BlobStore>> {
         BlobBackend::Local => Arc::new(LocalBlobStore::open(config.blob_dir()).await?),
         BlobBackend::S3 => {
             let s3 = &config.blobs.s3;
-            anyhow::ensure!(!s3.bucket.is_empty(), "blobs.s3.bucket must be set for the s3 backend");
+            anyhow::ensure!(
+                !s3.bucket.is_empty(),
+                "blobs.s3.bucket must be set for the s3 backend"
+            );
             let credentials = (!s3.access_key_id.is_empty())
                 .then(|| (s3.access_key_id.clone(), s3.secret_access_key.clone()));
             Arc::new(S3BlobStore::new(S3Settings {
@@ -74,8 +77,9 @@ pub fn router(state: AppState) -> Router {
         .route("/volumes/{id}/download", get(volumes::download))
         .route("/health", get(health::health))
         .with_state(state);
-    let metrics_routes =
-        Router::new().route("/metrics", get(metrics::render)).with_state(metrics::recorder());
+    let metrics_routes = Router::new()
+        .route("/metrics", get(metrics::render))
+        .with_state(metrics::recorder());
     api.merge(metrics_routes)
         .layer(axum::middleware::from_fn(metrics::track))
         .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT))
@@ -103,7 +107,10 @@ async fn bootstrap_default_key(config: &Config, store: &dyn Store) -> anyhow::Re
     std::fs::create_dir_all(&config.data_dir)?;
     let path = config.data_dir.join("api-key");
     write_private(&path, &format!("{key}\n"))?;
-    println!("created owner 'default'; its API key (also in {}):", path.display());
+    println!(
+        "created owner 'default'; its API key (also in {}):",
+        path.display()
+    );
     println!("{key}");
     Ok(())
 }
@@ -111,8 +118,12 @@ async fn bootstrap_default_key(config: &Config, store: &dyn Store) -> anyhow::Re
 fn write_private(path: &std::path::Path, contents: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut file =
-        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
     file.write_all(contents.as_bytes())
 }
 
@@ -133,18 +144,24 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     let address = listener.local_addr()?;
-    let state = AppState { config: Arc::new(config), store, blobs };
+    let state = AppState {
+        config: Arc::new(config),
+        store,
+        blobs,
+    };
     tracing::info!(%address, "serving");
     // Tests and scripts read this line to learn the port when listening on :0.
     println!("listening on {address}");
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown_signal()).await?;
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
     Ok(())
 }
 
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
-    let mut term =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
     tokio::select! {
         _ = ctrl_c => {},
         _ = term.recv() => {},

@@ -36,7 +36,10 @@ impl ArchiveInspector {
     pub fn start() -> Self {
         let (tx, rx) = mpsc::channel::<Bytes>(8);
         let walker = tokio::task::spawn_blocking(move || walk(ChannelReader::new(rx)));
-        ArchiveInspector { chunks: Some(tx), walker }
+        ArchiveInspector {
+            chunks: Some(tx),
+            walker,
+        }
     }
 
     /// Feeds one chunk. Returns false once the walker has stopped (the
@@ -83,7 +86,10 @@ struct ChannelReader {
 
 impl ChannelReader {
     fn new(rx: mpsc::Receiver<Bytes>) -> Self {
-        ChannelReader { rx, current: Bytes::new() }
+        ChannelReader {
+            rx,
+            current: Bytes::new(),
+        }
     }
 }
 
@@ -135,20 +141,32 @@ mod tests {
     async fn counts_entries_and_bytes() {
         let data = targz(&[("a.txt", b"hello"), ("dir/b.bin", &[7u8; 3000])]);
         let summary = inspect(data, 7).await.unwrap();
-        assert_eq!(summary, ArchiveSummary { entries: 2, uncompressed_bytes: 3005 });
+        assert_eq!(
+            summary,
+            ArchiveSummary {
+                entries: 2,
+                uncompressed_bytes: 3005
+            }
+        );
     }
 
     #[tokio::test]
     async fn truncated_archive_is_corrupt() {
         let mut data = targz(&[("a.txt", &[1u8; 100_000])]);
         data.truncate(data.len() - 20);
-        assert!(matches!(inspect(data, 1000).await, Err(ArchiveError::Corrupt(_))));
+        assert!(matches!(
+            inspect(data, 1000).await,
+            Err(ArchiveError::Corrupt(_))
+        ));
     }
 
     #[tokio::test]
     async fn gzip_of_garbage_is_corrupt() {
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         gz.write_all(&[0xAB; 4096]).unwrap();
-        assert!(matches!(inspect(gz.finish().unwrap(), 512).await, Err(ArchiveError::Corrupt(_))));
+        assert!(matches!(
+            inspect(gz.finish().unwrap(), 512).await,
+            Err(ArchiveError::Corrupt(_))
+        ));
     }
 }

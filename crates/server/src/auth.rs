@@ -19,7 +19,9 @@ pub fn hash_key(key: &str) -> String {
 pub async fn create_key(store: &dyn Store, owner_name: &str) -> anyhow::Result<(Owner, String)> {
     let owner = store.ensure_owner(owner_name).await?;
     let key = format!("sm_{}", Alphanumeric.sample_string(&mut rand::rng(), 32));
-    store.insert_api_key(&owner.id, &hash_key(&key), &key[..7]).await?;
+    store
+        .insert_api_key(&owner.id, &hash_key(&key), &key[..7])
+        .await?;
     Ok((owner, key))
 }
 
@@ -39,7 +41,9 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let key = presented_key(parts).filter(|k| !k.is_empty()).ok_or(ApiError::Unauthorized)?;
+        let key = presented_key(parts)
+            .filter(|k| !k.is_empty())
+            .ok_or(ApiError::Unauthorized)?;
         let owner = state.store.owner_by_key_hash(&hash_key(key)).await?;
         owner.map(Caller).ok_or(ApiError::Unauthorized)
     }

@@ -75,7 +75,11 @@ impl Config {
     pub fn load(file: Option<&Path>) -> anyhow::Result<Config> {
         let mut figment = Figment::new().merge(Toml::string(DEFAULT_TOML));
         if let Some(file) = file {
-            anyhow::ensure!(file.exists(), "config file {} does not exist", file.display());
+            anyhow::ensure!(
+                file.exists(),
+                "config file {} does not exist",
+                file.display()
+            );
             figment = figment.merge(Toml::file(file));
         }
         figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__"));
@@ -85,7 +89,10 @@ impl Config {
     /// `database.url`, or the embedded SQLite file under `data_dir`.
     pub fn database_url(&self) -> String {
         if self.database.url.is_empty() {
-            format!("sqlite:{}", self.data_dir.join("sandbox-manager.db").display())
+            format!(
+                "sqlite:{}",
+                self.data_dir.join("sandbox-manager.db").display()
+            )
         } else {
             self.database.url.clone()
         }

@@ -18,7 +18,11 @@ pub enum ApiError {
     #[error("{0}")]
     PayloadTooLarge(String),
     #[error("{message}")]
-    Conflict { code: &'static str, message: String, retry_after: Option<u64> },
+    Conflict {
+        code: &'static str,
+        message: String,
+        retry_after: Option<u64>,
+    },
     #[error("{0}")]
     Unavailable(String),
     #[error("internal error: {0}")]
@@ -59,8 +63,14 @@ impl IntoResponse for ApiError {
         }
         let body = Json(json!({ "message": self.to_string(), "code": self.code() }));
         let mut response = (status, body).into_response();
-        if let ApiError::Conflict { retry_after: Some(secs), .. } = self {
-            response.headers_mut().insert("retry-after", HeaderValue::from(secs));
+        if let ApiError::Conflict {
+            retry_after: Some(secs),
+            ..
+        } = self
+        {
+            response
+                .headers_mut()
+                .insert("retry-after", HeaderValue::from(secs));
         }
         response
     }

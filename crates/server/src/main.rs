@@ -4,7 +4,11 @@ use sandbox_manager::{app, auth, telemetry};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "sandbox-manager", version, about = "Disposable, isolated Linux sandboxes over HTTP")]
+#[command(
+    name = "sandbox-manager",
+    version,
+    about = "Disposable, isolated Linux sandboxes over HTTP"
+)]
 struct Cli {
     /// Configuration file layered over the built-in defaults.
     #[arg(long, global = true)]
@@ -48,7 +52,9 @@ async fn main() -> anyhow::Result<()> {
             println!("migrations applied ({})", store.backend());
             Ok(())
         }
-        Command::Keys { command: KeysCommand::Create { owner } } => {
+        Command::Keys {
+            command: KeysCommand::Create { owner },
+        } => {
             let store = app::open_store(&config).await?;
             let (owner, key) = auth::create_key(store.as_ref(), &owner).await?;
             println!("owner {} ({})", owner.name, owner.id);

@@ -18,7 +18,9 @@ pub fn recorder() -> PrometheusHandle {
             PrometheusBuilder::new()
                 .set_buckets_for_metric(
                     metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
-                    &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+                    &[
+                        0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                    ],
                 )
                 .expect("valid buckets")
                 .install_recorder()
@@ -45,5 +47,8 @@ pub async fn track(request: Request, next: Next) -> Response {
 }
 
 pub async fn render(State(handle): State<PrometheusHandle>) -> impl IntoResponse {
-    ([("content-type", "text/plain; version=0.0.4")], handle.render())
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        handle.render(),
+    )
 }

@@ -43,8 +43,7 @@ pub trait Store: Send + Sync + 'static {
     /// A ready volume of this owner; deleted and foreign volumes are `None`.
     async fn get_volume(&self, owner_id: &str, id: &str) -> StoreResult<Option<Volume>>;
     /// Any volume of this owner, including deleted tombstones.
-    async fn get_volume_any_state(&self, owner_id: &str, id: &str)
-        -> StoreResult<Option<Volume>>;
+    async fn get_volume_any_state(&self, owner_id: &str, id: &str) -> StoreResult<Option<Volume>>;
     /// Ready volumes of this owner, newest first.
     async fn list_volumes(&self, owner_id: &str) -> StoreResult<Vec<Volume>>;
     /// Marks a ready volume deleted; returns false when it was not ready.

@@ -16,7 +16,10 @@ const VOLUME_COLUMNS: &str = "id, owner_id, name, blob_key, size_bytes, sha256, 
      uncompressed_bytes, entry_count, metadata, state, created_at, updated_at";
 
 fn new_owner_id() -> String {
-    format!("own-{:012x}", rand::rng().random::<u64>() & 0xffff_ffff_ffff)
+    format!(
+        "own-{:012x}",
+        rand::rng().random::<u64>() & 0xffff_ffff_ffff
+    )
 }
 
 pub struct PgStore {
@@ -179,9 +182,8 @@ macro_rules! sql_store {
                 owner_id: &str,
                 id: &str,
             ) -> StoreResult<Option<Volume>> {
-                let sql = format!(
-                    "SELECT {VOLUME_COLUMNS} FROM volumes WHERE owner_id = $1 AND id = $2"
-                );
+                let sql =
+                    format!("SELECT {VOLUME_COLUMNS} FROM volumes WHERE owner_id = $1 AND id = $2");
                 let row = sqlx::query_as::<_, VolumeRow>(&sql)
                     .bind(owner_id)
                     .bind(id)

@@ -15,9 +15,11 @@ fn postgres_admin_url() -> String {
 /// Creates an empty database for this run and returns its URL.
 async fn fresh_postgres_database() -> String {
     let admin = postgres_admin_url();
-    let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap_or_else(|e| {
-        panic!("Postgres is required at {admin} (start it with scripts/postgres.sh): {e}")
-    });
+    let mut conn = sqlx::PgConnection::connect(&admin)
+        .await
+        .unwrap_or_else(|e| {
+            panic!("Postgres is required at {admin} (start it with scripts/postgres.sh): {e}")
+        });
     let name = format!("store_test_{:08x}", rand::rng().random::<u32>());
     sqlx::query(&format!("CREATE DATABASE {name}"))
         .execute(&mut conn)
@@ -53,38 +55,90 @@ async fn conformance(store: Arc<dyn Store>) {
     let bob = store.ensure_owner("bob").await.unwrap();
     assert_ne!(alice.id, bob.id);
     assert_eq!(store.count_api_keys().await.unwrap(), 0);
-    store.insert_api_key(&alice.id, "hash-a", "sm_a").await.unwrap();
-    store.insert_api_key(&bob.id, "hash-b", "sm_b").await.unwrap();
+    store
+        .insert_api_key(&alice.id, "hash-a", "sm_a")
+        .await
+        .unwrap();
+    store
+        .insert_api_key(&bob.id, "hash-b", "sm_b")
+        .await
+        .unwrap();
     assert_eq!(store.count_api_keys().await.unwrap(), 2);
-    assert_eq!(store.owner_by_key_hash("hash-a").await.unwrap(), Some(alice.clone()));
+    assert_eq!(
+        store.owner_by_key_hash("hash-a").await.unwrap(),
+        Some(alice.clone())
+    );
     assert_eq!(store.owner_by_key_hash("nope").await.unwrap(), None);
 
     // Volumes are owner scoped and listed newest first.
-    let first = store.insert_volume(&sample_volume("vol-00000001", &alice.id, "one")).await.unwrap();
+    let first = store
+        .insert_volume(&sample_volume("vol-00000001", &alice.id, "one"))
+        .await
+        .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    let second = store.insert_volume(&sample_volume("vol-00000002", &alice.id, "two")).await.unwrap();
-    store.insert_volume(&sample_volume("vol-00000003", &bob.id, "bobs")).await.unwrap();
-    assert!(store.insert_volume(&sample_volume("vol-00000001", &bob.id, "dup")).await.is_err());
+    let second = store
+        .insert_volume(&sample_volume("vol-00000002", &alice.id, "two"))
+        .await
+        .unwrap();
+    store
+        .insert_volume(&sample_volume("vol-00000003", &bob.id, "bobs"))
+        .await
+        .unwrap();
+    assert!(store
+        .insert_volume(&sample_volume("vol-00000001", &bob.id, "dup"))
+        .await
+        .is_err());
 
-    let fetched = store.get_volume(&alice.id, "vol-00000001").await.unwrap().unwrap();
+    let fetched = store
+        .get_volume(&alice.id, "vol-00000001")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(fetched.metadata.get("team").map(String::as_str), Some("ml"));
     assert_eq!(fetched.size_bytes, 1234);
     assert_eq!(fetched.state, VolumeState::Ready);
-    assert_eq!(fetched.created_at.timestamp_micros(), first.created_at.timestamp_micros());
-    assert_eq!(store.get_volume(&bob.id, "vol-00000001").await.unwrap(), None);
+    assert_eq!(
+        fetched.created_at.timestamp_micros(),
+        first.created_at.timestamp_micros()
+    );
+    assert_eq!(
+        store.get_volume(&bob.id, "vol-00000001").await.unwrap(),
+        None
+    );
 
-    let listed: Vec<String> =
-        store.list_volumes(&alice.id).await.unwrap().into_iter().map(|v| v.id).collect();
+    let listed: Vec<String> = store
+        .list_volumes(&alice.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| v.id)
+        .collect();
     assert_eq!(listed, vec![second.id.clone(), first.id.clone()]);
     assert!(store.volume_id_exists("vol-00000003").await.unwrap());
     assert!(!store.volume_id_exists("vol-ffffffff").await.unwrap());
 
     // Deletion leaves a tombstone only its owner can see.
-    assert!(!store.mark_volume_deleted(&bob.id, "vol-00000001").await.unwrap());
-    assert!(store.mark_volume_deleted(&alice.id, "vol-00000001").await.unwrap());
-    assert!(!store.mark_volume_deleted(&alice.id, "vol-00000001").await.unwrap());
-    assert_eq!(store.get_volume(&alice.id, "vol-00000001").await.unwrap(), None);
-    let tomb = store.get_volume_any_state(&alice.id, "vol-00000001").await.unwrap().unwrap();
+    assert!(!store
+        .mark_volume_deleted(&bob.id, "vol-00000001")
+        .await
+        .unwrap());
+    assert!(store
+        .mark_volume_deleted(&alice.id, "vol-00000001")
+        .await
+        .unwrap());
+    assert!(!store
+        .mark_volume_deleted(&alice.id, "vol-00000001")
+        .await
+        .unwrap());
+    assert_eq!(
+        store.get_volume(&alice.id, "vol-00000001").await.unwrap(),
+        None
+    );
+    let tomb = store
+        .get_volume_any_state(&alice.id, "vol-00000001")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(tomb.state, VolumeState::Deleted);
     assert_eq!(store.list_volumes(&alice.id).await.unwrap().len(), 1);
 }

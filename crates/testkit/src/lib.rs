@@ -1,7 +1,7 @@
-//! Black-box test harness: starts the real `sandbox-manager` binary on port 0
-//! against a fresh Postgres database and the local Garage (or the embedded
-//! default), and hands out API keys for separate owners.
-#![allow(dead_code)]
+//! Black-box harness shared by the tests and the benchmarks: starts the real
+//! `sandbox-manager` binary on port 0 against a fresh Postgres database and
+//! the local Garage (or the embedded default), and hands out API keys for
+//! separate owners.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -10,10 +10,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_sandbox-manager");
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 /// S3 settings of the local Garage, started on first use by scripts/garage.sh.
@@ -25,7 +26,11 @@ pub fn garage() -> &'static HashMap<String, String> {
             .arg("env")
             .output()
             .expect("run scripts/garage.sh");
-        assert!(out.status.success(), "scripts/garage.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "scripts/garage.sh failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout)
             .unwrap()
             .lines()
@@ -35,7 +40,7 @@ pub fn garage() -> &'static HashMap<String, String> {
     })
 }
 
-fn postgres_admin_url() -> String {
+pub fn postgres_admin_url() -> String {
     std::env::var("TEST_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
@@ -44,12 +49,22 @@ fn postgres_admin_url() -> String {
 pub fn fresh_postgres_database() -> String {
     static STARTED: OnceLock<()> = OnceLock::new();
     STARTED.get_or_init(|| {
-        let status = Command::new("bash").arg(repo_root().join("scripts/postgres.sh")).status().unwrap();
-        assert!(status.success(), "scripts/postgres.sh could not start Postgres");
+        let status = Command::new("bash")
+            .arg(repo_root().join("scripts/postgres.sh"))
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "scripts/postgres.sh could not start Postgres"
+        );
     });
     let name = format!("api_test_{:016x}", rand::random::<u64>());
     let status = Command::new("psql")
-        .args([&postgres_admin_url(), "-qc", &format!("CREATE DATABASE {name}")])
+        .args([
+            &postgres_admin_url(),
+            "-qc",
+            &format!("CREATE DATABASE {name}"),
+        ])
         .status()
         .expect("psql");
     assert!(status.success(), "could not create database {name}");
@@ -66,6 +81,8 @@ pub enum Backend {
 }
 
 pub struct ServerOptions {
+    /// The `sandbox-manager` executable to run.
+    pub binary: PathBuf,
     pub backend: Backend,
     /// `SANDBOX_MANAGER__…` overrides for the server process.
     pub env: Vec<(String, String)>,
@@ -73,11 +90,21 @@ pub struct ServerOptions {
 }
 
 impl ServerOptions {
-    pub fn production() -> Self {
-        ServerOptions { backend: Backend::Production, env: Vec::new(), bucket: None }
+    pub fn production(binary: impl Into<PathBuf>) -> Self {
+        ServerOptions {
+            binary: binary.into(),
+            backend: Backend::Production,
+            env: Vec::new(),
+            bucket: None,
+        }
     }
-    pub fn embedded() -> Self {
-        ServerOptions { backend: Backend::Embedded, env: Vec::new(), bucket: None }
+    pub fn embedded(binary: impl Into<PathBuf>) -> Self {
+        ServerOptions {
+            binary: binary.into(),
+            backend: Backend::Embedded,
+            env: Vec::new(),
+            bucket: None,
+        }
     }
     /// Overrides one config key through the environment, e.g.
     /// `with_setting("volumes.max_upload_bytes", "1024")`.
@@ -96,6 +123,7 @@ pub struct TestServer {
     /// Key of owner `default`, created on first start.
     pub api_key: String,
     pub http: reqwest::Client,
+    binary: PathBuf,
     env: Vec<(String, String)>,
 }
 
@@ -109,7 +137,10 @@ impl TestServer {
         );
         if options.backend == Backend::Production {
             let g = garage();
-            let bucket = options.bucket.clone().unwrap_or_else(|| g["S3_BUCKET"].clone());
+            let bucket = options
+                .bucket
+                .clone()
+                .unwrap_or_else(|| g["S3_BUCKET"].clone());
             toml.push_str(&format!(
                 "[database]\nurl = \"{}\"\n[blobs]\nbackend = \"s3\"\n[blobs.s3]\nendpoint = \"{}\"\n\
                  region = \"{}\"\nbucket = \"{bucket}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n",
@@ -128,11 +159,14 @@ impl TestServer {
             data_dir,
             api_key: String::new(),
             http: reqwest::Client::new(),
+            binary: options.binary,
             env: options.env,
         };
         server.launch().await;
-        server.api_key =
-            std::fs::read_to_string(server.data_dir.path().join("api-key")).unwrap().trim().to_string();
+        server.api_key = std::fs::read_to_string(server.data_dir.path().join("api-key"))
+            .unwrap()
+            .trim()
+            .to_string();
         server
     }
 
@@ -140,10 +174,18 @@ impl TestServer {
         self.data_dir.path().join("server.log")
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Starts (or restarts) the process and waits for its listen line.
     pub async fn launch(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
-        let mut child = Command::new(BIN)
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        let mut child = Command::new(&self.binary)
             .args(["serve", "--config"])
             .arg(&self.config_path)
             .env("RUST_LOG", "info,sandbox_manager=debug")
@@ -161,9 +203,14 @@ impl TestServer {
                 }
             }
         });
-        let addr = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
-            panic!("server did not start; log:\n{}", std::fs::read_to_string(self.log_path()).unwrap_or_default())
-        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "server did not start; log:\n{}",
+                    std::fs::read_to_string(self.log_path()).unwrap_or_default()
+                )
+            });
         self.base_url = format!("http://{addr}");
         self.child = Some(child);
     }
@@ -182,15 +229,25 @@ impl TestServer {
 
     /// A key for another owner, through `sandbox-manager keys create`.
     pub fn create_key(&self, owner: &str) -> String {
-        let out = Command::new(BIN)
+        let out = Command::new(&self.binary)
             .args(["keys", "create", "--owner", owner, "--config"])
             .arg(&self.config_path)
             .env("RUST_LOG", "warn")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .output()
             .unwrap();
-        assert!(out.status.success(), "keys create failed: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap().lines().last().unwrap().trim().to_string()
+        assert!(
+            out.status.success(),
+            "keys create failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap()
+            .trim()
+            .to_string()
     }
 
     pub fn get(&self, path: &str) -> reqwest::RequestBuilder {
@@ -218,7 +275,9 @@ pub fn targz(files: &[(&str, Vec<u8>)]) -> Vec<u8> {
         header.set_size(data.len() as u64);
         header.set_mode(0o644);
         header.set_cksum();
-        builder.append_data(&mut header, name, data.as_slice()).unwrap();
+        builder
+            .append_data(&mut header, name, data.as_slice())
+            .unwrap();
     }
     let tar = builder.into_inner().unwrap();
     gzip(&tar)

@@ -22,6 +22,10 @@ pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
     if let Err(e) = &blobs {
         body["blobs"]["error"] = json!(e.to_string());
     }
-    let code = if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (code, Json(body))
 }

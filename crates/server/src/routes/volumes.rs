@@ -79,9 +79,9 @@ enum UploadFailure {
 impl From<UploadFailure> for ApiError {
     fn from(failure: UploadFailure) -> Self {
         match failure {
-            UploadFailure::TooLarge(cap) => ApiError::PayloadTooLarge(format!(
-                "volume upload exceeds the {cap}-byte limit"
-            )),
+            UploadFailure::TooLarge(cap) => {
+                ApiError::PayloadTooLarge(format!("volume upload exceeds the {cap}-byte limit"))
+            }
             UploadFailure::Archive(e) => ApiError::BadRequest(e.to_string()),
             UploadFailure::Storage(e) => e.into(),
             UploadFailure::Body(e) => ApiError::BadRequest(format!("reading request body: {e}")),
@@ -141,7 +141,11 @@ async fn stream_into(
     match outcome {
         Ok(summary) => {
             let size = upload.complete().await.map_err(UploadFailure::Storage)?;
-            Ok(StoredBlob { size, sha256: hex::encode(hasher.finalize()), summary })
+            Ok(StoredBlob {
+                size,
+                sha256: hex::encode(hasher.finalize()),
+                summary,
+            })
         }
         Err(failure) => {
             if let Err(e) = upload.abort().await {
@@ -181,7 +185,9 @@ pub async fn create(
     let key = volume_key(&owner.id, &id);
     let upload = state.blobs.begin_upload(&key).await?;
     let started = std::time::Instant::now();
-    let blob = stream_into(body, upload, cap).await.map_err(ApiError::from)?;
+    let blob = stream_into(body, upload, cap)
+        .await
+        .map_err(ApiError::from)?;
 
     let new = NewVolume {
         id,
@@ -215,8 +221,13 @@ pub async fn list(
     State(state): State<AppState>,
     Caller(owner): Caller,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let volumes: Vec<VolumeBody> =
-        state.store.list_volumes(&owner.id).await?.into_iter().map(VolumeBody::from).collect();
+    let volumes: Vec<VolumeBody> = state
+        .store
+        .list_volumes(&owner.id)
+        .await?
+        .into_iter()
+        .map(VolumeBody::from)
+        .collect();
     Ok(Json(serde_json::json!({ "volumes": volumes })))
 }
 

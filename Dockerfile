@@ -1,0 +1,19 @@
+# sandbox-manager control plane image. Build: docker build -t sandbox-manager .
+FROM rust:1-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN cargo build --release -p sandbox-manager -p envd \
+ && cp target/release/sandbox-manager target/release/envd /usr/local/bin/
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates mmdebstrap iproute2 \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=build /usr/local/bin/sandbox-manager /usr/local/bin/envd /usr/local/bin/
+# For the compose stack's one-shot Garage set-up (scripts/garage-init.sh).
+COPY --from=dxflrs/garage:v2.1.0 /garage /usr/local/bin/garage
+COPY config /etc/sandbox-manager
+WORKDIR /var/lib/sandbox-manager
+EXPOSE 8080
+ENTRYPOINT ["sandbox-manager"]
+CMD ["serve", "--config", "/etc/sandbox-manager/production.example.toml"]

@@ -1,0 +1,41 @@
+//! `sandbox-bench`: benchmarks that compare against a baseline measured in
+//! the same run, because these machines are noisy. Run through
+//! `scripts/bench.sh`, which builds everything in release mode first.
+
+mod volume_upload;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+struct Cli {
+    /// The release `sandbox-manager` binary.
+    #[arg(long, env = "SANDBOX_MANAGER_BIN")]
+    server: PathBuf,
+    /// Where generated inputs are cached between runs.
+    #[arg(long, default_value = "/var/tmp/sandbox-bench")]
+    work_dir: PathBuf,
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// 1 GiB tar.gz through POST /volumes vs a direct multipart PUT to the
+    /// same Garage; prints the throughput ratio and the server's peak RSS.
+    VolumeUpload {
+        #[arg(long, default_value_t = 1024)]
+        size_mib: usize,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    std::fs::create_dir_all(&cli.work_dir)?;
+    match cli.bench {
+        Bench::VolumeUpload { size_mib } => {
+            volume_upload::run(&cli.server, &cli.work_dir, size_mib).await
+        }
+    }
+}

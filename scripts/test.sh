@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Runs the whole test suite on this machine: starts (installing if needed)
+# Postgres and a single-node Garage, sets up the Declaw SDK venv, then runs
+# the Rust tests (unit, conformance, black-box) and the Python SDK tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
+VENV=${SANDBOX_MANAGER_VENV:-/var/tmp/sandbox-manager-venv}
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "services: Postgres and Garage"
+scripts/postgres.sh
+scripts/garage.sh start >/dev/null
+
+step "Python venv with the Declaw SDK ($VENV)"
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+"$VENV/bin/pip" install -q --disable-pip-version-check -r tests/python/requirements.txt
+
+step "docker-compose.yml is valid"
+if ! command -v docker-compose >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null
+fi
+docker-compose -f docker-compose.yml config -q
+
+step "Rust tests"
+cargo build -p sandbox-manager -p envd
+cargo test --workspace
+
+step "Python SDK tests"
+SANDBOX_MANAGER_BIN=$CARGO_TARGET_DIR/debug/sandbox-manager "$VENV/bin/python" -m pytest -q tests/python

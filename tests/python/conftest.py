@@ -1,0 +1,107 @@
+"""Fixtures that run the real sandbox-manager binary for the Declaw SDK tests.
+
+The server runs against a fresh Postgres database and the local Garage, as in
+the Rust black-box tests. The SDK reads DECLAW_DOMAIN / DECLAW_API_KEY, so each
+test points them at the server it starts.
+"""
+
+import os
+import random
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _binary() -> str:
+    explicit = os.environ.get("SANDBOX_MANAGER_BIN")
+    if explicit:
+        return explicit
+    target = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target"))
+    return str(target / "debug" / "sandbox-manager")
+
+
+def _garage_env() -> dict:
+    out = subprocess.run(
+        ["bash", str(REPO / "scripts/garage.sh"), "env"], check=True, capture_output=True, text=True
+    ).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def _fresh_database() -> str:
+    subprocess.run(["bash", str(REPO / "scripts/postgres.sh")], check=True)
+    admin = os.environ.get("TEST_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432/postgres")
+    name = "sdk_test_%016x" % random.getrandbits(64)
+    subprocess.run(["psql", admin, "-qc", f"CREATE DATABASE {name}"], check=True)
+    return admin.rsplit("/", 1)[0] + "/" + name
+
+
+class Server:
+    def __init__(self, settings: dict):
+        self.data_dir = tempfile.TemporaryDirectory()
+        garage = _garage_env()
+        config = Path(self.data_dir.name) / "config.toml"
+        config.write_text(
+            f'listen = "127.0.0.1:0"\ndata_dir = "{self.data_dir.name}"\n'
+            f'[database]\nurl = "{_fresh_database()}"\n'
+            f'[blobs]\nbackend = "s3"\n'
+            f'[blobs.s3]\nendpoint = "{garage["S3_ENDPOINT"]}"\nregion = "{garage["S3_REGION"]}"\n'
+            f'bucket = "{garage["S3_BUCKET"]}"\naccess_key_id = "{garage["AWS_ACCESS_KEY_ID"]}"\n'
+            f'secret_access_key = "{garage["AWS_SECRET_ACCESS_KEY"]}"\n'
+        )
+        self.config = str(config)
+        env = dict(os.environ, RUST_LOG="info")
+        for key, value in settings.items():
+            env["SANDBOX_MANAGER__" + key.replace(".", "__").upper()] = str(value)
+        self.env = env
+        self.log = open(Path(self.data_dir.name) / "server.log", "w")
+        self.proc = subprocess.Popen(
+            [_binary(), "serve", "--config", self.config],
+            stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
+        )
+        self.address = None
+        for line in self.proc.stdout:
+            if line.startswith("listening on "):
+                self.address = line.split(" ", 2)[2].strip()
+                break
+        assert self.address, "server did not start: " + (Path(self.data_dir.name) / "server.log").read_text()
+        threading.Thread(target=self.proc.stdout.read, daemon=True).start()
+        self.api_key = (Path(self.data_dir.name) / "api-key").read_text().strip()
+
+    def create_key(self, owner: str) -> str:
+        out = subprocess.run(
+            [_binary(), "keys", "create", "--owner", owner, "--config", self.config],
+            check=True, capture_output=True, text=True, env=self.env,
+        ).stdout
+        return out.strip().splitlines()[-1]
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+        self.log.close()
+        self.data_dir.cleanup()
+
+
+@pytest.fixture
+def server_factory(monkeypatch):
+    started = []
+
+    def start(**settings) -> Server:
+        server = Server(settings)
+        started.append(server)
+        monkeypatch.setenv("DECLAW_DOMAIN", server.address)
+        monkeypatch.setenv("DECLAW_API_KEY", server.api_key)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def server(server_factory):
+    return server_factory()
