@@ -119,7 +119,9 @@ impl EnvdClient {
 
     /// `GET /health` (no token needed, no version check).
     pub async fn health(&self) -> Result<Health, EnvdError> {
-        let response = self.send_unchecked(Method::GET, routes::HEALTH, empty_body(), None).await?;
+        let response = self
+            .send_unchecked(Method::GET, routes::HEALTH, empty_body(), None)
+            .await?;
         decode_json(response).await
     }
 
@@ -165,7 +167,9 @@ impl EnvdClient {
                 ("mode", mode.map(|m| m.to_string())),
             ],
         );
-        let response = self.send(Method::PUT, &uri, stream_body(body), Some(OCTETS)).await?;
+        let response = self
+            .send(Method::PUT, &uri, stream_body(body), Some(OCTETS))
+            .await?;
         decode_json(response).await
     }
 
@@ -177,8 +181,13 @@ impl EnvdClient {
         data: impl Into<Bytes>,
     ) -> Result<WriteInfo, EnvdError> {
         let data: Bytes = data.into();
-        self.write_file(path, user, None, futures::stream::once(async move { Ok::<_, BoxError>(data) }))
-            .await
+        self.write_file(
+            path,
+            user,
+            None,
+            futures::stream::once(async move { Ok::<_, BoxError>(data) }),
+        )
+        .await
     }
 
     /// Streams the content of `path`.
@@ -187,7 +196,14 @@ impl EnvdClient {
         path: &str,
         user: &str,
     ) -> Result<BoxStream<'static, Result<Bytes, EnvdError>>, EnvdError> {
-        let response = self.send(Method::GET, &path_query(routes::FILES, path, user), empty_body(), None).await?;
+        let response = self
+            .send(
+                Method::GET,
+                &path_query(routes::FILES, path, user),
+                empty_body(),
+                None,
+            )
+            .await?;
         let response = check_status(response).await?;
         Ok(BodyDataStream::new(response.into_body())
             .map_err(|e| EnvdError::Transport(e.to_string()))
@@ -205,7 +221,12 @@ impl EnvdClient {
     }
 
     /// Entries under `path`, `depth` levels deep (1 = immediate children).
-    pub async fn list(&self, path: &str, user: &str, depth: u32) -> Result<Vec<EntryInfo>, EnvdError> {
+    pub async fn list(
+        &self,
+        path: &str,
+        user: &str,
+        depth: u32,
+    ) -> Result<Vec<EntryInfo>, EnvdError> {
         let uri = query::build(
             routes::FILES_LIST,
             &[
@@ -218,17 +239,23 @@ impl EnvdClient {
     }
 
     pub async fn stat(&self, path: &str, user: &str) -> Result<EntryInfo, EnvdError> {
-        self.get_json(&path_query(routes::FILES_STAT, path, user)).await
+        self.get_json(&path_query(routes::FILES_STAT, path, user))
+            .await
     }
 
     pub async fn exists(&self, path: &str, user: &str) -> Result<bool, EnvdError> {
-        let response: ExistsResponse = self.get_json(&path_query(routes::FILES_EXISTS, path, user)).await?;
+        let response: ExistsResponse = self
+            .get_json(&path_query(routes::FILES_EXISTS, path, user))
+            .await?;
         Ok(response.exists)
     }
 
     /// `mkdir -p`; returns whether the directory was created.
     pub async fn mkdir(&self, path: &str, user: &str) -> Result<bool, EnvdError> {
-        let request = MkdirRequest { path: path.to_string(), username: user.to_string() };
+        let request = MkdirRequest {
+            path: path.to_string(),
+            username: user.to_string(),
+        };
         let response: MkdirResponse = self.post_json(routes::FILES_MKDIR, &request).await?;
         Ok(response.created)
     }
@@ -236,13 +263,23 @@ impl EnvdClient {
     /// Removes a file or a directory tree.
     pub async fn remove(&self, path: &str, user: &str) -> Result<(), EnvdError> {
         let response = self
-            .send(Method::DELETE, &path_query(routes::FILES, path, user), empty_body(), None)
+            .send(
+                Method::DELETE,
+                &path_query(routes::FILES, path, user),
+                empty_body(),
+                None,
+            )
             .await?;
         let _: Empty = decode_json(response).await?;
         Ok(())
     }
 
-    pub async fn rename(&self, old_path: &str, new_path: &str, user: &str) -> Result<EntryInfo, EnvdError> {
+    pub async fn rename(
+        &self,
+        old_path: &str,
+        new_path: &str,
+        user: &str,
+    ) -> Result<EntryInfo, EnvdError> {
         let request = RenameRequest {
             old_path: old_path.to_string(),
             new_path: new_path.to_string(),
@@ -252,23 +289,39 @@ impl EnvdClient {
     }
 
     /// Streams a tar archive (gzipped when `gzip`) into directory `dest`.
-    pub async fn unpack<S, E>(&self, dest: &str, user: &str, body: S, gzip: bool) -> Result<UnpackReport, EnvdError>
+    pub async fn unpack<S, E>(
+        &self,
+        dest: &str,
+        user: &str,
+        body: S,
+        gzip: bool,
+    ) -> Result<UnpackReport, EnvdError>
     where
         S: Stream<Item = Result<Bytes, E>> + Send + 'static,
         E: Into<BoxError> + 'static,
     {
         let uri = path_query(routes::FILES_UNPACK, dest, user);
         let content_type = if gzip { GZIP_TAR } else { TAR };
-        let response = self.send(Method::POST, &uri, stream_body(body), Some(content_type)).await?;
+        let response = self
+            .send(Method::POST, &uri, stream_body(body), Some(content_type))
+            .await?;
         decode_json(response).await
     }
 
     // ----- processes -----
 
     /// Replaces the sandbox-level environment of later processes.
-    pub async fn set_env(&self, envs: std::collections::BTreeMap<String, String>) -> Result<(), EnvdError> {
+    pub async fn set_env(
+        &self,
+        envs: std::collections::BTreeMap<String, String>,
+    ) -> Result<(), EnvdError> {
         let response = self
-            .send(Method::PUT, routes::ENV, json_body(&SetEnvRequest { envs })?, Some(JSON))
+            .send(
+                Method::PUT,
+                routes::ENV,
+                json_body(&SetEnvRequest { envs })?,
+                Some(JSON),
+            )
             .await?;
         let _: Empty = decode_json(response).await?;
         Ok(())
@@ -291,19 +344,28 @@ impl EnvdClient {
     }
 
     pub async fn write_stdin(&self, pid: u32, data: &str) -> Result<(), EnvdError> {
-        let request = StdinRequest { data: data.to_string(), base64: false };
-        let _: Empty = self.post_json(&routes::process_stdin(pid), &request).await?;
+        let request = StdinRequest {
+            data: data.to_string(),
+            base64: false,
+        };
+        let _: Empty = self
+            .post_json(&routes::process_stdin(pid), &request)
+            .await?;
         Ok(())
     }
 
     pub async fn close_stdin(&self, pid: u32) -> Result<(), EnvdError> {
-        let _: Empty = self.post_json(&routes::process_close_stdin(pid), &Empty {}).await?;
+        let _: Empty = self
+            .post_json(&routes::process_close_stdin(pid), &Empty {})
+            .await?;
         Ok(())
     }
 
     /// Kills the process group of `pid`; false when the pid is not tracked.
     pub async fn kill(&self, pid: u32) -> Result<bool, EnvdError> {
-        let response = self.send(Method::DELETE, &routes::process(pid), empty_body(), None).await?;
+        let response = self
+            .send(Method::DELETE, &routes::process(pid), empty_body(), None)
+            .await?;
         let response: KillResponse = decode_json(response).await?;
         Ok(response.killed)
     }
@@ -319,7 +381,12 @@ impl EnvdClient {
         request: &ProcessRequest,
     ) -> Result<BoxStream<'static, Result<ProcessEvent, EnvdError>>, EnvdError> {
         let response = self
-            .send(Method::POST, routes::PROCESSES_STREAM, json_body(request)?, Some(JSON))
+            .send(
+                Method::POST,
+                routes::PROCESSES_STREAM,
+                json_body(request)?,
+                Some(JSON),
+            )
             .await?;
         let response = check_status(response).await?;
         Ok(ndjson::events(response.into_body()))
@@ -332,8 +399,14 @@ impl EnvdClient {
         decode_json(response).await
     }
 
-    async fn post_json<Req: Serialize, T: DeserializeOwned>(&self, uri: &str, body: &Req) -> Result<T, EnvdError> {
-        let response = self.send(Method::POST, uri, json_body(body)?, Some(JSON)).await?;
+    async fn post_json<Req: Serialize, T: DeserializeOwned>(
+        &self,
+        uri: &str,
+        body: &Req,
+    ) -> Result<T, EnvdError> {
+        let response = self
+            .send(Method::POST, uri, json_body(body)?, Some(JSON))
+            .await?;
         decode_json(response).await
     }
 
@@ -347,7 +420,8 @@ impl EnvdClient {
         if self.inner.check_version {
             self.check_compatible().await?;
         }
-        self.send_unchecked(method, path_and_query, body, content).await
+        self.send_unchecked(method, path_and_query, body, content)
+            .await
     }
 
     async fn send_unchecked(
@@ -358,17 +432,19 @@ impl EnvdClient {
         content: Option<BodyKind>,
     ) -> Result<http::Response<Incoming>, EnvdError> {
         let uri = format!("{}{}", self.inner.base, path_and_query);
-        let mut request = Request::builder()
-            .method(method)
-            .uri(uri)
-            .header(header::AUTHORIZATION, format!("{} {}", crate::AUTHORIZATION_SCHEME, self.inner.token));
+        let mut request = Request::builder().method(method).uri(uri).header(
+            header::AUTHORIZATION,
+            format!("{} {}", crate::AUTHORIZATION_SCHEME, self.inner.token),
+        );
         if let Some(kind) = content {
             request = request.header(header::CONTENT_TYPE, kind.content_type);
             if let Some(encoding) = kind.content_encoding {
                 request = request.header(header::CONTENT_ENCODING, encoding);
             }
         }
-        let request = request.body(body).map_err(|e| EnvdError::Transport(e.to_string()))?;
+        let request = request
+            .body(body)
+            .map_err(|e| EnvdError::Transport(e.to_string()))?;
         self.inner
             .http
             .request(request)
@@ -384,22 +460,44 @@ struct BodyKind {
     content_encoding: Option<&'static str>,
 }
 
-const JSON: BodyKind = BodyKind { content_type: "application/json", content_encoding: None };
-const OCTETS: BodyKind = BodyKind { content_type: "application/octet-stream", content_encoding: None };
-const TAR: BodyKind = BodyKind { content_type: "application/x-tar", content_encoding: None };
-const GZIP_TAR: BodyKind = BodyKind { content_type: "application/x-tar", content_encoding: Some("gzip") };
+const JSON: BodyKind = BodyKind {
+    content_type: "application/json",
+    content_encoding: None,
+};
+const OCTETS: BodyKind = BodyKind {
+    content_type: "application/octet-stream",
+    content_encoding: None,
+};
+const TAR: BodyKind = BodyKind {
+    content_type: "application/x-tar",
+    content_encoding: None,
+};
+const GZIP_TAR: BodyKind = BodyKind {
+    content_type: "application/x-tar",
+    content_encoding: Some("gzip"),
+};
 
 fn path_query(route: &str, path: &str, user: &str) -> String {
-    query::build(route, &[("path", Some(path.to_string())), ("username", Some(user.to_string()))])
+    query::build(
+        route,
+        &[
+            ("path", Some(path.to_string())),
+            ("username", Some(user.to_string())),
+        ],
+    )
 }
 
 fn empty_body() -> RequestBody {
-    Full::new(Bytes::new()).map_err(|never| match never {}).boxed_unsync()
+    Full::new(Bytes::new())
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 fn json_body<T: Serialize>(value: &T) -> Result<RequestBody, EnvdError> {
     let bytes = serde_json::to_vec(value).map_err(|e| EnvdError::Decode(e.to_string()))?;
-    Ok(Full::new(Bytes::from(bytes)).map_err(|never| match never {}).boxed_unsync())
+    Ok(Full::new(Bytes::from(bytes))
+        .map_err(|never| match never {})
+        .boxed_unsync())
 }
 
 fn stream_body<S, E>(body: S) -> RequestBody
@@ -407,11 +505,15 @@ where
     S: Stream<Item = Result<Bytes, E>> + Send + 'static,
     E: Into<BoxError> + 'static,
 {
-    BodyExt::boxed_unsync(StreamBody::new(body.map_ok(Frame::data).map_err(Into::into)))
+    BodyExt::boxed_unsync(StreamBody::new(
+        body.map_ok(Frame::data).map_err(Into::into),
+    ))
 }
 
 /// Turns a non-2xx response into [`EnvdError::Api`].
-async fn check_status(response: http::Response<Incoming>) -> Result<http::Response<Incoming>, EnvdError> {
+async fn check_status(
+    response: http::Response<Incoming>,
+) -> Result<http::Response<Incoming>, EnvdError> {
     if response.status().is_success() {
         return Ok(response);
     }
@@ -427,7 +529,11 @@ async fn check_status(response: http::Response<Incoming>) -> Result<http::Respon
 
 fn api_error(status: StatusCode, body: &[u8]) -> EnvdError {
     match serde_json::from_slice::<ErrorBody>(body) {
-        Ok(error) => EnvdError::Api { status: status.as_u16(), code: error.code, message: error.message },
+        Ok(error) => EnvdError::Api {
+            status: status.as_u16(),
+            code: error.code,
+            message: error.message,
+        },
         Err(_) => EnvdError::Api {
             status: status.as_u16(),
             code: error_code::INTERNAL.to_string(),
@@ -436,7 +542,9 @@ fn api_error(status: StatusCode, body: &[u8]) -> EnvdError {
     }
 }
 
-async fn decode_json<T: DeserializeOwned>(response: http::Response<Incoming>) -> Result<T, EnvdError> {
+async fn decode_json<T: DeserializeOwned>(
+    response: http::Response<Incoming>,
+) -> Result<T, EnvdError> {
     let response = check_status(response).await?;
     let bytes = response
         .into_body()
@@ -444,5 +552,6 @@ async fn decode_json<T: DeserializeOwned>(response: http::Response<Incoming>) ->
         .await
         .map_err(|e| EnvdError::Transport(e.to_string()))?
         .to_bytes();
-    serde_json::from_slice(&bytes).map_err(|e| EnvdError::Decode(format!("{e}: {}", String::from_utf8_lossy(&bytes))))
+    serde_json::from_slice(&bytes)
+        .map_err(|e| EnvdError::Decode(format!("{e}: {}", String::from_utf8_lossy(&bytes))))
 }

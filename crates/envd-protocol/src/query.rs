@@ -39,7 +39,14 @@ mod tests {
         assert_eq!(encode_component("/a b&c#d%"), "/a%20b%26c%23d%25");
         assert_eq!(encode_component("é"), "%C3%A9");
         assert_eq!(
-            build("/files", &[("path", Some("/x y".into())), ("depth", None), ("username", Some("user".into()))]),
+            build(
+                "/files",
+                &[
+                    ("path", Some("/x y".into())),
+                    ("depth", None),
+                    ("username", Some("user".into()))
+                ]
+            ),
             "/files?path=/x%20y&username=user"
         );
     }

@@ -306,11 +306,17 @@ pub struct KillResponse {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ProcessEvent {
     /// First event: the process started.
-    Start { pid: u32 },
+    Start {
+        pid: u32,
+    },
     /// A chunk of stdout, lossily decoded (multi-byte characters split
     /// across reads are kept whole).
-    Stdout { data: String },
-    Stderr { data: String },
+    Stdout {
+        data: String,
+    },
+    Stderr {
+        data: String,
+    },
     /// Sent when there was no other event for a while (at least every 15 s).
     Keepalive,
     /// Last event.
@@ -320,5 +326,7 @@ pub enum ProcessEvent {
         timed_out: bool,
     },
     /// The agent failed while streaming (the process may still be running).
-    Error { message: String },
+    Error {
+        message: String,
+    },
 }

@@ -31,8 +31,24 @@ fn envs() -> BTreeMap<String, String> {
 
 fn current_samples() -> BTreeMap<String, Value> {
     let mut s = BTreeMap::new();
-    sample(&mut s, "Health", Health { status: "ok".into(), protocol_version: 1, version: "0.1.0".into(), can_switch_users: true });
-    sample(&mut s, "ErrorBody", ErrorBody { message: "/x: No such file".into(), code: error_code::NOT_FOUND.into() });
+    sample(
+        &mut s,
+        "Health",
+        Health {
+            status: "ok".into(),
+            protocol_version: 1,
+            version: "0.1.0".into(),
+            can_switch_users: true,
+        },
+    );
+    sample(
+        &mut s,
+        "ErrorBody",
+        ErrorBody {
+            message: "/x: No such file".into(),
+            code: error_code::NOT_FOUND.into(),
+        },
+    );
     let entry = EntryInfo {
         name: "a.txt".into(),
         path: "/home/user/a.txt".into(),
@@ -43,16 +59,76 @@ fn current_samples() -> BTreeMap<String, Value> {
         is_symlink: false,
     };
     sample(&mut s, "EntryInfo", entry.clone());
-    sample(&mut s, "EntryInfo.dir", EntryInfo { file_type: FileType::Dir, size: 0, ..entry });
-    sample(&mut s, "PathQuery", PathQuery { path: "/home/user/a.txt".into(), username: "user".into() });
-    sample(&mut s, "ListQuery", ListQuery { path: "/home/user".into(), username: "user".into(), depth: 2 });
-    sample(&mut s, "WriteQuery", WriteQuery { path: "/a".into(), username: "user".into(), mode: Some(0o600) });
-    sample(&mut s, "WriteInfo", WriteInfo { path: "/a".into(), size: 10 });
+    sample(
+        &mut s,
+        "EntryInfo.dir",
+        EntryInfo {
+            file_type: FileType::Dir,
+            size: 0,
+            ..entry
+        },
+    );
+    sample(
+        &mut s,
+        "PathQuery",
+        PathQuery {
+            path: "/home/user/a.txt".into(),
+            username: "user".into(),
+        },
+    );
+    sample(
+        &mut s,
+        "ListQuery",
+        ListQuery {
+            path: "/home/user".into(),
+            username: "user".into(),
+            depth: 2,
+        },
+    );
+    sample(
+        &mut s,
+        "WriteQuery",
+        WriteQuery {
+            path: "/a".into(),
+            username: "user".into(),
+            mode: Some(0o600),
+        },
+    );
+    sample(
+        &mut s,
+        "WriteInfo",
+        WriteInfo {
+            path: "/a".into(),
+            size: 10,
+        },
+    );
     sample(&mut s, "ExistsResponse", ExistsResponse { exists: true });
-    sample(&mut s, "MkdirRequest", MkdirRequest { path: "/d".into(), username: "user".into() });
+    sample(
+        &mut s,
+        "MkdirRequest",
+        MkdirRequest {
+            path: "/d".into(),
+            username: "user".into(),
+        },
+    );
     sample(&mut s, "MkdirResponse", MkdirResponse { created: true });
-    sample(&mut s, "RenameRequest", RenameRequest { old_path: "/a".into(), new_path: "/b".into(), username: "user".into() });
-    sample(&mut s, "UnpackQuery", UnpackQuery { path: "/data".into(), username: "user".into() });
+    sample(
+        &mut s,
+        "RenameRequest",
+        RenameRequest {
+            old_path: "/a".into(),
+            new_path: "/b".into(),
+            username: "user".into(),
+        },
+    );
+    sample(
+        &mut s,
+        "UnpackQuery",
+        UnpackQuery {
+            path: "/data".into(),
+            username: "user".into(),
+        },
+    );
     sample(
         &mut s,
         "UnpackReport",
@@ -61,7 +137,10 @@ fn current_samples() -> BTreeMap<String, Value> {
             dirs: 1,
             bytes: 100,
             skipped: 1,
-            skipped_entries: vec![SkippedEntry { name: "../x".into(), reason: "name contains ..".into() }],
+            skipped_entries: vec![SkippedEntry {
+                name: "../x".into(),
+                reason: "name contains ..".into(),
+            }],
         },
     );
     sample(&mut s, "Empty", Empty {});
@@ -94,23 +173,79 @@ fn current_samples() -> BTreeMap<String, Value> {
     sample(
         &mut s,
         "ProcessInfo",
-        ProcessInfo { pid: 42, cmd: "sleep 1".into(), envs: envs(), user: "user".into(), cwd: "/home/user".into(), running: true },
+        ProcessInfo {
+            pid: 42,
+            cmd: "sleep 1".into(),
+            envs: envs(),
+            user: "user".into(),
+            cwd: "/home/user".into(),
+            running: true,
+        },
     );
-    sample(&mut s, "StdinRequest", StdinRequest { data: "aGk=".into(), base64: true });
+    sample(
+        &mut s,
+        "StdinRequest",
+        StdinRequest {
+            data: "aGk=".into(),
+            base64: true,
+        },
+    );
     sample(&mut s, "KillResponse", KillResponse { killed: true });
-    sample(&mut s, "ProcessEvent.start", ProcessEvent::Start { pid: 42 });
-    sample(&mut s, "ProcessEvent.stdout", ProcessEvent::Stdout { data: "out\n".into() });
-    sample(&mut s, "ProcessEvent.stderr", ProcessEvent::Stderr { data: "err\n".into() });
+    sample(
+        &mut s,
+        "ProcessEvent.start",
+        ProcessEvent::Start { pid: 42 },
+    );
+    sample(
+        &mut s,
+        "ProcessEvent.stdout",
+        ProcessEvent::Stdout {
+            data: "out\n".into(),
+        },
+    );
+    sample(
+        &mut s,
+        "ProcessEvent.stderr",
+        ProcessEvent::Stderr {
+            data: "err\n".into(),
+        },
+    );
     sample(&mut s, "ProcessEvent.keepalive", ProcessEvent::Keepalive);
-    sample(&mut s, "ProcessEvent.exit", ProcessEvent::Exit { exit_code: 0, timed_out: false });
-    sample(&mut s, "ProcessEvent.error", ProcessEvent::Error { message: "boom".into() });
+    sample(
+        &mut s,
+        "ProcessEvent.exit",
+        ProcessEvent::Exit {
+            exit_code: 0,
+            timed_out: false,
+        },
+    );
+    sample(
+        &mut s,
+        "ProcessEvent.error",
+        ProcessEvent::Error {
+            message: "boom".into(),
+        },
+    );
     s.insert(
         "routes".into(),
         json!([
-            routes::HEALTH, routes::FILES, routes::FILES_LIST, routes::FILES_STAT, routes::FILES_EXISTS,
-            routes::FILES_MKDIR, routes::FILES_RENAME, routes::FILES_UNPACK, routes::ENV, routes::PROCESSES,
-            routes::PROCESSES_RUN, routes::PROCESSES_START, routes::PROCESSES_STREAM,
-            routes::process_wait(1), routes::process_stdin(1), routes::process_close_stdin(1), routes::process(1)
+            routes::HEALTH,
+            routes::FILES,
+            routes::FILES_LIST,
+            routes::FILES_STAT,
+            routes::FILES_EXISTS,
+            routes::FILES_MKDIR,
+            routes::FILES_RENAME,
+            routes::FILES_UNPACK,
+            routes::ENV,
+            routes::PROCESSES,
+            routes::PROCESSES_RUN,
+            routes::PROCESSES_START,
+            routes::PROCESSES_STREAM,
+            routes::process_wait(1),
+            routes::process_stdin(1),
+            routes::process_close_stdin(1),
+            routes::process(1)
         ]),
     );
     s
@@ -118,13 +253,21 @@ fn current_samples() -> BTreeMap<String, Value> {
 
 #[test]
 fn wire_format_matches_the_frozen_snapshot() {
-    let path = format!("{}/tests/snapshots/v{PROTOCOL_VERSION}.json", env!("CARGO_MANIFEST_DIR"));
+    let path = format!(
+        "{}/tests/snapshots/v{PROTOCOL_VERSION}.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
     let current = serde_json::to_value(current_samples()).unwrap();
     if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
-        std::fs::write(&path, serde_json::to_string_pretty(&current).unwrap() + "\n").unwrap();
+        std::fs::write(
+            &path,
+            serde_json::to_string_pretty(&current).unwrap() + "\n",
+        )
+        .unwrap();
     }
     let frozen: Value = serde_json::from_str(
-        &std::fs::read_to_string(&path).unwrap_or_else(|_| panic!("missing snapshot {path}; run with UPDATE_SNAPSHOTS=1")),
+        &std::fs::read_to_string(&path)
+            .unwrap_or_else(|_| panic!("missing snapshot {path}; run with UPDATE_SNAPSHOTS=1")),
     )
     .unwrap();
     assert_eq!(
@@ -138,10 +281,16 @@ fn wire_format_matches_the_frozen_snapshot() {
 #[test]
 fn minimal_bodies_from_older_peers_parse() {
     let request: ProcessRequest = serde_json::from_value(json!({"cmd": "ls"})).unwrap();
-    assert_eq!((request.user.as_str(), request.timeout, request.stdin), ("user", None, false));
-    let result: RunResult = serde_json::from_value(json!({"stdout": "", "stderr": "", "exit_code": 0})).unwrap();
+    assert_eq!(
+        (request.user.as_str(), request.timeout, request.stdin),
+        ("user", None, false)
+    );
+    let result: RunResult =
+        serde_json::from_value(json!({"stdout": "", "stderr": "", "exit_code": 0})).unwrap();
     assert!(!result.timed_out);
-    let health: Health = serde_json::from_value(json!({"status": "ok", "protocol_version": 1, "version": "0.1.0"})).unwrap();
+    let health: Health =
+        serde_json::from_value(json!({"status": "ok", "protocol_version": 1, "version": "0.1.0"}))
+            .unwrap();
     assert!(health.can_switch_users);
     let list: ListQuery = serde_json::from_value(json!({"path": "/"})).unwrap();
     assert_eq!(list.depth, 1);

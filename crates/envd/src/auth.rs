@@ -11,7 +11,11 @@ use envd_protocol::error_code;
 use crate::error::ApiError;
 use crate::server::AppState;
 
-pub async fn require_token(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+pub async fn require_token(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
     let presented = request
         .headers()
         .get(header::AUTHORIZATION)
@@ -20,9 +24,15 @@ pub async fn require_token(State(state): State<Arc<AppState>>, request: Request,
         .and_then(|rest| rest.strip_prefix(' '))
         .map(str::trim);
     match presented {
-        Some(token) if constant_time_eq(token.as_bytes(), state.token.as_bytes()) => next.run(request).await,
-        _ => ApiError::new(StatusCode::UNAUTHORIZED, error_code::UNAUTHORIZED, "missing or invalid access token")
-            .into_response(),
+        Some(token) if constant_time_eq(token.as_bytes(), state.token.as_bytes()) => {
+            next.run(request).await
+        }
+        _ => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            error_code::UNAUTHORIZED,
+            "missing or invalid access token",
+        )
+        .into_response(),
     }
 }
 

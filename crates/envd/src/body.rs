@@ -20,7 +20,9 @@ pub type ChunkSender = mpsc::Sender<io::Result<Bytes>>;
 pub async fn pump(body: Body, sender: ChunkSender) {
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
-        let item = chunk.map_err(|e| io::Error::new(io::ErrorKind::UnexpectedEof, format!("request body: {e}")));
+        let item = chunk.map_err(|e| {
+            io::Error::new(io::ErrorKind::UnexpectedEof, format!("request body: {e}"))
+        });
         let failed = item.is_err();
         if sender.send(item).await.is_err() || failed {
             return;
@@ -30,7 +32,13 @@ pub async fn pump(body: Body, sender: ChunkSender) {
 
 pub fn channel() -> (ChunkSender, BodyReader) {
     let (sender, receiver) = mpsc::channel(CHANNEL_DEPTH);
-    (sender, BodyReader { receiver, current: Bytes::new() })
+    (
+        sender,
+        BodyReader {
+            receiver,
+            current: Bytes::new(),
+        },
+    )
 }
 
 /// Blocking reader over the chunks sent by [`pump`]. Must only be used from a

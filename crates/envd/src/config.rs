@@ -25,13 +25,19 @@ impl FromStr for Listen {
         } else if let Some(path) = value.strip_prefix("unix:") {
             Ok(Listen::Unix(PathBuf::from(path)))
         } else {
-            Err(format!("expected tcp:HOST:PORT or unix:/path, got {value:?}"))
+            Err(format!(
+                "expected tcp:HOST:PORT or unix:/path, got {value:?}"
+            ))
         }
     }
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "envd", version, about = "In-sandbox agent: file and process API")]
+#[command(
+    name = "envd",
+    version,
+    about = "In-sandbox agent: file and process API"
+)]
 pub struct Args {
     /// Where to serve: `tcp:HOST:PORT` or `unix:/path/to.sock`.
     #[arg(long, env = "ENVD_LISTEN", default_value = "tcp:0.0.0.0:49983")]
@@ -62,9 +68,11 @@ pub fn take_token(args: &Args) -> anyhow::Result<String> {
     std::env::remove_var(TOKEN_ENV);
     let token = match &args.token_file {
         Some(path) => {
-            let token = std::fs::read_to_string(path).with_context(|| format!("reading token file {}", path.display()))?;
+            let token = std::fs::read_to_string(path)
+                .with_context(|| format!("reading token file {}", path.display()))?;
             if args.delete_token_file {
-                std::fs::remove_file(path).with_context(|| format!("deleting token file {}", path.display()))?;
+                std::fs::remove_file(path)
+                    .with_context(|| format!("deleting token file {}", path.display()))?;
             }
             token
         }

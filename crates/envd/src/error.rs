@@ -19,7 +19,11 @@ pub type ApiResult<T> = Result<T, ApiError>;
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into() }
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -31,7 +35,11 @@ impl ApiError {
     }
 
     pub fn internal(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, error_code::INTERNAL, message)
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            error_code::INTERNAL,
+            message,
+        )
     }
 
     /// Maps an OS error on `path` to a status the public API understands.
@@ -39,15 +47,23 @@ impl ApiError {
         let message = format!("{path}: {error}");
         let (status, code) = match error.raw_os_error() {
             Some(libc::ENOENT) => (StatusCode::NOT_FOUND, error_code::NOT_FOUND),
-            Some(libc::EEXIST | libc::ENOTEMPTY | libc::EBUSY | libc::ETXTBSY) => (StatusCode::CONFLICT, error_code::CONFLICT),
+            Some(libc::EEXIST | libc::ENOTEMPTY | libc::EBUSY | libc::ETXTBSY) => {
+                (StatusCode::CONFLICT, error_code::CONFLICT)
+            }
             Some(libc::ENOTDIR) => (StatusCode::BAD_REQUEST, error_code::NOT_A_DIRECTORY),
             Some(libc::EISDIR) => (StatusCode::BAD_REQUEST, error_code::IS_A_DIRECTORY),
-            Some(libc::ENOSPC | libc::EDQUOT) => (StatusCode::INSUFFICIENT_STORAGE, error_code::DISK_FULL),
-            Some(libc::EACCES | libc::EPERM | libc::EROFS) => (StatusCode::FORBIDDEN, error_code::PERMISSION_DENIED),
+            Some(libc::ENOSPC | libc::EDQUOT) => {
+                (StatusCode::INSUFFICIENT_STORAGE, error_code::DISK_FULL)
+            }
+            Some(libc::EACCES | libc::EPERM | libc::EROFS) => {
+                (StatusCode::FORBIDDEN, error_code::PERMISSION_DENIED)
+            }
             Some(libc::ELOOP | libc::ENAMETOOLONG | libc::EINVAL | libc::EXDEV | libc::ENXIO) => {
                 (StatusCode::BAD_REQUEST, error_code::BAD_REQUEST)
             }
-            _ if error.kind() == io::ErrorKind::InvalidInput => (StatusCode::BAD_REQUEST, error_code::BAD_REQUEST),
+            _ if error.kind() == io::ErrorKind::InvalidInput => {
+                (StatusCode::BAD_REQUEST, error_code::BAD_REQUEST)
+            }
             _ => (StatusCode::INTERNAL_SERVER_ERROR, error_code::INTERNAL),
         };
         Self::new(status, code, message)
@@ -56,7 +72,13 @@ impl ApiError {
 
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}: {}", self.status.as_u16(), self.code, self.message)
+        write!(
+            f,
+            "{} {}: {}",
+            self.status.as_u16(),
+            self.code,
+            self.message
+        )
     }
 }
 
@@ -67,7 +89,10 @@ impl IntoResponse for ApiError {
         } else {
             tracing::debug!(status = self.status.as_u16(), code = self.code, message = %self.message, "request rejected");
         }
-        let body = ErrorBody { message: self.message, code: self.code.to_string() };
+        let body = ErrorBody {
+            message: self.message,
+            code: self.code.to_string(),
+        };
         (self.status, Json(body)).into_response()
     }
 }

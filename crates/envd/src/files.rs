@@ -12,8 +12,8 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use envd_protocol::{
-    Empty, EntryInfo, ExistsResponse, FileType, ListQuery, MkdirRequest, MkdirResponse, PathQuery, RenameRequest,
-    WriteInfo, WriteQuery,
+    Empty, EntryInfo, ExistsResponse, FileType, ListQuery, MkdirRequest, MkdirResponse, PathQuery,
+    RenameRequest, WriteInfo, WriteQuery,
 };
 use tokio::task::spawn_blocking;
 use tokio_util::io::ReaderStream;
@@ -44,20 +44,33 @@ pub async fn write(
     Ok(Json(result??))
 }
 
-fn write_blocking(state: &AppState, query: &WriteQuery, mut reader: BodyReader) -> ApiResult<WriteInfo> {
+fn write_blocking(
+    state: &AppState,
+    query: &WriteQuery,
+    mut reader: BodyReader,
+) -> ApiResult<WriteInfo> {
     let clean = paths::clean_path(&query.path);
     let io_error = |error| ApiError::from_io(error, &clean);
     let user = state.users.lookup(&state.root, &query.username)?;
     let owner = state.users.ownership(&user);
-    let options = ResolveOptions { follow_last: true, create_parents: true, owner };
+    let options = ResolveOptions {
+        follow_last: true,
+        create_parents: true,
+        owner,
+    };
     let resolved = state.root.resolve(&query.path, options).map_err(io_error)?;
-    let name = resolved.name.ok_or_else(|| ApiError::bad_request(format!("{clean}: is a directory")))?;
+    let name = resolved
+        .name
+        .ok_or_else(|| ApiError::bad_request(format!("{clean}: is a directory")))?;
     // O_NONBLOCK: opening a planted FIFO must fail (ENXIO), not hang.
-    let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW | libc::O_NONBLOCK;
-    let fd = sys::openat(resolved.dir.as_fd(), &name, flags, 0o644).map_err(io_error)?;
+    let flags =
+        libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW | libc::O_NONBLOCK;
+    let fd = sys::openat(resolved.dir.as_fd(), &name, flags, 0o644).map_err(io_error)?; // umask is 0
     let stat = sys::fstat(fd.as_fd()).map_err(io_error)?;
     if !sys::is_regular(&stat) {
-        return Err(ApiError::bad_request(format!("{clean}: not a regular file")));
+        return Err(ApiError::bad_request(format!(
+            "{clean}: not a regular file"
+        )));
     }
     sys::set_blocking(fd.as_fd()).map_err(io_error)?;
     if let Some(owner) = owner {
@@ -76,15 +89,24 @@ fn write_blocking(state: &AppState, query: &WriteQuery, mut reader: BodyReader) 
     Ok(WriteInfo { path: clean, size })
 }
 
-pub async fn read(State(state): State<Arc<AppState>>, QueryParams(query): QueryParams<PathQuery>) -> ApiResult<Response> {
+pub async fn read(
+    State(state): State<Arc<AppState>>,
+    QueryParams(query): QueryParams<PathQuery>,
+) -> ApiResult<Response> {
     let clean = paths::clean_path(&query.path);
     let path = clean.clone();
     let file = spawn_blocking(move || -> ApiResult<std::fs::File> {
         let io_error = |error| ApiError::from_io(error, &path);
-        let fd = state.root.open(&path, libc::O_RDONLY | libc::O_NONBLOCK).map_err(io_error)?;
+        let fd = state
+            .root
+            .open(&path, libc::O_RDONLY | libc::O_NONBLOCK)
+            .map_err(io_error)?;
         let stat = sys::fstat(fd.as_fd()).map_err(io_error)?;
         if sys::is_dir(&stat) {
-            return Err(ApiError::from_io(std::io::Error::from_raw_os_error(libc::EISDIR), &path));
+            return Err(ApiError::from_io(
+                std::io::Error::from_raw_os_error(libc::EISDIR),
+                &path,
+            ));
         }
         if !sys::is_regular(&stat) {
             return Err(ApiError::bad_request(format!("{path}: not a regular file")));
@@ -94,16 +116,33 @@ pub async fn read(State(state): State<Arc<AppState>>, QueryParams(query): QueryP
     })
     .await??;
     let stream = ReaderStream::with_capacity(tokio::fs::File::from_std(file), READ_CHUNK);
-    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], Body::from_stream(stream)).into_response())
+    Ok((
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        Body::from_stream(stream),
+    )
+        .into_response())
 }
 
-pub async fn list(State(state): State<Arc<AppState>>, QueryParams(query): QueryParams<ListQuery>) -> ApiResult<Json<Vec<EntryInfo>>> {
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    QueryParams(query): QueryParams<ListQuery>,
+) -> ApiResult<Json<Vec<EntryInfo>>> {
     let entries = spawn_blocking(move || {
         let clean = paths::clean_path(&query.path);
         let io_error = |error| ApiError::from_io(error, &clean);
-        let dir = state.root.open(&clean, libc::O_RDONLY | libc::O_DIRECTORY).map_err(io_error)?;
+        let dir = state
+            .root
+            .open(&clean, libc::O_RDONLY | libc::O_DIRECTORY)
+            .map_err(io_error)?;
         let mut entries = Vec::new();
-        list_into(&state.root, dir.as_fd(), &clean, query.depth.max(1), &mut entries).map_err(io_error)?;
+        list_into(
+            &state.root,
+            dir.as_fd(),
+            &clean,
+            query.depth.max(1),
+            &mut entries,
+        )
+        .map_err(io_error)?;
         Ok::<_, ApiError>(entries)
     })
     .await??;
@@ -136,7 +175,10 @@ fn list_into(
             // Report a link as what it points to (resolved inside the root).
             match root.stat(&path) {
                 Ok((target, _)) => out.push(entry_info(name, path, &target, true)),
-                Err(_) => out.push(EntryInfo { size: 0, ..entry_info(name, path, &stat, true) }),
+                Err(_) => out.push(EntryInfo {
+                    size: 0,
+                    ..entry_info(name, path, &stat, true)
+                }),
             }
             continue;
         }
@@ -157,7 +199,11 @@ fn entry_info(name: String, path: String, stat: &sys::Stat, is_symlink: bool) ->
     EntryInfo {
         name,
         path,
-        file_type: if is_dir { FileType::Dir } else { FileType::File },
+        file_type: if is_dir {
+            FileType::Dir
+        } else {
+            FileType::File
+        },
         size: if is_dir { 0 } else { stat.st_size as u64 },
         mode: stat.st_mode & 0o7777,
         mtime: stat.st_mtime,
@@ -168,28 +214,50 @@ fn entry_info(name: String, path: String, stat: &sys::Stat, is_symlink: bool) ->
 fn stat_blocking(root: &SandboxRoot, path: &str) -> std::io::Result<EntryInfo> {
     let clean = paths::clean_path(path);
     let (stat, is_symlink) = root.stat(&clean)?;
-    Ok(entry_info(paths::file_name(&clean), clean, &stat, is_symlink))
+    Ok(entry_info(
+        paths::file_name(&clean),
+        clean,
+        &stat,
+        is_symlink,
+    ))
 }
 
-pub async fn stat(State(state): State<Arc<AppState>>, QueryParams(query): QueryParams<PathQuery>) -> ApiResult<Json<EntryInfo>> {
+pub async fn stat(
+    State(state): State<Arc<AppState>>,
+    QueryParams(query): QueryParams<PathQuery>,
+) -> ApiResult<Json<EntryInfo>> {
     let info = spawn_blocking(move || {
-        stat_blocking(&state.root, &query.path).map_err(|e| ApiError::from_io(e, &paths::clean_path(&query.path)))
+        stat_blocking(&state.root, &query.path)
+            .map_err(|e| ApiError::from_io(e, &paths::clean_path(&query.path)))
     })
     .await??;
     Ok(Json(info))
 }
 
-pub async fn exists(State(state): State<Arc<AppState>>, QueryParams(query): QueryParams<PathQuery>) -> ApiResult<Json<ExistsResponse>> {
+pub async fn exists(
+    State(state): State<Arc<AppState>>,
+    QueryParams(query): QueryParams<PathQuery>,
+) -> ApiResult<Json<ExistsResponse>> {
     let exists = spawn_blocking(move || match state.root.stat(&query.path) {
         Ok(_) => Ok(true),
-        Err(error) if matches!(error.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP)) => Ok(false),
+        Err(error)
+            if matches!(
+                error.raw_os_error(),
+                Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP)
+            ) =>
+        {
+            Ok(false)
+        }
         Err(error) => Err(ApiError::from_io(error, &paths::clean_path(&query.path))),
     })
     .await??;
     Ok(Json(ExistsResponse { exists }))
 }
 
-pub async fn mkdir(State(state): State<Arc<AppState>>, JsonBody(request): JsonBody<MkdirRequest>) -> ApiResult<Json<MkdirResponse>> {
+pub async fn mkdir(
+    State(state): State<Arc<AppState>>,
+    JsonBody(request): JsonBody<MkdirRequest>,
+) -> ApiResult<Json<MkdirResponse>> {
     let created = spawn_blocking(move || {
         let user = state.users.lookup(&state.root, &request.username)?;
         let owner = state.users.ownership(&user);
@@ -202,12 +270,20 @@ pub async fn mkdir(State(state): State<Arc<AppState>>, JsonBody(request): JsonBo
     Ok(Json(MkdirResponse { created }))
 }
 
-pub async fn remove(State(state): State<Arc<AppState>>, QueryParams(query): QueryParams<PathQuery>) -> ApiResult<Json<Empty>> {
+pub async fn remove(
+    State(state): State<Arc<AppState>>,
+    QueryParams(query): QueryParams<PathQuery>,
+) -> ApiResult<Json<Empty>> {
     spawn_blocking(move || {
         let clean = paths::clean_path(&query.path);
         let io_error = |error| ApiError::from_io(error, &clean);
-        let resolved = state.root.resolve(&query.path, ResolveOptions::default()).map_err(io_error)?;
-        let name = resolved.name.ok_or_else(|| ApiError::bad_request(format!("{clean}: refusing to remove")))?;
+        let resolved = state
+            .root
+            .resolve(&query.path, ResolveOptions::default())
+            .map_err(io_error)?;
+        let name = resolved
+            .name
+            .ok_or_else(|| ApiError::bad_request(format!("{clean}: refusing to remove")))?;
         remove_entry(resolved.dir.as_fd(), &name).map_err(io_error)
     })
     .await??;
@@ -221,7 +297,12 @@ fn remove_entry(dir: BorrowedFd<'_>, name: &std::ffi::CStr) -> std::io::Result<(
     if !sys::is_dir(&stat) {
         return sys::unlinkat(dir, name, false);
     }
-    let child = sys::openat(dir, name, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0)?;
+    let child = sys::openat(
+        dir,
+        name,
+        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+        0,
+    )?;
     for entry in sys::read_dir(child.as_fd())? {
         let entry_name = sys::component(&entry.name)?;
         match remove_entry(child.as_fd(), &entry_name) {
@@ -232,7 +313,10 @@ fn remove_entry(dir: BorrowedFd<'_>, name: &std::ffi::CStr) -> std::io::Result<(
     sys::unlinkat(dir, name, true)
 }
 
-pub async fn rename(State(state): State<Arc<AppState>>, JsonBody(request): JsonBody<RenameRequest>) -> ApiResult<Json<EntryInfo>> {
+pub async fn rename(
+    State(state): State<Arc<AppState>>,
+    JsonBody(request): JsonBody<RenameRequest>,
+) -> ApiResult<Json<EntryInfo>> {
     let info = spawn_blocking(move || {
         let old_clean = paths::clean_path(&request.old_path);
         let new_clean = paths::clean_path(&request.new_path);

@@ -29,14 +29,23 @@ fn main() -> anyhow::Result<()> {
     let token = config::take_token(&args)?;
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ENVD_LOG").unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("ENVD_LOG")
+                .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
 
-    let root = paths::SandboxRoot::new(&args.root).with_context(|| format!("opening root {}", args.root.display()))?;
+    // Files and directories get exactly the modes envd asks for; processes
+    // get the usual 022 back (see process.rs).
+    // SAFETY: plain syscall.
+    unsafe { libc::umask(0) };
+
+    let root = paths::SandboxRoot::new(&args.root)
+        .with_context(|| format!("opening root {}", args.root.display()))?;
     // The sandbox env is the environment envd was started with, minus envd's own settings.
-    let sandbox_env: BTreeMap<String, String> = std::env::vars().filter(|(key, _)| !key.starts_with("ENVD_")).collect();
+    let sandbox_env: BTreeMap<String, String> = std::env::vars()
+        .filter(|(key, _)| !key.starts_with("ENVD_"))
+        .collect();
     let reaper = Arc::new(reaper::Reaper::default());
     let state = Arc::new(server::AppState {
         root,
@@ -45,10 +54,14 @@ fn main() -> anyhow::Result<()> {
         token,
     });
     if !state.users.can_switch() {
-        tracing::warn!("envd is not root: processes run as its own uid and file ownership is not changed");
+        tracing::warn!(
+            "envd is not root: processes run as its own uid and file ownership is not changed"
+        );
     }
 
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         reaper.start_if_init();
         server::serve(&args.listen, server::router(state)).await

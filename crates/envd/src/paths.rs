@@ -59,9 +59,15 @@ impl SandboxRoot {
         let host_root = host_root.canonicalize()?;
         let root = std::fs::File::open(&host_root)?;
         if !root.metadata()?.is_dir() {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "root is not a directory"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "root is not a directory",
+            ));
         }
-        Ok(Self { root: root.into(), host_root })
+        Ok(Self {
+            root: root.into(),
+            host_root,
+        })
     }
 
     /// Host path of a sandbox path, lexically (`..` clamped at the root).
@@ -108,7 +114,10 @@ impl SandboxRoot {
                         }
                     } else if is_last {
                         let dir = stack.pop().expect("stack holds the root");
-                        return Ok(Resolved { dir, name: Some(name) });
+                        return Ok(Resolved {
+                            dir,
+                            name: Some(name),
+                        });
                     } else if sys::is_dir(&stat) {
                         stack.push(fd);
                     } else {
@@ -118,13 +127,21 @@ impl SandboxRoot {
                 Err(error) if sys::errno_is(&error, libc::ENOENT) => {
                     if is_last {
                         let dir = stack.pop().expect("stack holds the root");
-                        return Ok(Resolved { dir, name: Some(name) });
+                        return Ok(Resolved {
+                            dir,
+                            name: Some(name),
+                        });
                     }
                     if !options.create_parents {
                         return Err(error);
                     }
                     create_dir(top, &name, options.owner)?;
-                    let fd = sys::openat(top, &name, libc::O_PATH | libc::O_NOFOLLOW | libc::O_DIRECTORY, 0)?;
+                    let fd = sys::openat(
+                        top,
+                        &name,
+                        libc::O_PATH | libc::O_NOFOLLOW | libc::O_DIRECTORY,
+                        0,
+                    )?;
                     stack.push(fd);
                 }
                 Err(error) => return Err(error),
@@ -138,7 +155,13 @@ impl SandboxRoot {
     /// A path that names a directory without a last component (e.g. `/`) is
     /// reopened from its descriptor.
     pub fn open(&self, path: &str, flags: libc::c_int) -> io::Result<OwnedFd> {
-        let resolved = self.resolve(path, ResolveOptions { follow_last: true, ..Default::default() })?;
+        let resolved = self.resolve(
+            path,
+            ResolveOptions {
+                follow_last: true,
+                ..Default::default()
+            },
+        )?;
         match resolved.name {
             Some(name) => sys::openat(resolved.dir.as_fd(), &name, flags | libc::O_NOFOLLOW, 0),
             None => sys::openat(resolved.dir.as_fd(), c".", flags, 0),
@@ -155,7 +178,13 @@ impl SandboxRoot {
                 None => false,
             }
         };
-        let resolved = self.resolve(path, ResolveOptions { follow_last: true, ..Default::default() })?;
+        let resolved = self.resolve(
+            path,
+            ResolveOptions {
+                follow_last: true,
+                ..Default::default()
+            },
+        )?;
         let stat = match resolved.name {
             Some(name) => sys::lstatat(resolved.dir.as_fd(), &name)?,
             None => sys::fstat(resolved.dir.as_fd())?,
@@ -165,9 +194,15 @@ impl SandboxRoot {
 
     /// `mkdir -p`; returns whether the last directory was created.
     pub fn mkdir_all(&self, path: &str, owner: Option<Ownership>) -> io::Result<bool> {
-        let options = ResolveOptions { follow_last: true, create_parents: true, owner };
+        let options = ResolveOptions {
+            follow_last: true,
+            create_parents: true,
+            owner,
+        };
         let resolved = self.resolve(path, options)?;
-        let Some(name) = resolved.name else { return Ok(false) };
+        let Some(name) = resolved.name else {
+            return Ok(false);
+        };
         match create_dir(resolved.dir.as_fd(), &name, owner) {
             Ok(()) => Ok(true),
             Err(error) if sys::errno_is(&error, libc::EEXIST) => {
@@ -183,7 +218,12 @@ impl SandboxRoot {
 
     /// Opens the directory `path` (creating it and its parents when `create`)
     /// as a readable descriptor usable as a `*at` base.
-    pub fn open_dir(&self, path: &str, create: bool, owner: Option<Ownership>) -> io::Result<OwnedFd> {
+    pub fn open_dir(
+        &self,
+        path: &str,
+        create: bool,
+        owner: Option<Ownership>,
+    ) -> io::Result<OwnedFd> {
         if create {
             self.mkdir_all(path, owner)?;
         }
@@ -206,7 +246,9 @@ pub fn create_dir(dir: BorrowedFd<'_>, name: &CString, owner: Option<Ownership>)
 
 /// Non-empty components of a slash-separated path (`.`/`..` included).
 fn components(path: &[u8]) -> impl Iterator<Item = Vec<u8>> + '_ {
-    path.split(|&b| b == b'/').filter(|part| !part.is_empty()).map(<[u8]>::to_vec)
+    path.split(|&b| b == b'/')
+        .filter(|part| !part.is_empty())
+        .map(<[u8]>::to_vec)
 }
 
 /// Lexically normalized absolute sandbox path: `/a/./b/../c/` → `/a/c`.
@@ -269,13 +311,20 @@ mod tests {
         let sandbox = SandboxRoot::new(root).unwrap();
 
         // The absolute link points to the outside dir's path *inside* the root: missing.
-        let error = sandbox.open("/home/user/abs/secret", libc::O_RDONLY).unwrap_err();
+        let error = sandbox
+            .open("/home/user/abs/secret", libc::O_RDONLY)
+            .unwrap_err();
         assert!(sys::errno_is(&error, libc::ENOENT), "{error}");
         // The relative link climbs to the root and stops there.
-        let fd = sandbox.open("/home/user/rel/secret", libc::O_RDONLY).unwrap();
+        let fd = sandbox
+            .open("/home/user/rel/secret", libc::O_RDONLY)
+            .unwrap();
         let content = std::io::read_to_string(std::fs::File::from(fd)).unwrap();
         assert_eq!(content, "inside");
         let fd = sandbox.open("/../../secret", libc::O_RDONLY).unwrap();
-        assert_eq!(std::io::read_to_string(std::fs::File::from(fd)).unwrap(), "inside");
+        assert_eq!(
+            std::io::read_to_string(std::fs::File::from(fd)).unwrap(),
+            "inside"
+        );
     }
 }

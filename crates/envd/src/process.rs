@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use envd_protocol::{ProcessInfo, ProcessRequest, RunResult, DEFAULT_PROCESS_TIMEOUT_SECS, TIMEOUT_EXIT_CODE};
+use envd_protocol::{
+    ProcessInfo, ProcessRequest, RunResult, DEFAULT_PROCESS_TIMEOUT_SECS, TIMEOUT_EXIT_CODE,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{ChildStdin, Command};
 use tokio::sync::{mpsc, watch};
@@ -54,7 +56,11 @@ struct BoundedBuffer {
 
 impl BoundedBuffer {
     fn new(limit: usize) -> Self {
-        Self { data: Vec::new(), limit, truncated: false }
+        Self {
+            data: Vec::new(),
+            limit,
+            truncated: false,
+        }
     }
 
     fn push(&mut self, chunk: &[u8]) {
@@ -97,7 +103,10 @@ impl Tracked {
             }
             if receiver.changed().await.is_err() {
                 // The waiter task is gone without a result (runtime shutdown).
-                return Outcome { exit_code: -1, timed_out: false };
+                return Outcome {
+                    exit_code: -1,
+                    timed_out: false,
+                };
             }
         }
     }
@@ -147,9 +156,13 @@ impl Tracked {
 
     pub async fn write_stdin(&self, data: &[u8]) -> ApiResult<()> {
         let mut stdin = self.stdin.lock().await;
-        let pipe = stdin
-            .as_mut()
-            .ok_or_else(|| ApiError::new(axum::http::StatusCode::CONFLICT, envd_protocol::error_code::CONFLICT, "stdin is closed or was not requested"))?;
+        let pipe = stdin.as_mut().ok_or_else(|| {
+            ApiError::new(
+                axum::http::StatusCode::CONFLICT,
+                envd_protocol::error_code::CONFLICT,
+                "stdin is closed or was not requested",
+            )
+        })?;
         let result = async {
             pipe.write_all(data).await?;
             pipe.flush().await
@@ -188,7 +201,11 @@ pub struct ProcessManager {
 }
 
 impl ProcessManager {
-    pub fn new(sandbox_env: BTreeMap<String, String>, max_output: usize, reaper: Arc<Reaper>) -> Self {
+    pub fn new(
+        sandbox_env: BTreeMap<String, String>,
+        max_output: usize,
+        reaper: Arc<Reaper>,
+    ) -> Self {
         Self {
             table: Default::default(),
             sandbox_env: RwLock::new(sandbox_env),
@@ -239,17 +256,31 @@ impl ProcessManager {
         options: SpawnOptions,
     ) -> ApiResult<Arc<Tracked>> {
         let user = users.lookup(root, &request.user)?;
-        let cwd = request.cwd.clone().filter(|c| !c.is_empty()).unwrap_or_else(|| user.home.clone());
+        let cwd = request
+            .cwd
+            .clone()
+            .filter(|c| !c.is_empty())
+            .unwrap_or_else(|| user.home.clone());
         let host_cwd = root.host_path(&cwd);
         if !host_cwd.is_dir() {
-            return Err(ApiError::bad_request(format!("working directory {cwd} does not exist")));
+            return Err(ApiError::bad_request(format!(
+                "working directory {cwd} does not exist"
+            )));
         }
 
-        let mut env = self.sandbox_env.read().unwrap_or_else(|p| p.into_inner()).clone();
-        env.insert("HOME".into(), root.host_path(&user.home).to_string_lossy().into_owned());
+        let mut env = self
+            .sandbox_env
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        env.insert(
+            "HOME".into(),
+            root.host_path(&user.home).to_string_lossy().into_owned(),
+        );
         env.insert("USER".into(), user.name.clone());
         env.insert("LOGNAME".into(), user.name.clone());
-        env.entry("PATH".into()).or_insert_with(|| DEFAULT_PATH.into());
+        env.entry("PATH".into())
+            .or_insert_with(|| DEFAULT_PATH.into());
         env.extend(request.envs.clone());
 
         let mut command = Command::new("/bin/sh");
@@ -259,14 +290,21 @@ impl ProcessManager {
             .current_dir(&host_cwd)
             .env_clear()
             .envs(&env)
-            .stdin(if options.stdin { Stdio::piped() } else { Stdio::null() })
+            .stdin(if options.stdin {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let switch_to = users.can_switch().then(|| (user.uid, user.gid, user.groups.clone()));
+        let switch_to = users
+            .can_switch()
+            .then(|| (user.uid, user.gid, user.groups.clone()));
         // SAFETY: the closure only makes async-signal-safe syscalls on data
         // prepared before fork.
         unsafe {
             command.pre_exec(move || {
+                libc::umask(0o022);
                 if libc::setsid() < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -284,13 +322,17 @@ impl ProcessManager {
 
         let mut child = {
             let mut owned = self.reaper.lock();
-            let child = command.spawn().map_err(|e| ApiError::internal(format!("cannot start /bin/sh: {e}")))?;
+            let child = command
+                .spawn()
+                .map_err(|e| ApiError::internal(format!("cannot start /bin/sh: {e}")))?;
             if let Some(pid) = child.id() {
                 owned.register(pid);
             }
             child
         };
-        let pid = child.id().ok_or_else(|| ApiError::internal("process exited before it was tracked"))?;
+        let pid = child
+            .id()
+            .ok_or_else(|| ApiError::internal("process exited before it was tracked"))?;
 
         let captured = options.capture.then(|| {
             Arc::new(Mutex::new(Captured {
@@ -349,17 +391,29 @@ impl ProcessManager {
                 let _ = stdout_task.await;
                 let _ = stderr_task.await;
             };
-            if tokio::time::timeout(OUTPUT_DRAIN_GRACE, drained).await.is_err() {
-                tracing::debug!(pid, "output still open after exit (background children); stop reading");
+            if tokio::time::timeout(OUTPUT_DRAIN_GRACE, drained)
+                .await
+                .is_err()
+            {
+                tracing::debug!(
+                    pid,
+                    "output still open after exit (background children); stop reading"
+                );
                 aborts.iter().for_each(|handle| handle.abort());
             }
             let exit_code = match (&status, timed_out) {
                 (_, true) => TIMEOUT_EXIT_CODE,
-                (Ok(status), false) => status.code().or(status.signal().map(|s| 128 + s)).unwrap_or(-1),
+                (Ok(status), false) => status
+                    .code()
+                    .or(status.signal().map(|s| 128 + s))
+                    .unwrap_or(-1),
                 (Err(_), false) => -1,
             };
             tracing::info!(pid, exit_code, timed_out, "process exited");
-            let _ = outcome_sender.send(Some(Outcome { exit_code, timed_out }));
+            let _ = outcome_sender.send(Some(Outcome {
+                exit_code,
+                timed_out,
+            }));
             if forget_on_exit {
                 table.lock().unwrap_or_else(|p| p.into_inner()).remove(&pid);
             }
@@ -388,7 +442,10 @@ async fn pump_output(
             }
         }
         if let Some(sender) = &events {
-            let chunk = OutputChunk { stream, data: Bytes::copy_from_slice(&buffer[..length]) };
+            let chunk = OutputChunk {
+                stream,
+                data: Bytes::copy_from_slice(&buffer[..length]),
+            };
             // Waiting here is the flow control of a streamed process; a gone
             // listener just stops the forwarding.
             if sender.send(chunk).await.is_err() {

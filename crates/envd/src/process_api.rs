@@ -13,8 +13,8 @@ use axum::Json;
 use base64::Engine;
 use bytes::Bytes;
 use envd_protocol::{
-    Empty, KillResponse, ProcessEvent, ProcessInfo, ProcessRequest, RunResult, SetEnvRequest, StartedProcess,
-    StdinRequest,
+    Empty, KillResponse, ProcessEvent, ProcessInfo, ProcessRequest, RunResult, SetEnvRequest,
+    StartedProcess, StdinRequest,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -29,7 +29,10 @@ const KEEPALIVE_EVERY: Duration = Duration::from_secs(10);
 /// Output chunks buffered between a process and a slow stream reader.
 const STREAM_CHANNEL_DEPTH: usize = 64;
 
-pub async fn set_env(State(state): State<Arc<AppState>>, JsonBody(request): JsonBody<SetEnvRequest>) -> Json<Empty> {
+pub async fn set_env(
+    State(state): State<Arc<AppState>>,
+    JsonBody(request): JsonBody<SetEnvRequest>,
+) -> Json<Empty> {
     state.processes.set_sandbox_env(request.envs);
     Json(Empty {})
 }
@@ -41,15 +44,28 @@ struct KillIfAbandoned(Arc<Tracked>);
 impl Drop for KillIfAbandoned {
     fn drop(&mut self) {
         if self.0.outcome_now().is_none() {
-            tracing::info!(pid = self.0.pid, "client went away: killing foreground process");
+            tracing::info!(
+                pid = self.0.pid,
+                "client went away: killing foreground process"
+            );
             self.0.kill_group();
         }
     }
 }
 
-pub async fn run(State(state): State<Arc<AppState>>, JsonBody(request): JsonBody<ProcessRequest>) -> ApiResult<Json<RunResult>> {
-    let options = SpawnOptions { capture: true, events: None, stdin: false, forget_on_exit: true };
-    let tracked = state.processes.spawn(&state.root, &state.users, &request, options)?;
+pub async fn run(
+    State(state): State<Arc<AppState>>,
+    JsonBody(request): JsonBody<ProcessRequest>,
+) -> ApiResult<Json<RunResult>> {
+    let options = SpawnOptions {
+        capture: true,
+        events: None,
+        stdin: false,
+        forget_on_exit: true,
+    };
+    let tracked = state
+        .processes
+        .spawn(&state.root, &state.users, &request, options)?;
     let guard = KillIfAbandoned(tracked);
     let outcome = guard.0.wait().await;
     Ok(Json(guard.0.result(outcome)))
@@ -59,8 +75,15 @@ pub async fn start(
     State(state): State<Arc<AppState>>,
     JsonBody(request): JsonBody<ProcessRequest>,
 ) -> ApiResult<Json<StartedProcess>> {
-    let options = SpawnOptions { capture: true, events: None, stdin: request.stdin, forget_on_exit: false };
-    let tracked = state.processes.spawn(&state.root, &state.users, &request, options)?;
+    let options = SpawnOptions {
+        capture: true,
+        events: None,
+        stdin: request.stdin,
+        forget_on_exit: false,
+    };
+    let tracked = state
+        .processes
+        .spawn(&state.root, &state.users, &request, options)?;
     Ok(Json(StartedProcess { pid: tracked.pid }))
 }
 
@@ -95,13 +118,18 @@ pub async fn write_stdin(
     Ok(Json(Empty {}))
 }
 
-pub async fn close_stdin(State(state): State<Arc<AppState>>, Pid(pid): Pid) -> ApiResult<Json<Empty>> {
+pub async fn close_stdin(
+    State(state): State<Arc<AppState>>,
+    Pid(pid): Pid,
+) -> ApiResult<Json<Empty>> {
     tracked(&state, pid)?.close_stdin().await;
     Ok(Json(Empty {}))
 }
 
 pub async fn kill(State(state): State<Arc<AppState>>, Pid(pid): Pid) -> Json<KillResponse> {
-    Json(KillResponse { killed: state.processes.kill(pid) })
+    Json(KillResponse {
+        killed: state.processes.kill(pid),
+    })
 }
 
 pub async fn list(State(state): State<Arc<AppState>>) -> Json<Vec<ProcessInfo>> {
@@ -110,10 +138,20 @@ pub async fn list(State(state): State<Arc<AppState>>) -> Json<Vec<ProcessInfo>> 
 
 /// One long-lived response: `start`, output events as they come, periodic
 /// `keepalive`, then `exit`. Errors before the start are plain JSON errors.
-pub async fn stream(State(state): State<Arc<AppState>>, JsonBody(request): JsonBody<ProcessRequest>) -> ApiResult<Response> {
+pub async fn stream(
+    State(state): State<Arc<AppState>>,
+    JsonBody(request): JsonBody<ProcessRequest>,
+) -> ApiResult<Response> {
     let (chunk_sender, chunks) = mpsc::channel(STREAM_CHANNEL_DEPTH);
-    let options = SpawnOptions { capture: false, events: Some(chunk_sender), stdin: false, forget_on_exit: true };
-    let process = state.processes.spawn(&state.root, &state.users, &request, options)?;
+    let options = SpawnOptions {
+        capture: false,
+        events: Some(chunk_sender),
+        stdin: false,
+        forget_on_exit: true,
+    };
+    let process = state
+        .processes
+        .spawn(&state.root, &state.users, &request, options)?;
     let (line_sender, lines) = mpsc::channel::<Result<Bytes, Infallible>>(16);
     tokio::spawn(forward_events(process, chunks, line_sender));
     let body = Body::from_stream(ReceiverStream::new(lines));
@@ -136,7 +174,10 @@ async fn forward_events(
     if !send(ProcessEvent::Start { pid: process.pid }).await {
         return;
     }
-    let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE_EVERY, KEEPALIVE_EVERY);
+    let mut keepalive = tokio::time::interval_at(
+        tokio::time::Instant::now() + KEEPALIVE_EVERY,
+        KEEPALIVE_EVERY,
+    );
     let mut stdout = Utf8Decoder::default();
     let mut stderr = Utf8Decoder::default();
     loop {
@@ -158,7 +199,11 @@ async fn forward_events(
     for (decoder, is_stdout) in [(&mut stdout, true), (&mut stderr, false)] {
         let rest = decoder.finish();
         if !rest.is_empty() {
-            let event = if is_stdout { ProcessEvent::Stdout { data: rest } } else { ProcessEvent::Stderr { data: rest } };
+            let event = if is_stdout {
+                ProcessEvent::Stdout { data: rest }
+            } else {
+                ProcessEvent::Stderr { data: rest }
+            };
             if !send(event).await {
                 return;
             }
@@ -170,5 +215,9 @@ async fn forward_events(
             _ = keepalive.tick() => if !send(ProcessEvent::Keepalive).await { return },
         }
     };
-    send(ProcessEvent::Exit { exit_code: outcome.exit_code, timed_out: outcome.timed_out }).await;
+    send(ProcessEvent::Exit {
+        exit_code: outcome.exit_code,
+        timed_out: outcome.timed_out,
+    })
+    .await;
 }

@@ -18,7 +18,11 @@ pub struct Reaper {
 impl Reaper {
     /// Hold while spawning a child, then [`OwnedChildren::register`] it.
     pub fn lock(&self) -> OwnedChildren<'_> {
-        OwnedChildren(self.owned.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+        OwnedChildren(
+            self.owned
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        )
     }
 
     /// Call after tokio has reaped `pid`.
@@ -35,13 +39,14 @@ impl Reaper {
         tracing::info!("running as PID 1: reaping orphaned processes");
         let reaper = self.clone();
         tokio::spawn(async move {
-            let mut sigchld = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()) {
-                Ok(signal) => Some(signal),
-                Err(error) => {
-                    tracing::warn!(%error, "cannot watch SIGCHLD; reaping periodically only");
-                    None
-                }
-            };
+            let mut sigchld =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()) {
+                    Ok(signal) => Some(signal),
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot watch SIGCHLD; reaping periodically only");
+                        None
+                    }
+                };
             loop {
                 match sigchld.as_mut() {
                     Some(signal) => {

@@ -29,7 +29,10 @@ pub struct AppState {
 
 pub fn router(state: Arc<AppState>) -> Router {
     let protected = Router::new()
-        .route(routes::FILES, put(files::write).get(files::read).delete(files::remove))
+        .route(
+            routes::FILES,
+            put(files::write).get(files::read).delete(files::remove),
+        )
         .route(routes::FILES_LIST, get(files::list))
         .route(routes::FILES_STAT, get(files::stat))
         .route(routes::FILES_EXISTS, get(files::exists))
@@ -44,8 +47,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/processes/{pid}", delete(process_api::kill))
         .route("/processes/{pid}/wait", post(process_api::wait))
         .route("/processes/{pid}/stdin", post(process_api::write_stdin))
-        .route("/processes/{pid}/stdin/close", post(process_api::close_stdin))
-        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_token));
+        .route(
+            "/processes/{pid}/stdin/close",
+            post(process_api::close_stdin),
+        )
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ));
     Router::new()
         .route(routes::HEALTH, get(health))
         .merge(protected)
@@ -108,7 +117,10 @@ where
             .initial_stream_window_size(4 * 1024 * 1024)
             .initial_connection_window_size(16 * 1024 * 1024);
         let service = TowerToHyperService::new(app);
-        if let Err(error) = builder.serve_connection(TokioIo::new(stream), service).await {
+        if let Err(error) = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .await
+        {
             tracing::debug!(%error, "connection ended with an error");
         }
     });

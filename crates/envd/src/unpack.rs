@@ -40,10 +40,17 @@ pub async fn unpack(
     headers: HeaderMap,
     request_body: Body,
 ) -> ApiResult<Json<UnpackReport>> {
-    let gzip = match headers.get(header::CONTENT_ENCODING).map(|v| v.to_str().unwrap_or("")) {
+    let gzip = match headers
+        .get(header::CONTENT_ENCODING)
+        .map(|v| v.to_str().unwrap_or(""))
+    {
         None | Some("identity") => false,
         Some(value) if value.eq_ignore_ascii_case("gzip") => true,
-        Some(other) => return Err(ApiError::bad_request(format!("unsupported Content-Encoding {other:?}"))),
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "unsupported Content-Encoding {other:?}"
+            )))
+        }
     };
     let dest = paths::clean_path(&query.path);
     let (sender, reader) = body::channel();
@@ -75,10 +82,15 @@ pub fn unpack_blocking(
     gzip: bool,
 ) -> ApiResult<UnpackReport> {
     let clean_dest = paths::clean_path(dest);
-    let dest_fd = root.open_dir(dest, true, owner).map_err(|e| ApiError::from_io(e, &clean_dest))?;
+    let dest_fd = root
+        .open_dir(dest, true, owner)
+        .map_err(|e| ApiError::from_io(e, &clean_dest))?;
     let buffered = BufReader::with_capacity(READ_BUFFER, reader);
     let input: Box<dyn Read> = if gzip {
-        Box::new(BufReader::with_capacity(READ_BUFFER, flate2::read::MultiGzDecoder::new(buffered)))
+        Box::new(BufReader::with_capacity(
+            READ_BUFFER,
+            flate2::read::MultiGzDecoder::new(buffered),
+        ))
     } else {
         Box::new(buffered)
     };
@@ -133,9 +145,10 @@ impl Unpacker {
                 EntryType::Regular | EntryType::Continuous => Kind::File,
                 EntryType::Directory => Kind::Dir,
                 // Metadata records the tar crate does not fold into entries.
-                EntryType::XGlobalHeader | EntryType::XHeader | EntryType::GNULongName | EntryType::GNULongLink => {
-                    continue
-                }
+                EntryType::XGlobalHeader
+                | EntryType::XHeader
+                | EntryType::GNULongName
+                | EntryType::GNULongLink => continue,
                 EntryType::Symlink => {
                     self.skip(display, "symlink");
                     continue;
@@ -153,7 +166,10 @@ impl Unpacker {
                     continue;
                 }
                 other => {
-                    self.skip(display, &format!("unsupported entry type {:?}", other.as_byte() as char));
+                    self.skip(
+                        display,
+                        &format!("unsupported entry type {:?}", other.as_byte() as char),
+                    );
                     continue;
                 }
             };
@@ -184,7 +200,10 @@ impl Unpacker {
         tracing::debug!(name, reason, "unpack skipped entry");
         self.report.skipped += 1;
         if self.report.skipped_entries.len() < MAX_REPORTED_SKIPS {
-            self.report.skipped_entries.push(SkippedEntry { name, reason: reason.to_string() });
+            self.report.skipped_entries.push(SkippedEntry {
+                name,
+                reason: reason.to_string(),
+            });
         }
     }
 
@@ -198,18 +217,26 @@ impl Unpacker {
         Ok(())
     }
 
-    fn write_file(&mut self, components: &[Vec<u8>], mode: u32, data: &mut impl Read) -> Result<(), EntryError> {
+    fn write_file(
+        &mut self,
+        components: &[Vec<u8>],
+        mode: u32,
+        data: &mut impl Read,
+    ) -> Result<(), EntryError> {
         let (parents, last) = components.split_at(components.len() - 1);
         let name = sys::component(&last[0]).map_err(EntryError::from_io)?;
         let owner = self.owner;
         let parent = self.open_dir(parents)?;
-        let fd = create_file(parent, &name)?;
-        let stat = sys::fstat(fd.as_fd()).map_err(EntryError::from_io)?;
-        if !sys::is_regular(&stat) {
-            return Err(Skip("existing entry is not a regular file".into()).into());
+        let (fd, fresh) = create_file(parent, &name, mode & 0o777)?;
+        if !fresh {
+            // An existing entry: make sure it is a plain file and reset its mode
+            // (a fresh file already has the exact mode: envd runs with umask 0).
+            let stat = sys::fstat(fd.as_fd()).map_err(EntryError::from_io)?;
+            if !sys::is_regular(&stat) {
+                return Err(Skip("existing entry is not a regular file".into()).into());
+            }
+            sys::fchmod(fd.as_fd(), mode & 0o777).map_err(EntryError::from_io)?;
         }
-        sys::set_blocking(fd.as_fd()).map_err(EntryError::from_io)?;
-        sys::fchmod(fd.as_fd(), mode & 0o777).map_err(EntryError::from_io)?;
         if let Some(owner) = owner {
             sys::fchown(fd.as_fd(), owner.uid, owner.gid).map_err(EntryError::from_io)?;
         }
@@ -223,7 +250,8 @@ impl Unpacker {
                 // A read error is the archive/body failing: abort the unpack.
                 Err(error) => return Err(EntryError::Fatal(error)),
             };
-            file.write_all(&self.copy_buffer[..length]).map_err(EntryError::from_io)?;
+            file.write_all(&self.copy_buffer[..length])
+                .map_err(EntryError::from_io)?;
             written += length as u64;
         }
         self.report.files += 1;
@@ -243,7 +271,11 @@ impl Unpacker {
         self.open_dirs.truncate(shared);
         for component in &components[shared..] {
             let name = sys::component(component).map_err(EntryError::from_io)?;
-            let parent = self.open_dirs.last().map(|(_, fd)| fd.as_fd()).unwrap_or(self.dest.as_fd());
+            let parent = self
+                .open_dirs
+                .last()
+                .map(|(_, fd)| fd.as_fd())
+                .unwrap_or(self.dest.as_fd());
             let fd = match open_child_dir(parent, &name) {
                 Ok(fd) => fd,
                 Err(error) if sys::errno_is(&error, libc::ENOENT) => {
@@ -258,24 +290,41 @@ impl Unpacker {
             };
             self.open_dirs.push((component.clone(), fd));
         }
-        Ok(self.open_dirs.last().map(|(_, fd)| fd.as_fd()).unwrap_or(self.dest.as_fd()))
+        Ok(self
+            .open_dirs
+            .last()
+            .map(|(_, fd)| fd.as_fd())
+            .unwrap_or(self.dest.as_fd()))
     }
 }
 
 fn open_child_dir(parent: BorrowedFd<'_>, name: &CString) -> io::Result<OwnedFd> {
-    sys::openat(parent, name, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0)
+    sys::openat(
+        parent,
+        name,
+        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+        0,
+    )
 }
 
-/// Creates or truncates `name` without following a symlink; an existing
-/// symlink is replaced by the file (as `tar -x` does).
-fn create_file(parent: BorrowedFd<'_>, name: &CString) -> Result<OwnedFd, EntryError> {
-    // O_NONBLOCK: an existing FIFO must not block the unpack.
-    let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW | libc::O_NONBLOCK;
-    match sys::openat(parent, name, flags, 0o600) {
-        Ok(fd) => Ok(fd),
+/// Creates `name` with `mode`, or truncates an existing one, without
+/// following a symlink; an existing symlink is replaced by the file (as
+/// `tar -x` does). Returns whether the file is new: the common case costs a
+/// single `openat`. `O_NONBLOCK` keeps an existing FIFO from blocking us and is
+/// harmless on regular files.
+fn create_file(parent: BorrowedFd<'_>, name: &CString, mode: u32) -> Result<(OwnedFd, bool), EntryError> {
+    let create = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_NONBLOCK;
+    match sys::openat(parent, name, create, mode) {
+        Ok(fd) => return Ok((fd, true)),
+        Err(error) if sys::errno_is(&error, libc::EEXIST) => {}
+        Err(error) => return Err(EntryError::from_io(error)),
+    }
+    let truncate = libc::O_WRONLY | libc::O_TRUNC | libc::O_NOFOLLOW | libc::O_NONBLOCK;
+    match sys::openat(parent, name, truncate, 0) {
+        Ok(fd) => Ok((fd, false)),
         Err(error) if sys::errno_is(&error, libc::ELOOP) => {
             sys::unlinkat(parent, name, false).map_err(EntryError::from_io)?;
-            sys::openat(parent, name, flags | libc::O_EXCL, 0o600).map_err(EntryError::from_io)
+            sys::openat(parent, name, create, mode).map(|fd| (fd, true)).map_err(EntryError::from_io)
         }
         Err(error) => Err(EntryError::from_io(error)),
     }
@@ -327,7 +376,10 @@ mod tests {
 
     #[test]
     fn sanitizes_names() {
-        assert_eq!(sanitize(b"/abs/./x").ok().unwrap(), vec![b"abs".to_vec(), b"x".to_vec()]);
+        assert_eq!(
+            sanitize(b"/abs/./x").ok().unwrap(),
+            vec![b"abs".to_vec(), b"x".to_vec()]
+        );
         assert!(sanitize(b"a/../b").is_err());
         assert!(sanitize(b"./").ok().unwrap().is_empty());
     }

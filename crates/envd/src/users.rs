@@ -25,7 +25,10 @@ pub struct User {
 
 impl User {
     pub fn ownership(&self) -> Ownership {
-        Ownership { uid: self.uid, gid: self.gid }
+        Ownership {
+            uid: self.uid,
+            gid: self.gid,
+        }
     }
 }
 
@@ -41,7 +44,11 @@ impl Users {
     pub fn new() -> Self {
         // SAFETY: trivial getters.
         let (own_uid, own_gid) = unsafe { (libc::geteuid(), libc::getegid()) };
-        Self { can_switch: own_uid == 0, own_uid, own_gid }
+        Self {
+            can_switch: own_uid == 0,
+            own_uid,
+            own_gid,
+        }
     }
 
     pub fn can_switch(&self) -> bool {
@@ -104,7 +111,10 @@ fn builtin_user(name: &str) -> Option<User> {
 fn read_account_file(root: &SandboxRoot, path: &str) -> Option<String> {
     let fd = root.open(path, libc::O_RDONLY | libc::O_NONBLOCK).ok()?;
     let mut text = String::new();
-    std::fs::File::from(fd).take(MAX_ACCOUNT_FILE).read_to_string(&mut text).ok()?;
+    std::fs::File::from(fd)
+        .take(MAX_ACCOUNT_FILE)
+        .read_to_string(&mut text)
+        .ok()?;
     Some(text)
 }
 
@@ -119,7 +129,11 @@ fn parse_passwd(text: &str, name: &str) -> Option<User> {
             name: fields[0].to_string(),
             uid: fields[2].parse().ok()?,
             gid: fields[3].parse().ok()?,
-            home: if fields[5].is_empty() { "/".into() } else { fields[5].to_string() },
+            home: if fields[5].is_empty() {
+                "/".into()
+            } else {
+                fields[5].to_string()
+            },
             shell: fields[6].to_string(),
             groups: Vec::new(),
         })
@@ -134,7 +148,9 @@ fn supplementary_groups(text: &str, name: &str, primary: u32) -> Vec<u32> {
         if fields.len() < 4 {
             continue;
         }
-        let Ok(gid) = fields[2].parse::<u32>() else { continue };
+        let Ok(gid) = fields[2].parse::<u32>() else {
+            continue;
+        };
         if fields[3].split(',').any(|member| member == name) && !groups.contains(&gid) {
             groups.push(gid);
         }
@@ -150,7 +166,10 @@ mod tests {
     fn parses_passwd_and_group() {
         let passwd = "root:x:0:0:root:/root:/bin/bash\nuser:x:1000:1000::/home/user:/bin/bash\n";
         let user = parse_passwd(passwd, "user").unwrap();
-        assert_eq!((user.uid, user.gid, user.home.as_str()), (1000, 1000, "/home/user"));
+        assert_eq!(
+            (user.uid, user.gid, user.home.as_str()),
+            (1000, 1000, "/home/user")
+        );
         assert!(parse_passwd(passwd, "nobody").is_none());
         let group = "root:x:0:\nsudo:x:27:user,other\nuser:x:1000:\n";
         assert_eq!(supplementary_groups(group, "user", 1000), vec![1000, 27]);

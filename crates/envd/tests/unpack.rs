@@ -9,9 +9,14 @@ use bytes::Bytes;
 use common::{is_root, Envd, USER_UID};
 use tar::{EntryType, Header};
 
-fn body(data: Vec<u8>) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
+fn body(
+    data: Vec<u8>,
+) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
     // Small chunks exercise the parser across chunk boundaries.
-    let chunks: Vec<_> = data.chunks(7919).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
+    let chunks: Vec<_> = data
+        .chunks(7919)
+        .map(|c| Ok(Bytes::copy_from_slice(c)))
+        .collect();
     futures::stream::iter(chunks)
 }
 
@@ -56,17 +61,39 @@ async fn unpacks_a_normal_archive_plain_and_gzipped() {
     set_raw_name(&mut dir, "./project/");
     builder.append(&dir, std::io::empty()).unwrap();
     let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
-    builder.append(&file_header("./project/big.bin", big.len(), 0o644), &big[..]).unwrap();
-    builder.append(&file_header("project/bin/tool", 5, 0o4755), &b"tool\n"[..]).unwrap();
-    builder.append(&file_header("project/deep/er/still/file.txt", 2, 0o600), &b"hi"[..]).unwrap();
+    builder
+        .append(
+            &file_header("./project/big.bin", big.len(), 0o644),
+            &big[..],
+        )
+        .unwrap();
+    builder
+        .append(&file_header("project/bin/tool", 5, 0o4755), &b"tool\n"[..])
+        .unwrap();
+    builder
+        .append(
+            &file_header("project/deep/er/still/file.txt", 2, 0o600),
+            &b"hi"[..],
+        )
+        .unwrap();
     let archive = builder.into_inner().unwrap();
 
-    let report = envd.client.unpack("/home/user/data", "user", body(archive.clone()), false).await.unwrap();
+    let report = envd
+        .client
+        .unpack("/home/user/data", "user", body(archive.clone()), false)
+        .await
+        .unwrap();
     assert_eq!(report.files, 3);
     assert_eq!(report.bytes, big.len() as u64 + 7);
     assert_eq!(report.skipped, 0, "{:?}", report.skipped_entries);
-    assert_eq!(report.dirs, 5, "project, bin, deep, er, still (the destination itself is not counted)");
-    assert_eq!(std::fs::read(envd.host("/home/user/data/project/big.bin")).unwrap(), big);
+    assert_eq!(
+        report.dirs, 5,
+        "project, bin, deep, er, still (the destination itself is not counted)"
+    );
+    assert_eq!(
+        std::fs::read(envd.host("/home/user/data/project/big.bin")).unwrap(),
+        big
+    );
     let tool = std::fs::metadata(envd.host("/home/user/data/project/bin/tool")).unwrap();
     assert_eq!(tool.permissions().mode() & 0o7777, 0o755, "setuid dropped");
     let project = std::fs::metadata(envd.host("/home/user/data/project")).unwrap();
@@ -77,19 +104,44 @@ async fn unpacks_a_normal_archive_plain_and_gzipped() {
     }
 
     // Same archive gzipped, over the top: existing files are overwritten.
-    std::fs::write(envd.host("/home/user/data/project/bin/tool"), "old content that is longer").unwrap();
+    std::fs::write(
+        envd.host("/home/user/data/project/bin/tool"),
+        "old content that is longer",
+    )
+    .unwrap();
     let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     gzip.write_all(&archive).unwrap();
-    let report = envd.client.unpack("/home/user/data", "user", body(gzip.finish().unwrap()), true).await.unwrap();
+    let report = envd
+        .client
+        .unpack(
+            "/home/user/data",
+            "user",
+            body(gzip.finish().unwrap()),
+            true,
+        )
+        .await
+        .unwrap();
     assert_eq!((report.files, report.dirs, report.skipped), (3, 0, 0));
-    assert_eq!(std::fs::read(envd.host("/home/user/data/project/bin/tool")).unwrap(), b"tool\n");
+    assert_eq!(
+        std::fs::read(envd.host("/home/user/data/project/bin/tool")).unwrap(),
+        b"tool\n"
+    );
 
     // A truncated archive is an error, not a silent partial success.
     let mut broken = tar::Builder::new(Vec::new());
-    broken.append(&file_header("x.bin", 100_000, 0o644), &vec![1u8; 100_000][..]).unwrap();
+    broken
+        .append(
+            &file_header("x.bin", 100_000, 0o644),
+            &vec![1u8; 100_000][..],
+        )
+        .unwrap();
     let mut broken = broken.into_inner().unwrap();
     broken.truncate(50_000);
-    let error = envd.client.unpack("/home/user/broken", "user", body(broken), false).await.unwrap_err();
+    let error = envd
+        .client
+        .unpack("/home/user/broken", "user", body(broken), false)
+        .await
+        .unwrap_err();
     assert_eq!(error.status(), Some(400), "{error}");
 }
 
@@ -109,9 +161,19 @@ async fn hostile_archive_writes_nothing_outside_the_destination() {
         (file_header("../escape.txt", 4, 0o644), b"evil"),
         (file_header("a/../../escape2.txt", 4, 0o644), b"evil"),
         (file_header("/abs/file.txt", 4, 0o644), b"safe"),
-        (special_header("link", EntryType::Symlink, Some(&outside_path)), b""),
+        (
+            special_header("link", EntryType::Symlink, Some(&outside_path)),
+            b"",
+        ),
         (file_header("link/through-link.txt", 4, 0o644), b"safe"),
-        (special_header("hard", EntryType::Link, Some(outside_file.to_str().unwrap())), b""),
+        (
+            special_header(
+                "hard",
+                EntryType::Link,
+                Some(outside_file.to_str().unwrap()),
+            ),
+            b"",
+        ),
         (special_header("dev", EntryType::Char, None), b""),
         (special_header("blk", EntryType::Block, None), b""),
         (special_header("fifo", EntryType::Fifo, None), b""),
@@ -122,25 +184,53 @@ async fn hostile_archive_writes_nothing_outside_the_destination() {
         builder.append(&header, data).unwrap();
     }
     let archive = builder.into_inner().unwrap();
-    let report = envd.client.unpack("/home/user/dest", "user", body(archive), false).await.unwrap();
+    let report = envd
+        .client
+        .unpack("/home/user/dest", "user", body(archive), false)
+        .await
+        .unwrap();
 
-    let skipped: Vec<(&str, &str)> =
-        report.skipped_entries.iter().map(|s| (s.name.as_str(), s.reason.as_str())).collect();
+    let skipped: Vec<(&str, &str)> = report
+        .skipped_entries
+        .iter()
+        .map(|s| (s.name.as_str(), s.reason.as_str()))
+        .collect();
     assert_eq!(report.skipped, 8, "{skipped:?}");
-    assert_eq!(report.files, 3, "abs/file.txt, link/through-link.txt, ok.txt: {skipped:?}");
-    for name in ["../escape.txt", "a/../../escape2.txt", "link", "hard", "dev", "blk", "fifo", "planted/via-planted.txt"] {
-        assert!(skipped.iter().any(|(n, _)| *n == name), "{name} not skipped: {skipped:?}");
+    assert_eq!(
+        report.files, 3,
+        "abs/file.txt, link/through-link.txt, ok.txt: {skipped:?}"
+    );
+    for name in [
+        "../escape.txt",
+        "a/../../escape2.txt",
+        "link",
+        "hard",
+        "dev",
+        "blk",
+        "fifo",
+        "planted/via-planted.txt",
+    ] {
+        assert!(
+            skipped.iter().any(|(n, _)| *n == name),
+            "{name} not skipped: {skipped:?}"
+        );
     }
     let dest = envd.host("/home/user/dest");
     assert_eq!(std::fs::read(dest.join("abs/file.txt")).unwrap(), b"safe");
     assert!(dest.join("link").is_dir() && !dest.join("link").is_symlink());
-    assert_eq!(std::fs::read(dest.join("link/through-link.txt")).unwrap(), b"safe");
+    assert_eq!(
+        std::fs::read(dest.join("link/through-link.txt")).unwrap(),
+        b"safe"
+    );
     assert!(!envd.host("/home/user/escape.txt").exists());
     assert!(!envd.host("/home/escape2.txt").exists());
     for name in ["dev", "blk", "fifo", "hard"] {
         assert!(!dest.join(name).exists(), "{name} was created");
     }
-    let outside_names: Vec<_> = std::fs::read_dir(outside.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let outside_names: Vec<_> = std::fs::read_dir(outside.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(outside_names, ["victim.txt"], "nothing written outside");
     assert_eq!(std::fs::read_to_string(&outside_file).unwrap(), "untouched");
 }
@@ -151,11 +241,25 @@ async fn destination_through_a_planted_symlink_stays_in_the_root() {
     let outside = tempfile::tempdir().unwrap();
     std::os::unix::fs::symlink(outside.path(), envd.host("/home/user/vol")).unwrap();
     let mut builder = tar::Builder::new(Vec::new());
-    builder.append(&file_header("f.txt", 1, 0o644), &b"x"[..]).unwrap();
-    let report =
-        envd.client.unpack("/home/user/vol", "user", body(builder.into_inner().unwrap()), false).await.unwrap();
+    builder
+        .append(&file_header("f.txt", 1, 0o644), &b"x"[..])
+        .unwrap();
+    let report = envd
+        .client
+        .unpack(
+            "/home/user/vol",
+            "user",
+            body(builder.into_inner().unwrap()),
+            false,
+        )
+        .await
+        .unwrap();
     assert_eq!(report.files, 1);
     assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
     let inside = envd.host(&format!("{}/f.txt", outside.path().display()));
-    assert!(inside.exists(), "resolved inside the root at {}", inside.display());
+    assert!(
+        inside.exists(),
+        "resolved inside the root at {}",
+        inside.display()
+    );
 }

@@ -28,7 +28,9 @@ pub struct EnvdConnector {
 
 impl EnvdConnector {
     pub fn new(target: Target) -> Self {
-        Self { target: Arc::new(target) }
+        Self {
+            target: Arc::new(target),
+        }
     }
 }
 
@@ -70,7 +72,11 @@ impl Connection for EnvdStream {
 }
 
 impl AsyncRead for EnvdStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             EnvdStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             EnvdStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
@@ -79,7 +85,11 @@ impl AsyncRead for EnvdStream {
 }
 
 impl AsyncWrite for EnvdStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             EnvdStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             EnvdStream::Unix(s) => Pin::new(s).poll_write(cx, buf),

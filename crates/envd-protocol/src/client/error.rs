@@ -3,7 +3,11 @@
 pub enum EnvdError {
     /// envd answered with an error body; pass `status`/`code`/`message` through.
     #[error("envd error {status} {code}: {message}")]
-    Api { status: u16, code: String, message: String },
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+    },
     /// Connecting, sending or receiving failed.
     #[error("envd transport error: {0}")]
     Transport(String),

@@ -19,7 +19,11 @@ struct State {
 
 /// Stream of typed events; blank lines (keep-alives) are skipped.
 pub fn events(body: Incoming) -> BoxStream<'static, Result<ProcessEvent, EnvdError>> {
-    let state = State { body: BodyDataStream::new(body), buffer: BytesMut::new(), done: false };
+    let state = State {
+        body: BodyDataStream::new(body),
+        buffer: BytesMut::new(),
+        done: false,
+    };
     stream::unfold(state, |mut state| async move {
         loop {
             if let Some(newline) = state.buffer.iter().position(|&b| b == b'\n') {
@@ -33,7 +37,8 @@ pub fn events(body: Incoming) -> BoxStream<'static, Result<ProcessEvent, EnvdErr
                 return Some((event, state));
             }
             if state.done {
-                if state.buffer.has_remaining() && !state.buffer.iter().all(u8::is_ascii_whitespace) {
+                if state.buffer.has_remaining() && !state.buffer.iter().all(u8::is_ascii_whitespace)
+                {
                     let line = std::mem::take(&mut state.buffer);
                     let event = serde_json::from_slice::<ProcessEvent>(&line)
                         .map_err(|e| EnvdError::Decode(format!("bad event line: {e}")));

@@ -55,7 +55,13 @@ impl Envd {
             assert!(Instant::now() < deadline, "envd did not come up");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Envd { child, root, socket, _socket_dir: socket_dir, client }
+        Envd {
+            child,
+            root,
+            socket,
+            _socket_dir: socket_dir,
+            client,
+        }
     }
 
     /// Host path of a sandbox path.
@@ -88,7 +94,11 @@ fn prepare_root(root: &Path) {
         "root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000::/home/user:/bin/sh\n",
     )
     .unwrap();
-    std::fs::write(root.join("etc/group"), "root:x:0:\nuser:x:1000:\nusers:x:100:user\n").unwrap();
+    std::fs::write(
+        root.join("etc/group"),
+        "root:x:0:\nuser:x:1000:\nusers:x:100:user\n",
+    )
+    .unwrap();
     let home = root.join("home/user");
     std::fs::create_dir_all(&home).unwrap();
     if is_root() {
