@@ -312,8 +312,13 @@ fn open_child_dir(parent: BorrowedFd<'_>, name: &CString) -> io::Result<OwnedFd>
 /// `tar -x` does). Returns whether the file is new: the common case costs a
 /// single `openat`. `O_NONBLOCK` keeps an existing FIFO from blocking us and is
 /// harmless on regular files.
-fn create_file(parent: BorrowedFd<'_>, name: &CString, mode: u32) -> Result<(OwnedFd, bool), EntryError> {
-    let create = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_NONBLOCK;
+fn create_file(
+    parent: BorrowedFd<'_>,
+    name: &CString,
+    mode: u32,
+) -> Result<(OwnedFd, bool), EntryError> {
+    let create =
+        libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_NONBLOCK;
     match sys::openat(parent, name, create, mode) {
         Ok(fd) => return Ok((fd, true)),
         Err(error) if sys::errno_is(&error, libc::EEXIST) => {}
@@ -324,7 +329,9 @@ fn create_file(parent: BorrowedFd<'_>, name: &CString, mode: u32) -> Result<(Own
         Ok(fd) => Ok((fd, false)),
         Err(error) if sys::errno_is(&error, libc::ELOOP) => {
             sys::unlinkat(parent, name, false).map_err(EntryError::from_io)?;
-            sys::openat(parent, name, create, mode).map(|fd| (fd, true)).map_err(EntryError::from_io)
+            sys::openat(parent, name, create, mode)
+                .map(|fd| (fd, true))
+                .map_err(EntryError::from_io)
         }
         Err(error) => Err(EntryError::from_io(error)),
     }
