@@ -10,7 +10,9 @@ mod sql;
 use async_trait::async_trait;
 use std::sync::Arc;
 
-pub use model::{NewVolume, Owner, Volume, VolumeState};
+pub use model::{
+    IdempotencyClaim, NewVolume, Owner, Sandbox, SandboxPage, SandboxState, Volume, VolumeState,
+};
 pub use sql::{PgStore, SqliteStore};
 
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +51,43 @@ pub trait Store: Send + Sync + 'static {
     /// Marks a ready volume deleted; returns false when it was not ready.
     async fn mark_volume_deleted(&self, owner_id: &str, id: &str) -> StoreResult<bool>;
     async fn volume_id_exists(&self, id: &str) -> StoreResult<bool>;
+
+    async fn insert_sandbox(&self, sandbox: &Sandbox) -> StoreResult<()>;
+    /// This owner's sandbox in any state; foreign ids are `None`.
+    async fn get_sandbox(&self, owner_id: &str, id: &str) -> StoreResult<Option<Sandbox>>;
+    async fn list_sandboxes(&self, owner_id: &str, page: &SandboxPage) -> StoreResult<Vec<Sandbox>>;
+    /// Running sandboxes placed on `node_id` (restart reconciliation).
+    async fn running_sandboxes_on(&self, node_id: &str) -> StoreResult<Vec<Sandbox>>;
+    /// Sets a running sandbox's timeout and deadline; false if not running.
+    async fn set_sandbox_deadline(
+        &self,
+        owner_id: &str,
+        id: &str,
+        timeout_secs: i64,
+        end_at: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> StoreResult<bool>;
+    /// Marks a running sandbox killed; false if it already was.
+    async fn mark_sandbox_killed(&self, id: &str) -> StoreResult<bool>;
+
+    /// Claims `key` for a create with this body hash. Keys live 24 hours;
+    /// an in-progress claim older than `stale_after_secs` counts as
+    /// abandoned (its server died) and is taken over.
+    async fn claim_idempotency_key(
+        &self,
+        owner_id: &str,
+        key: &str,
+        body_hash: &str,
+        stale_after_secs: i64,
+    ) -> StoreResult<IdempotencyClaim>;
+    async fn finish_idempotency_key(
+        &self,
+        owner_id: &str,
+        key: &str,
+        status: u16,
+        response: &str,
+    ) -> StoreResult<()>;
+    /// Forgets a claim whose request failed, so a retry may run again.
+    async fn release_idempotency_key(&self, owner_id: &str, key: &str) -> StoreResult<()>;
 }
 
 /// Opens the store a URL names: `postgres://…` or `sqlite:PATH`.

@@ -101,3 +101,106 @@ impl From<VolumeRow> for Volume {
         }
     }
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxState {
+    Running,
+    Killed,
+}
+
+impl SandboxState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxState::Running => "running",
+            SandboxState::Killed => "killed",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "running" => Some(SandboxState::Running),
+            "killed" => Some(SandboxState::Killed),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sandbox {
+    pub id: String,
+    pub owner_id: String,
+    pub template: String,
+    pub state: SandboxState,
+    pub node_id: String,
+    pub envd_token: String,
+    pub timeout_secs: i64,
+    pub metadata: BTreeMap<String, String>,
+    pub envs: BTreeMap<String, String>,
+    pub extra: serde_json::Map<String, serde_json::Value>,
+    pub volumes: serde_json::Value,
+    pub started_at: DateTime<Utc>,
+    pub end_at: Option<DateTime<Utc>>,
+    pub killed_at: Option<DateTime<Utc>>,
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct SandboxRow {
+    id: String,
+    owner_id: String,
+    template: String,
+    state: String,
+    node_id: String,
+    envd_token: String,
+    timeout_secs: i64,
+    metadata: sqlx::types::Json<BTreeMap<String, String>>,
+    envs: sqlx::types::Json<BTreeMap<String, String>>,
+    extra: sqlx::types::Json<serde_json::Map<String, serde_json::Value>>,
+    volumes: sqlx::types::Json<serde_json::Value>,
+    started_at: DateTime<Utc>,
+    end_at: Option<DateTime<Utc>>,
+    killed_at: Option<DateTime<Utc>>,
+}
+
+impl From<SandboxRow> for Sandbox {
+    fn from(row: SandboxRow) -> Self {
+        Sandbox {
+            id: row.id,
+            owner_id: row.owner_id,
+            template: row.template,
+            state: SandboxState::parse(&row.state).unwrap_or(SandboxState::Killed),
+            node_id: row.node_id,
+            envd_token: row.envd_token,
+            timeout_secs: row.timeout_secs,
+            metadata: row.metadata.0,
+            envs: row.envs.0,
+            extra: row.extra.0,
+            volumes: row.volumes.0,
+            started_at: row.started_at,
+            end_at: row.end_at,
+            killed_at: row.killed_at,
+        }
+    }
+}
+
+/// Which page of a sandbox listing to return: newest first, strictly older
+/// than the cursor when one is given.
+#[derive(Debug, Clone, Default)]
+pub struct SandboxPage {
+    pub states: Vec<SandboxState>,
+    pub limit: i64,
+    pub before: Option<(DateTime<Utc>, String)>,
+}
+
+/// The outcome of claiming an idempotency key for a create.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdempotencyClaim {
+    /// First use: go ahead, then record the response.
+    Fresh,
+    /// The first request with this key is still running.
+    InProgress,
+    /// Already answered: replay this.
+    Done { status: u16, response: String },
+    /// Same key, different request body.
+    Mismatch,
+}

@@ -2,7 +2,10 @@
 //! the same statements, so one macro writes both implementations and they
 //! cannot drift apart.
 
-use crate::model::{NewVolume, Owner, Volume, VolumeRow, VolumeState};
+use crate::model::{
+    IdempotencyClaim, NewVolume, Owner, Sandbox, SandboxPage, SandboxRow, SandboxState, Volume,
+    VolumeRow, VolumeState,
+};
 use crate::{Store, StoreResult};
 use async_trait::async_trait;
 use chrono::Utc;
@@ -11,6 +14,11 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 use std::str::FromStr;
 use std::time::Duration;
+
+const SANDBOX_COLUMNS: &str = "id, owner_id, template, state, node_id, envd_token, timeout_secs, \
+     metadata, envs, extra, volumes, started_at, end_at, killed_at";
+
+const IDEMPOTENCY_TTL_HOURS: i64 = 24;
 
 const VOLUME_COLUMNS: &str = "id, owner_id, name, blob_key, size_bytes, sha256, content_type, \
      uncompressed_bytes, entry_count, metadata, state, created_at, updated_at";
@@ -227,6 +235,212 @@ macro_rules! sql_store {
                         .fetch_optional(&self.pool)
                         .await?;
                 Ok(found.is_some())
+            }
+
+            async fn insert_sandbox(&self, sb: &Sandbox) -> StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO sandboxes (id, owner_id, template, state, node_id, envd_token, \
+                     timeout_secs, metadata, envs, extra, volumes, started_at, end_at, killed_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+                )
+                .bind(&sb.id)
+                .bind(&sb.owner_id)
+                .bind(&sb.template)
+                .bind(sb.state.as_str())
+                .bind(&sb.node_id)
+                .bind(&sb.envd_token)
+                .bind(sb.timeout_secs)
+                .bind(sqlx::types::Json(&sb.metadata))
+                .bind(sqlx::types::Json(&sb.envs))
+                .bind(sqlx::types::Json(&sb.extra))
+                .bind(sqlx::types::Json(&sb.volumes))
+                .bind(sb.started_at)
+                .bind(sb.end_at)
+                .bind(sb.killed_at)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn get_sandbox(&self, owner_id: &str, id: &str) -> StoreResult<Option<Sandbox>> {
+                let sql = format!(
+                    "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE owner_id = $1 AND id = $2"
+                );
+                let row = sqlx::query_as::<_, SandboxRow>(&sql)
+                    .bind(owner_id)
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                Ok(row.map(Sandbox::from))
+            }
+
+            async fn list_sandboxes(
+                &self,
+                owner_id: &str,
+                page: &SandboxPage,
+            ) -> StoreResult<Vec<Sandbox>> {
+                // States are a closed set, so they can be inlined safely.
+                let states: Vec<String> =
+                    page.states.iter().map(|s| format!("'{}'", s.as_str())).collect();
+                let state_filter = if states.is_empty() {
+                    String::new()
+                } else {
+                    format!(" AND state IN ({})", states.join(", "))
+                };
+                let rows = match &page.before {
+                    Some((started_at, id)) => {
+                        let sql = format!(
+                            "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE owner_id = $1{state_filter} \
+                             AND (started_at < $2 OR (started_at = $2 AND id < $3)) \
+                             ORDER BY started_at DESC, id DESC LIMIT $4"
+                        );
+                        sqlx::query_as::<_, SandboxRow>(&sql)
+                            .bind(owner_id)
+                            .bind(started_at)
+                            .bind(id)
+                            .bind(page.limit)
+                            .fetch_all(&self.pool)
+                            .await?
+                    }
+                    None => {
+                        let sql = format!(
+                            "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE owner_id = $1{state_filter} \
+                             ORDER BY started_at DESC, id DESC LIMIT $2"
+                        );
+                        sqlx::query_as::<_, SandboxRow>(&sql)
+                            .bind(owner_id)
+                            .bind(page.limit)
+                            .fetch_all(&self.pool)
+                            .await?
+                    }
+                };
+                Ok(rows.into_iter().map(Sandbox::from).collect())
+            }
+
+            async fn running_sandboxes_on(&self, node_id: &str) -> StoreResult<Vec<Sandbox>> {
+                let sql = format!(
+                    "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE node_id = $1 AND state = $2"
+                );
+                let rows = sqlx::query_as::<_, SandboxRow>(&sql)
+                    .bind(node_id)
+                    .bind(SandboxState::Running.as_str())
+                    .fetch_all(&self.pool)
+                    .await?;
+                Ok(rows.into_iter().map(Sandbox::from).collect())
+            }
+
+            async fn set_sandbox_deadline(
+                &self,
+                owner_id: &str,
+                id: &str,
+                timeout_secs: i64,
+                end_at: Option<chrono::DateTime<Utc>>,
+            ) -> StoreResult<bool> {
+                let result = sqlx::query(
+                    "UPDATE sandboxes SET timeout_secs = $1, end_at = $2 \
+                     WHERE owner_id = $3 AND id = $4 AND state = $5",
+                )
+                .bind(timeout_secs)
+                .bind(end_at)
+                .bind(owner_id)
+                .bind(id)
+                .bind(SandboxState::Running.as_str())
+                .execute(&self.pool)
+                .await?;
+                Ok(result.rows_affected() == 1)
+            }
+
+            async fn mark_sandbox_killed(&self, id: &str) -> StoreResult<bool> {
+                let result = sqlx::query(
+                    "UPDATE sandboxes SET state = $1, killed_at = $2 WHERE id = $3 AND state = $4",
+                )
+                .bind(SandboxState::Killed.as_str())
+                .bind(Utc::now())
+                .bind(id)
+                .bind(SandboxState::Running.as_str())
+                .execute(&self.pool)
+                .await?;
+                Ok(result.rows_affected() == 1)
+            }
+
+            async fn claim_idempotency_key(
+                &self,
+                owner_id: &str,
+                key: &str,
+                body_hash: &str,
+                stale_after_secs: i64,
+            ) -> StoreResult<IdempotencyClaim> {
+                let now = Utc::now();
+                // Expired keys and abandoned claims make room for a fresh one.
+                sqlx::query(
+                    "DELETE FROM idempotency_keys WHERE owner_id = $1 AND key = $2 \
+                     AND (created_at < $3 OR (status IS NULL AND created_at < $4))",
+                )
+                .bind(owner_id)
+                .bind(key)
+                .bind(now - chrono::Duration::hours(IDEMPOTENCY_TTL_HOURS))
+                .bind(now - chrono::Duration::seconds(stale_after_secs))
+                .execute(&self.pool)
+                .await?;
+                let inserted = sqlx::query(
+                    "INSERT INTO idempotency_keys (owner_id, key, body_hash, created_at) \
+                     VALUES ($1, $2, $3, $4) ON CONFLICT (owner_id, key) DO NOTHING",
+                )
+                .bind(owner_id)
+                .bind(key)
+                .bind(body_hash)
+                .bind(now)
+                .execute(&self.pool)
+                .await?;
+                if inserted.rows_affected() == 1 {
+                    return Ok(IdempotencyClaim::Fresh);
+                }
+                let existing: Option<(String, Option<i32>, Option<String>)> = sqlx::query_as(
+                    "SELECT body_hash, status, response FROM idempotency_keys \
+                     WHERE owner_id = $1 AND key = $2",
+                )
+                .bind(owner_id)
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await?;
+                Ok(match existing {
+                    // Released between our insert and select: treat as busy.
+                    None => IdempotencyClaim::InProgress,
+                    Some((hash, _, _)) if hash != body_hash => IdempotencyClaim::Mismatch,
+                    Some((_, Some(status), Some(response))) => {
+                        IdempotencyClaim::Done { status: status as u16, response }
+                    }
+                    Some(_) => IdempotencyClaim::InProgress,
+                })
+            }
+
+            async fn finish_idempotency_key(
+                &self,
+                owner_id: &str,
+                key: &str,
+                status: u16,
+                response: &str,
+            ) -> StoreResult<()> {
+                sqlx::query(
+                    "UPDATE idempotency_keys SET status = $1, response = $2 \
+                     WHERE owner_id = $3 AND key = $4",
+                )
+                .bind(status as i32)
+                .bind(response)
+                .bind(owner_id)
+                .bind(key)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn release_idempotency_key(&self, owner_id: &str, key: &str) -> StoreResult<()> {
+                sqlx::query("DELETE FROM idempotency_keys WHERE owner_id = $1 AND key = $2")
+                    .bind(owner_id)
+                    .bind(key)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
             }
         }
     };
