@@ -1,0 +1,226 @@
+//! Per-sandbox cgroups, v1 (one directory per controller) or v2 (unified).
+//!
+//! Layout: `sandbox-manager/ID` under each controller (v1) or under
+//! `/sys/fs/cgroup` (v2). The host side creates the group and writes the
+//! limits before the launcher starts; the launcher joins it before forking so
+//! every sandbox process is accounted and can be found again for destroy.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tracing::{debug, warn};
+
+use crate::runtime::Limits;
+
+const CGROUP_MOUNT: &str = "/sys/fs/cgroup";
+const PARENT: &str = "sandbox-manager";
+/// v1 controllers we set limits in (and therefore must clean up).
+const V1_CONTROLLERS: [&str; 3] = ["memory", "pids", "cpu"];
+const CPU_PERIOD_US: u64 = 100_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CgroupVersion {
+    V1,
+    V2,
+}
+
+impl CgroupVersion {
+    pub fn detect() -> io::Result<Self> {
+        let root = Path::new(CGROUP_MOUNT);
+        if root.join("cgroup.controllers").exists() {
+            return Ok(CgroupVersion::V2);
+        }
+        for controller in V1_CONTROLLERS {
+            if !root.join(controller).join("cgroup.procs").exists() {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!(
+                        "neither cgroup v2 nor the v1 {controller} controller is mounted under {CGROUP_MOUNT}"
+                    ),
+                ));
+            }
+        }
+        Ok(CgroupVersion::V1)
+    }
+}
+
+/// The cgroup directories of one sandbox.
+#[derive(Debug, Clone)]
+pub struct SandboxCgroup {
+    version: CgroupVersion,
+    /// v1: `[memory, pids, cpu]` dirs; v2: the single unified dir.
+    dirs: Vec<PathBuf>,
+}
+
+impl SandboxCgroup {
+    pub fn for_sandbox(id: &str) -> io::Result<Self> {
+        let version = CgroupVersion::detect()?;
+        let root = Path::new(CGROUP_MOUNT);
+        let dirs = match version {
+            CgroupVersion::V2 => vec![root.join(PARENT).join(id)],
+            CgroupVersion::V1 => V1_CONTROLLERS
+                .iter()
+                .map(|c| root.join(c).join(PARENT).join(id))
+                .collect(),
+        };
+        Ok(Self { version, dirs })
+    }
+
+    pub fn version(&self) -> CgroupVersion {
+        self.version
+    }
+
+    pub fn dirs(&self) -> &[PathBuf] {
+        &self.dirs
+    }
+
+    /// Creates the group(s) and writes the limits.
+    pub fn create(&self, limits: &Limits) -> io::Result<()> {
+        let memory_bytes = limits.memory_mb.saturating_mul(1024 * 1024).to_string();
+        let cpu_quota = u64::from(limits.vcpus.max(1)) * CPU_PERIOD_US;
+        match self.version {
+            CgroupVersion::V2 => {
+                let dir = &self.dirs[0];
+                let parent = dir.parent().expect("cgroup dir has a parent");
+                fs::create_dir_all(parent)?;
+                // Controllers must be enabled in every ancestor's
+                // subtree_control for the leaf to get the interface files.
+                enable_v2_controllers(Path::new(CGROUP_MOUNT))?;
+                enable_v2_controllers(parent)?;
+                create_fresh_dir(dir)?;
+                write(dir, "memory.max", &memory_bytes)?;
+                // Without this, swap would let the sandbox exceed memory.max.
+                write_optional(dir, "memory.swap.max", "0");
+                write(dir, "pids.max", &limits.pids_max.to_string())?;
+                write(dir, "cpu.max", &format!("{cpu_quota} {CPU_PERIOD_US}"))?;
+            }
+            CgroupVersion::V1 => {
+                for dir in &self.dirs {
+                    create_fresh_dir(dir)?;
+                }
+                let [memory, pids, cpu] = [&self.dirs[0], &self.dirs[1], &self.dirs[2]];
+                write(memory, "memory.limit_in_bytes", &memory_bytes)?;
+                // memsw must be >= the memory limit, hence after it.
+                write_optional(memory, "memory.memsw.limit_in_bytes", &memory_bytes);
+                write(pids, "pids.max", &limits.pids_max.to_string())?;
+                write(cpu, "cpu.cfs_period_us", &CPU_PERIOD_US.to_string())?;
+                write(cpu, "cpu.cfs_quota_us", &cpu_quota.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves `pid` (0 = the calling process) into the group(s).
+    pub fn join(&self, pid: u32) -> io::Result<()> {
+        for dir in &self.dirs {
+            write(dir, "cgroup.procs", &pid.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Host pids of every process in the group(s).
+    pub fn pids(&self) -> Vec<i32> {
+        let mut pids: Vec<i32> = self
+            .dirs
+            .iter()
+            .filter_map(|dir| fs::read_to_string(dir.join("cgroup.procs")).ok())
+            .flat_map(|text| {
+                text.lines()
+                    .filter_map(|l| l.trim().parse().ok())
+                    .collect::<Vec<i32>>()
+            })
+            .collect();
+        pids.sort_unstable();
+        pids.dedup();
+        pids
+    }
+
+    pub fn exists(&self) -> bool {
+        self.dirs.iter().any(|d| d.exists())
+    }
+
+    /// SIGKILLs every member until the group is empty, then removes it.
+    /// Succeeds if the group does not exist.
+    pub fn kill_all_and_remove(&self, timeout: Duration) -> io::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let pids = self.pids();
+            if pids.is_empty() {
+                break;
+            }
+            // cgroup.kill (v2, Linux 5.14+) also catches processes forked
+            // while we iterate; the per-pid loop is the portable fallback.
+            if self.version == CgroupVersion::V2 {
+                write_optional(&self.dirs[0], "cgroup.kill", "1");
+            }
+            for pid in &pids {
+                // SAFETY: plain kill(2); the pid came from our own cgroup.
+                unsafe { libc::kill(*pid, libc::SIGKILL) };
+            }
+            if Instant::now() > deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("processes {pids:?} survived SIGKILL"),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for dir in &self.dirs {
+            // An emptied cgroup can be briefly busy while exiting tasks are
+            // released; retry rmdir until the deadline.
+            loop {
+                match fs::remove_dir(dir) {
+                    Ok(()) => {
+                        debug!(cgroup = %dir.display(), "removed cgroup");
+                        break;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+                    Err(e) if Instant::now() < deadline => {
+                        debug!(cgroup = %dir.display(), error = %e, "cgroup busy; retrying");
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A leftover group with the same id (crashed earlier run) would carry stale
+/// members and limits; refuse rather than merge.
+fn create_fresh_dir(dir: &Path) -> io::Result<()> {
+    if let Some(parent) = dir.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    fs::create_dir(dir)
+}
+
+fn enable_v2_controllers(dir: &Path) -> io::Result<()> {
+    let wanted = ["memory", "pids", "cpu"];
+    let enabled = fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap_or_default();
+    for controller in wanted {
+        if enabled.split_whitespace().any(|c| c == controller) {
+            continue;
+        }
+        write(dir, "cgroup.subtree_control", &format!("+{controller}"))?;
+    }
+    Ok(())
+}
+
+fn write(dir: &Path, file: &str, value: &str) -> io::Result<()> {
+    let path = dir.join(file);
+    fs::write(&path, value)
+        .map_err(|e| io::Error::new(e.kind(), format!("writing {value:?} to {}: {e}", path.display())))
+}
+
+fn write_optional(dir: &Path, file: &str, value: &str) {
+    let path = dir.join(file);
+    if path.exists() {
+        if let Err(e) = fs::write(&path, value) {
+            warn!(path = %path.display(), error = %e, "optional cgroup setting failed");
+        }
+    }
+}

@@ -1,0 +1,517 @@
+//! The namespace driver: overlayfs over the template rootfs, fresh
+//! mount/pid/uts/ipc/net namespaces, cgroup limits, envd bind-mounted in and
+//! reached over a unix socket in the sandbox's `agent/` directory.
+//!
+//! Per sandbox, `state_dir/ID/` holds:
+//! - `upper/`, `work/`: the overlay's writable layer;
+//! - `merged/`: the overlay mount point (mounted only inside the sandbox);
+//! - `agent/`: seen as `/.envd` inside; envd's socket `envd.sock`, the
+//!   one-shot `token` file, and `envd` (mount point for the binary);
+//! - `launcher.pid`: `PID STARTTIME` of the launcher (start time guards
+//!   against pid reuse when re-adopting after a server restart);
+//! - `launcher.log`: stderr of the launcher and of envd.
+
+pub mod cgroups;
+pub mod launcher;
+pub mod mounts;
+
+use std::fs::{self, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use envd_protocol::client::EnvdClient;
+use tokio::sync::oneshot;
+use tracing::{debug, info, warn};
+
+use crate::runtime::{validate_id, BootSpec, Booted, Runtime, RuntimeError};
+use cgroups::SandboxCgroup;
+use launcher::LaunchArgs;
+
+/// Unix socket paths are limited to 108 bytes including the NUL.
+const MAX_SOCKET_PATH: usize = 107;
+const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(10);
+const HEALTH_POLL_INTERVAL: Duration = Duration::from_millis(5);
+const HEALTH_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+const DESTROY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How to exec the launcher (see [`launcher::launcher_main`]). The server
+/// passes its own `current_exe()` and `["__sandbox-launcher"]`.
+#[derive(Debug, Clone)]
+pub struct LauncherCommand {
+    pub program: PathBuf,
+    pub args_prefix: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NamespaceConfig {
+    /// Per-sandbox state lives in `state_dir/ID/` (must not be on overlayfs).
+    pub state_dir: PathBuf,
+    /// Host envd binary, bind-mounted read-only into every sandbox. It runs
+    /// against the sandbox's libc, so it must be static or built for a libc
+    /// no newer than the templates'.
+    pub envd_binary: PathBuf,
+    pub launcher: LauncherCommand,
+}
+
+pub struct NamespaceRuntime {
+    config: NamespaceConfig,
+    boot_timeout: Duration,
+}
+
+impl NamespaceRuntime {
+    pub fn new(config: NamespaceConfig) -> Self {
+        Self {
+            config,
+            boot_timeout: DEFAULT_BOOT_TIMEOUT,
+        }
+    }
+
+    pub fn with_boot_timeout(mut self, timeout: Duration) -> Self {
+        self.boot_timeout = timeout;
+        self
+    }
+
+    /// Checks that this host can run the namespace driver: root (rootless
+    /// user-namespace mode is not implemented), overlayfs, cgroups.
+    pub fn probe() -> Result<(), RuntimeError> {
+        // SAFETY: plain syscall.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(RuntimeError::Unsupported(
+                "the namespace runtime needs root (it mounts overlayfs, creates cgroups and \
+                 namespaces); rootless operation via user namespaces is not implemented"
+                    .into(),
+            ));
+        }
+        let filesystems = fs::read_to_string("/proc/filesystems")
+            .map_err(|e| RuntimeError::io("reading /proc/filesystems", e))?;
+        if !filesystems.lines().any(|l| l.ends_with("\toverlay")) {
+            return Err(RuntimeError::Unsupported(
+                "the kernel has no overlayfs (try `modprobe overlay`)".into(),
+            ));
+        }
+        cgroups::CgroupVersion::detect().map_err(|e| RuntimeError::Unsupported(e.to_string()))?;
+        Ok(())
+    }
+
+    pub fn config(&self) -> &NamespaceConfig {
+        &self.config
+    }
+
+    fn sandbox_dir(&self, id: &str) -> PathBuf {
+        self.config.state_dir.join(id)
+    }
+
+    fn agent_dir(&self, id: &str) -> PathBuf {
+        self.sandbox_dir(id).join("agent")
+    }
+
+    /// The launcher recorded for `id`, if it is still that same process.
+    fn running_launcher(&self, id: &str) -> Option<i32> {
+        let text = fs::read_to_string(self.sandbox_dir(id).join("launcher.pid")).ok()?;
+        let mut fields = text.split_whitespace();
+        let pid: i32 = fields.next()?.parse().ok()?;
+        let start_time: u64 = fields.next()?.parse().ok()?;
+        let info = ProcessInfo::read(pid)?;
+        (info.start_time == start_time && !info.is_zombie()).then_some(pid)
+    }
+
+    /// Creates `state_dir/ID/...`, the token file and the cgroup.
+    fn prepare(&self, spec: &BootSpec) -> Result<SandboxCgroup, RuntimeError> {
+        let dir = self.sandbox_dir(&spec.id);
+        fs::create_dir_all(&self.config.state_dir).map_err(|e| {
+            RuntimeError::io(format!("creating {}", self.config.state_dir.display()), e)
+        })?;
+        match fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                return Err(RuntimeError::AlreadyExists(spec.id.clone()))
+            }
+            Err(e) => return Err(RuntimeError::io(format!("creating {}", dir.display()), e)),
+        }
+        for sub in ["upper", "work", "merged", "agent"] {
+            let path = dir.join(sub);
+            fs::create_dir(&path)
+                .map_err(|e| RuntimeError::io(format!("creating {}", path.display()), e))?;
+        }
+        // Only root (envd) inside the sandbox may touch the agent dir: the
+        // token is in there until envd has read it.
+        let agent = dir.join("agent");
+        fs::set_permissions(&agent, fs::Permissions::from_mode(0o700))
+            .map_err(|e| RuntimeError::io("chmod agent dir", e))?;
+        let mut token = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(agent.join("token"))
+            .map_err(|e| RuntimeError::io("writing the token file", e))?;
+        token
+            .write_all(spec.token.as_bytes())
+            .map_err(|e| RuntimeError::io("writing the token file", e))?;
+        fs::File::create(agent.join("envd"))
+            .map_err(|e| RuntimeError::io("creating the envd mount point", e))?;
+
+        let cgroup = SandboxCgroup::for_sandbox(&spec.id).map_err(|e| RuntimeError::Cgroup {
+            id: spec.id.clone(),
+            message: e.to_string(),
+        })?;
+        cgroup
+            .create(&spec.limits)
+            .map_err(|e| RuntimeError::Cgroup {
+                id: spec.id.clone(),
+                message: e.to_string(),
+            })?;
+        Ok(cgroup)
+    }
+
+    /// Spawns the launcher; the returned receiver fires when it exits.
+    fn spawn_launcher(
+        &self,
+        spec: &BootSpec,
+    ) -> Result<oneshot::Receiver<io::Result<std::process::ExitStatus>>, RuntimeError> {
+        let dir = self.sandbox_dir(&spec.id);
+        let launch = LaunchArgs {
+            id: spec.id.clone(),
+            sandbox_dir: dir.clone(),
+            rootfs: spec.rootfs.clone(),
+            envd_binary: self.config.envd_binary.clone(),
+            hostname: spec.hostname.clone(),
+        };
+        let log = fs::File::create(dir.join("launcher.log"))
+            .map_err(|e| RuntimeError::io("creating launcher.log", e))?;
+        let log_err = log
+            .try_clone()
+            .map_err(|e| RuntimeError::io("cloning the launcher.log fd", e))?;
+        let mut command = tokio::process::Command::new(&self.config.launcher.program);
+        command
+            .args(&self.config.launcher.args_prefix)
+            .args(launch.to_args())
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            // The sandbox must outlive a server restart.
+            .kill_on_drop(false);
+        let mut child = command.spawn().map_err(|source| RuntimeError::Launch {
+            id: spec.id.clone(),
+            source,
+        })?;
+        let pid = child.id().expect("a just-spawned child has a pid") as i32;
+        let start_time = ProcessInfo::read(pid).map(|p| p.start_time).unwrap_or(0);
+        fs::write(dir.join("launcher.pid"), format!("{pid} {start_time}\n"))
+            .map_err(|e| RuntimeError::io("writing launcher.pid", e))?;
+
+        // Reap the launcher whenever it exits so it never lingers as a zombie.
+        let (exited_tx, exited_rx) = oneshot::channel();
+        let id = spec.id.clone();
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            debug!(sandbox = %id, ?status, "launcher exited");
+            let _ = exited_tx.send(status);
+        });
+        Ok(exited_rx)
+    }
+
+    async fn wait_healthy(
+        &self,
+        spec: &BootSpec,
+        mut launcher_exited: oneshot::Receiver<io::Result<std::process::ExitStatus>>,
+    ) -> Result<(), RuntimeError> {
+        let client = EnvdClient::unix(self.envd_socket(&spec.id), spec.token.clone());
+        let deadline = Instant::now() + self.boot_timeout;
+        loop {
+            if let Ok(status) = launcher_exited.try_recv() {
+                return Err(RuntimeError::BootFailed {
+                    id: spec.id.clone(),
+                    message: format!(
+                        "launcher exited ({status:?}); log: {}",
+                        self.log_tail(&spec.id)
+                    ),
+                });
+            }
+            if self.envd_socket(&spec.id).exists() {
+                match tokio::time::timeout(HEALTH_PROBE_TIMEOUT, client.health()).await {
+                    Ok(Ok(_)) => return Ok(()),
+                    Ok(Err(e)) => debug!(sandbox = %spec.id, error = %e, "envd not ready"),
+                    Err(_) => debug!(sandbox = %spec.id, "envd health probe timed out"),
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(RuntimeError::BootFailed {
+                    id: spec.id.clone(),
+                    message: format!(
+                        "envd did not answer /health within {:?}; log: {}",
+                        self.boot_timeout,
+                        self.log_tail(&spec.id)
+                    ),
+                });
+            }
+            tokio::time::sleep(HEALTH_POLL_INTERVAL).await;
+        }
+    }
+
+    fn log_tail(&self, id: &str) -> String {
+        let text = fs::read_to_string(self.sandbox_dir(id).join("launcher.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(10)..].join(" | ")
+    }
+
+    fn validate_spec(&self, spec: &BootSpec) -> Result<(), RuntimeError> {
+        validate_id(&spec.id)?;
+        if !spec.rootfs.join("etc/passwd").is_file() {
+            return Err(RuntimeError::InvalidSpec(format!(
+                "rootfs {} is not a root filesystem",
+                spec.rootfs.display()
+            )));
+        }
+        if !self.config.envd_binary.is_file() {
+            return Err(RuntimeError::InvalidSpec(format!(
+                "envd binary {} not found",
+                self.config.envd_binary.display()
+            )));
+        }
+        let hostname_ok = !spec.hostname.is_empty()
+            && spec.hostname.len() <= 64
+            && spec
+                .hostname
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+        if !hostname_ok {
+            return Err(RuntimeError::InvalidSpec(format!(
+                "invalid hostname {:?}",
+                spec.hostname
+            )));
+        }
+        let socket = self.envd_socket(&spec.id);
+        if socket.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(RuntimeError::InvalidSpec(format!(
+                "envd socket path {} is longer than {MAX_SOCKET_PATH} bytes; use a shorter state_dir",
+                socket.display()
+            )));
+        }
+        Ok(())
+    }
+
+    fn destroy_blocking(&self, id: &str) -> Result<(), RuntimeError> {
+        let dir = self.sandbox_dir(id);
+        let fail = |message: String| RuntimeError::Destroy {
+            id: id.to_string(),
+            message,
+        };
+        let launcher = self.running_launcher(id);
+        if let Some(pid) = launcher {
+            // PID 1 of the sandbox has PDEATHSIG=SIGKILL, so this takes the
+            // whole pid namespace (and with it the mount namespace) down.
+            // SAFETY: plain kill(2) of a pid we verified by start time.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        // Sweep the cgroup too: it also catches processes from a launcher that
+        // died before we could record it, and waits until all have exited.
+        match SandboxCgroup::for_sandbox(id) {
+            Ok(cgroup) => cgroup
+                .kill_all_and_remove(DESTROY_TIMEOUT)
+                .map_err(|e| fail(format!("cgroup cleanup: {e}")))?,
+            Err(e) => warn!(sandbox = id, error = %e, "no cgroups to clean up"),
+        }
+        if let Some(pid) = launcher {
+            wait_until_gone(pid, DESTROY_TIMEOUT)
+                .map_err(|_| fail(format!("launcher {pid} did not exit")))?;
+        }
+        // Mounts live in the sandbox's own namespace, so the host should see
+        // none; detach any that do exist (e.g. from a bug or an older version)
+        // before deleting, so remove_dir_all never walks into a lower layer.
+        for mount_point in host_mounts_under(&dir) {
+            warn!(sandbox = id, mount = %mount_point.display(), "detaching leftover host mount");
+            if let Ok(c) = std::ffi::CString::new(mount_point.as_os_str().as_encoded_bytes()) {
+                // SAFETY: valid NUL-terminated path.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+        if !host_mounts_under(&dir).is_empty() {
+            return Err(fail("mounts remain under the sandbox dir".into()));
+        }
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(fail(format!("removing {}: {e}", dir.display()))),
+        }
+    }
+}
+
+#[async_trait]
+impl Runtime for NamespaceRuntime {
+    fn kind(&self) -> &'static str {
+        "namespace"
+    }
+
+    async fn boot(&self, spec: BootSpec) -> Result<Booted, RuntimeError> {
+        let started = Instant::now();
+        self.validate_spec(&spec)?;
+        let result = async {
+            self.prepare(&spec)?;
+            let exited = self.spawn_launcher(&spec)?;
+            self.wait_healthy(&spec, exited).await
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                info!(sandbox = %spec.id, elapsed = ?started.elapsed(), "sandbox booted");
+                Ok(Booted {
+                    id: spec.id.clone(),
+                    envd_socket: self.envd_socket(&spec.id),
+                })
+            }
+            // Never clean up someone else's sandbox.
+            Err(e @ RuntimeError::AlreadyExists(_)) => Err(e),
+            Err(e) => {
+                warn!(sandbox = %spec.id, error = %e, "boot failed; cleaning up");
+                if let Err(cleanup) = self.destroy(&spec.id).await {
+                    warn!(sandbox = %spec.id, error = %cleanup, "cleanup after failed boot failed");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn destroy(&self, id: &str) -> Result<(), RuntimeError> {
+        validate_id(id)?;
+        let started = Instant::now();
+        let this = NamespaceRuntime {
+            config: self.config.clone(),
+            boot_timeout: self.boot_timeout,
+        };
+        let owned_id = id.to_string();
+        tokio::task::spawn_blocking(move || this.destroy_blocking(&owned_id))
+            .await
+            .map_err(|e| RuntimeError::Destroy {
+                id: id.to_string(),
+                message: format!("destroy task failed: {e}"),
+            })??;
+        info!(sandbox = id, elapsed = ?started.elapsed(), "sandbox destroyed");
+        Ok(())
+    }
+
+    async fn list(&self) -> Result<Vec<String>, RuntimeError> {
+        let entries = match fs::read_dir(&self.config.state_dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => {
+                return Err(RuntimeError::io(
+                    format!("reading {}", self.config.state_dir.display()),
+                    e,
+                ))
+            }
+        };
+        let mut ids: Vec<String> = entries
+            .flatten()
+            .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|name| validate_id(name).is_ok())
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    async fn is_alive(&self, id: &str) -> bool {
+        if validate_id(id).is_err() || self.running_launcher(id).is_none() {
+            return false;
+        }
+        // /health needs no token.
+        let client = EnvdClient::unix(self.envd_socket(id), "");
+        matches!(
+            tokio::time::timeout(HEALTH_PROBE_TIMEOUT, client.health()).await,
+            Ok(Ok(_))
+        )
+    }
+
+    fn envd_socket(&self, id: &str) -> PathBuf {
+        self.agent_dir(id).join("envd.sock")
+    }
+}
+
+/// The fields of `/proc/PID/stat` we need.
+struct ProcessInfo {
+    state: char,
+    /// Clock ticks since boot; with the pid, identifies a process uniquely.
+    start_time: u64,
+}
+
+impl ProcessInfo {
+    fn read(pid: i32) -> Option<Self> {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // comm may contain spaces and parens: fields start after the last ')'.
+        let rest = &stat[stat.rfind(')')? + 1..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        Some(Self {
+            state: fields.first()?.chars().next()?,
+            start_time: fields.get(19)?.parse().ok()?,
+        })
+    }
+
+    fn is_zombie(&self) -> bool {
+        matches!(self.state, 'Z' | 'X')
+    }
+}
+
+fn wait_until_gone(pid: i32, timeout: Duration) -> Result<(), ()> {
+    let deadline = Instant::now() + timeout;
+    while ProcessInfo::read(pid).is_some_and(|p| !p.is_zombie()) {
+        if Instant::now() > deadline {
+            return Err(());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(())
+}
+
+/// Mount points in the host (our) mount namespace at or below `dir`,
+/// deepest first.
+pub fn host_mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut found: Vec<PathBuf> = mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|field| PathBuf::from(unescape_mountinfo(field)))
+        .filter(|mount_point| mount_point.starts_with(dir))
+        .collect();
+    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    found
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 3 < bytes.len() + 0 && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
+            let value = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
+            out.push(value);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_unescaping() {
+        assert_eq!(unescape_mountinfo(r"/a\040b"), "/a b");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+    }
+
+    #[test]
+    fn own_process_info_is_readable() {
+        let me = ProcessInfo::read(std::process::id() as i32).unwrap();
+        assert!(!me.is_zombie());
+        assert!(me.start_time > 0);
+    }
+}

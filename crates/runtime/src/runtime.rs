@@ -1,0 +1,130 @@
+//! The driver-independent runtime interface.
+
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+
+/// Resource limits applied to one sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub vcpus: u32,
+    pub memory_mb: u64,
+    pub pids_max: u64,
+}
+
+/// Everything a driver needs to boot one sandbox.
+#[derive(Debug, Clone)]
+pub struct BootSpec {
+    /// Unique sandbox id: `[A-Za-z0-9_-]`, 1..=64 chars (used in paths and cgroup names).
+    pub id: String,
+    /// Template root filesystem (read-only lower layer).
+    pub rootfs: PathBuf,
+    /// Access token envd will require on every call but `/health`.
+    pub token: String,
+    pub hostname: String,
+    pub limits: Limits,
+}
+
+/// A sandbox whose envd answered `/health`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Booted {
+    pub id: String,
+    /// Host path of the unix socket envd listens on.
+    pub envd_socket: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("runtime unavailable on this host: {0}")]
+    Unsupported(String),
+    #[error("invalid sandbox spec: {0}")]
+    InvalidSpec(String),
+    #[error("sandbox {0} already exists")]
+    AlreadyExists(String),
+    #[error("cgroup setup for sandbox {id} failed: {message}")]
+    Cgroup { id: String, message: String },
+    #[error("failed to start the launcher for sandbox {id}: {source}")]
+    Launch {
+        id: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("sandbox {id} did not become healthy: {message}")]
+    BootFailed { id: String, message: String },
+    #[error("failed to destroy sandbox {id}: {message}")]
+    Destroy { id: String, message: String },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl RuntimeError {
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        RuntimeError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// A sandbox driver. Object-safe: the server holds an `Arc<dyn Runtime>`.
+#[async_trait]
+pub trait Runtime: Send + Sync {
+    /// Short driver name, e.g. `"namespace"`.
+    fn kind(&self) -> &'static str;
+
+    /// Boots a sandbox; returns once its envd answers `/health`.
+    async fn boot(&self, spec: BootSpec) -> Result<Booted, RuntimeError>;
+
+    /// Tears a sandbox down completely (processes, mounts, directories,
+    /// cgroups). Destroying an unknown or already destroyed id succeeds.
+    async fn destroy(&self, id: &str) -> Result<(), RuntimeError>;
+
+    /// Ids of sandboxes present on this node (alive or not), from the
+    /// driver's state directory; used to reconcile after a server restart.
+    async fn list(&self) -> Result<Vec<String>, RuntimeError>;
+
+    /// Whether the sandbox's processes are running and envd answers `/health`.
+    async fn is_alive(&self, id: &str) -> bool;
+
+    /// Host path of the sandbox's envd unix socket.
+    fn envd_socket(&self, id: &str) -> PathBuf;
+}
+
+/// Ids become path components and cgroup names: keep them boring.
+pub(crate) fn validate_id(id: &str) -> Result<(), RuntimeError> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(RuntimeError::InvalidSpec(format!(
+            "sandbox id {id:?} must be 1..=64 chars of [A-Za-z0-9_-]"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_validated() {
+        assert!(validate_id("sbx-1_a").is_ok());
+        for bad in ["", "../x", "a/b", ".hidden", "a b", &"x".repeat(65)] {
+            assert!(validate_id(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn runtime_is_object_safe() {
+        fn _takes(_: &dyn Runtime) {}
+    }
+}
