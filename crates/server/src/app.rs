@@ -1,13 +1,14 @@
 //! Wiring: state, router, start-up duties and the serve loop.
 
 use crate::config::{BlobBackend, Config};
-use crate::routes::{health, volumes};
-use crate::{auth, metrics};
+use crate::routes::{commands, files, health, sandboxes, volumes};
+use crate::{auth, metrics, node};
 use anyhow::Context;
 use axum::extract::{DefaultBodyLimit, Request};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use sandbox_blobs::{BlobStore, LocalBlobStore, S3BlobStore, S3Settings, VOLUMES_PREFIX};
+use sandbox_orchestrator::Orchestrator;
 use sandbox_store::Store;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +24,7 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub store: Arc<dyn Store>,
     pub blobs: Arc<dyn BlobStore>,
+    pub orchestrator: Arc<Orchestrator>,
 }
 
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
@@ -75,6 +77,52 @@ pub fn router(state: AppState) -> Router {
         .route("/volumes", get(volumes::list).post(volumes::create))
         .route("/volumes/{id}", get(volumes::get).delete(volumes::delete))
         .route("/volumes/{id}/download", get(volumes::download))
+        .route("/sandboxes", get(sandboxes::list).post(sandboxes::create))
+        .route("/sandboxes/kill-many", post(sandboxes::kill_many))
+        .route(
+            "/sandboxes/{id}",
+            get(sandboxes::get).delete(sandboxes::kill),
+        )
+        .route("/sandboxes/{id}/status", get(sandboxes::status))
+        .route(
+            "/sandboxes/{id}/timeout",
+            axum::routing::patch(sandboxes::set_timeout),
+        )
+        .route(
+            "/sandboxes/{id}/metrics",
+            get(sandboxes::metrics_not_implemented),
+        )
+        .route(
+            "/sandboxes/{id}/commands",
+            get(commands::list).post(commands::run),
+        )
+        .route("/sandboxes/{id}/commands/stream", post(commands::stream))
+        .route(
+            "/sandboxes/{id}/commands/{pid}",
+            axum::routing::delete(commands::kill),
+        )
+        .route("/sandboxes/{id}/commands/{pid}/wait", get(commands::wait))
+        .route(
+            "/sandboxes/{id}/commands/{pid}/stdin",
+            post(commands::stdin),
+        )
+        .route(
+            "/sandboxes/{id}/files",
+            get(files::read)
+                .post(files::write)
+                .delete(files::remove)
+                .patch(files::rename),
+        )
+        .route(
+            "/sandboxes/{id}/files/raw",
+            get(files::read).put(files::write_raw),
+        )
+        .route("/sandboxes/{id}/files/batch", post(files::write_batch))
+        .route("/sandboxes/{id}/files/list", get(files::list))
+        .route("/sandboxes/{id}/files/exists", get(files::exists))
+        .route("/sandboxes/{id}/files/info", get(files::info))
+        .route("/sandboxes/{id}/files/mkdir", post(files::mkdir))
+        .route("/sandboxes/{id}/files/watch", post(files::watch))
         .route("/health", get(health::health))
         .with_state(state);
     let metrics_routes = Router::new()
@@ -144,10 +192,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     let address = listener.local_addr()?;
+    let orchestrator = node::start(&config, store.clone()).await?;
     let state = AppState {
         config: Arc::new(config),
         store,
         blobs,
+        orchestrator: orchestrator.clone(),
     };
     tracing::info!(%address, "serving");
     // Tests and scripts read this line to learn the port when listening on :0.
@@ -155,6 +205,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown_signal())
         .await?;
+    orchestrator.shutdown().await;
     Ok(())
 }
 

@@ -19,6 +19,39 @@ pub struct Config {
     pub blobs: BlobsConfig,
     pub volumes: VolumesConfig,
     pub log: LogConfig,
+    pub runtime: RuntimeConfig,
+    pub pool: PoolConfig,
+    pub sandboxes: SandboxesConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeKind {
+    Auto,
+    Namespace,
+    Disabled,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RuntimeConfig {
+    pub kind: RuntimeKind,
+    pub state_dir: String,
+    pub templates_dir: String,
+    pub template_definitions_dir: String,
+    pub envd_path: String,
+    pub build_templates_on_start: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct PoolConfig {
+    pub sizes: std::collections::BTreeMap<String, usize>,
+    pub max_cold_boots: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct SandboxesConfig {
+    pub default_timeout_secs: u64,
+    pub node_id: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -96,6 +129,39 @@ impl Config {
         } else {
             self.database.url.clone()
         }
+    }
+
+    fn under_data_dir(&self, configured: &str, default: &str) -> PathBuf {
+        if configured.is_empty() {
+            self.data_dir.join(default)
+        } else {
+            PathBuf::from(configured)
+        }
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.under_data_dir(&self.runtime.state_dir, "sandboxes")
+    }
+
+    pub fn templates_dir(&self) -> PathBuf {
+        self.under_data_dir(&self.runtime.templates_dir, "templates")
+    }
+
+    pub fn envd_path(&self) -> PathBuf {
+        if !self.runtime.envd_path.is_empty() {
+            return PathBuf::from(&self.runtime.envd_path);
+        }
+        let exe = std::env::current_exe().unwrap_or_default();
+        exe.with_file_name("envd")
+    }
+
+    pub fn node_id(&self) -> String {
+        if !self.sandboxes.node_id.is_empty() {
+            return self.sandboxes.node_id.clone();
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "local".into())
     }
 
     pub fn blob_dir(&self) -> PathBuf {

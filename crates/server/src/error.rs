@@ -5,6 +5,8 @@
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use envd_protocol::client::EnvdError;
+use sandbox_orchestrator::OrchestratorError;
 use serde_json::json;
 
 #[derive(Debug, thiserror::Error)]
@@ -15,6 +17,23 @@ pub enum ApiError {
     BadRequest(String),
     #[error("{0} not found")]
     NotFound(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    Gone(String),
+    #[error("{message}")]
+    Unprocessable { code: &'static str, message: String },
+    #[error("{0}")]
+    BadGateway(String),
+    #[error("{0}")]
+    NotImplemented(String),
+    /// An error the sandbox agent reported, passed through as it came.
+    #[error("{message}")]
+    Agent {
+        status: StatusCode,
+        code: String,
+        message: String,
+    },
     #[error("{0}")]
     PayloadTooLarge(String),
     #[error("{message}")]
@@ -35,6 +54,12 @@ impl ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::Gone(_) => StatusCode::GONE,
+            ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            ApiError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
+            ApiError::Agent { status, .. } => *status,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -42,11 +67,17 @@ impl ApiError {
         }
     }
 
-    fn code(&self) -> &'static str {
+    fn code(&self) -> &str {
         match self {
             ApiError::Unauthorized => "unauthorized",
             ApiError::BadRequest(_) => "bad_request",
             ApiError::NotFound(_) => "not_found",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::Gone(_) => "sandbox_killed",
+            ApiError::Unprocessable { code, .. } => code,
+            ApiError::BadGateway(_) => "envd_unreachable",
+            ApiError::NotImplemented(_) => "not_implemented",
+            ApiError::Agent { code, .. } => code,
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::Conflict { code, .. } => code,
             ApiError::Unavailable(_) => "unavailable",
@@ -88,6 +119,48 @@ impl From<sandbox_blobs::BlobError> for ApiError {
             sandbox_blobs::BlobError::NotFound(key) => ApiError::NotFound(format!("blob {key}")),
             other => ApiError::Unavailable(format!("object storage unavailable: {other}")),
         }
+    }
+}
+
+impl From<OrchestratorError> for ApiError {
+    fn from(e: OrchestratorError) -> Self {
+        let message = e.to_string();
+        match e {
+            OrchestratorError::SandboxNotFound(_) | OrchestratorError::TemplateNotFound(_) => {
+                ApiError::NotFound(message.trim_end_matches(" not found").to_string())
+            }
+            OrchestratorError::SandboxKilled(_) => ApiError::Gone(message),
+            OrchestratorError::TemplateNotReady(_) => ApiError::Conflict {
+                code: "template_not_ready",
+                message,
+                retry_after: None,
+            },
+            OrchestratorError::InvalidRequest(_) => ApiError::BadRequest(message),
+            OrchestratorError::Forbidden(_) => ApiError::Forbidden(message),
+            OrchestratorError::NoCapacity(_) | OrchestratorError::RuntimeUnavailable(_) => {
+                ApiError::Unavailable(message)
+            }
+            OrchestratorError::AgentUnreachable(_) => ApiError::BadGateway(message),
+            OrchestratorError::Agent(EnvdError::Api {
+                status,
+                code,
+                message,
+            }) => ApiError::Agent {
+                status: StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+                code,
+                message,
+            },
+            OrchestratorError::Agent(other) => ApiError::BadGateway(other.to_string()),
+            OrchestratorError::HydrateFailed(_) | OrchestratorError::Internal(_) => {
+                ApiError::Internal(anyhow::anyhow!(message))
+            }
+        }
+    }
+}
+
+impl From<EnvdError> for ApiError {
+    fn from(e: EnvdError) -> Self {
+        OrchestratorError::from(e).into()
     }
 }
 

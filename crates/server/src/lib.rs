@@ -6,6 +6,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod metrics;
+pub mod node;
 pub mod routes;
 pub mod telemetry;
 pub mod timefmt;

@@ -1,6 +1,6 @@
 use clap::{Parser, Subcommand};
 use sandbox_manager::config::Config;
-use sandbox_manager::{app, auth, telemetry};
+use sandbox_manager::{app, auth, node, telemetry};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -28,6 +28,11 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Build and list sandbox templates (root filesystems).
+    Templates {
+        #[command(subcommand)]
+        command: TemplatesCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -40,12 +45,34 @@ enum KeysCommand {
     },
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+#[derive(Subcommand)]
+enum TemplatesCommand {
+    /// Build a template (a no-op when its definition is unchanged).
+    Build {
+        name: String,
+        /// Rebuild even if it is up to date.
+        #[arg(long)]
+        force: bool,
+    },
+    /// List templates and whether they are built.
+    List,
+}
+
+fn main() -> anyhow::Result<()> {
+    // The sandbox launcher must run before any thread exists (it forks), so
+    // it is dispatched ahead of argument parsing and the async runtime.
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(node::LAUNCHER_SUBCOMMAND) {
+        sandbox_runtime::launcher_main(&args[2..]);
+    }
     let cli = Cli::parse();
     let config = Config::load(cli.config.as_deref())?;
     telemetry::init(config.log.format);
-    match cli.command {
+    tokio::runtime::Runtime::new()?.block_on(run(cli.command, config))
+}
+
+async fn run(command: Command, config: Config) -> anyhow::Result<()> {
+    match command {
         Command::Serve => app::serve(config).await,
         Command::Migrate => {
             let store = app::open_store(&config).await?;
@@ -59,6 +86,25 @@ async fn main() -> anyhow::Result<()> {
             let (owner, key) = auth::create_key(store.as_ref(), &owner).await?;
             println!("owner {} ({})", owner.name, owner.id);
             println!("{key}");
+            Ok(())
+        }
+        Command::Templates { command } => {
+            let catalog = node::template_catalog(&config)?;
+            match command {
+                TemplatesCommand::Build { name, force } => {
+                    let rootfs = catalog.build(&name, force).await?;
+                    println!("{name}: {}", rootfs.display());
+                }
+                TemplatesCommand::List => {
+                    for name in catalog.names() {
+                        println!(
+                            "{name}\t{:?}\t{}",
+                            catalog.status(&name)?,
+                            catalog.rootfs_path(&name).display()
+                        );
+                    }
+                }
+            }
             Ok(())
         }
     }

@@ -1,2 +1,5 @@
+pub mod commands;
+pub mod files;
 pub mod health;
+pub mod sandboxes;
 pub mod volumes;

@@ -1,0 +1,13 @@
+//! The orchestrator: turns API calls into sandboxes. It owns the warm pool,
+//! the create/kill lifecycle, deadlines, restart reconciliation and volume
+//! hydration, and hands out envd clients for running sandboxes.
+
+mod error;
+mod ids;
+mod lifecycle;
+mod pool;
+mod timers;
+
+pub use error::OrchestratorError;
+pub use ids::new_sandbox_id;
+pub use lifecycle::{CreateSandbox, Orchestrator, OrchestratorConfig};

@@ -1,0 +1,399 @@
+//! Create, kill, deadlines and restart reconciliation.
+
+use crate::error::OrchestratorError;
+use crate::ids::{new_sandbox_id, new_token};
+use crate::pool::{WarmPool, WarmSandbox};
+use crate::timers::Deadlines;
+use chrono::{DateTime, Utc};
+use envd_protocol::client::EnvdClient;
+use sandbox_runtime::{BootSpec, Runtime, TemplateCatalog, TemplateStatus};
+use sandbox_store::{Sandbox, SandboxState, Store};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+
+type Result<T> = std::result::Result<T, OrchestratorError>;
+
+#[derive(Debug, Clone)]
+pub struct OrchestratorConfig {
+    /// This node's identity, recorded on every sandbox it runs.
+    pub node_id: String,
+    /// Warm sandboxes kept booted per template.
+    pub pool_sizes: BTreeMap<String, usize>,
+    /// Boots allowed on the request path at once when a pool is empty.
+    pub max_cold_boots: usize,
+}
+
+/// A validated create request.
+#[derive(Debug, Clone, Default)]
+pub struct CreateSandbox {
+    pub template: String,
+    /// 0 = no deadline.
+    pub timeout_secs: u64,
+    pub metadata: BTreeMap<String, String>,
+    pub envs: BTreeMap<String, String>,
+    /// Accepted create fields we store but do not act on (network, …).
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+pub struct Orchestrator {
+    store: Arc<dyn Store>,
+    /// `None` when this host cannot run sandboxes; the reason says why.
+    runtime: std::result::Result<Arc<dyn Runtime>, String>,
+    templates: Arc<TemplateCatalog>,
+    pool: WarmPool,
+    deadlines: Deadlines,
+    agents: Mutex<HashMap<String, EnvdClient>>,
+    /// Templates seen ready; a built template stays built while we run.
+    ready_templates: Mutex<HashSet<String>>,
+    cold_boots: Semaphore,
+    config: OrchestratorConfig,
+    me: Weak<Orchestrator>,
+}
+
+fn deadline(from: DateTime<Utc>, timeout_secs: u64) -> Option<DateTime<Utc>> {
+    (timeout_secs > 0).then(|| from + chrono::Duration::seconds(timeout_secs as i64))
+}
+
+impl Orchestrator {
+    pub fn new(
+        store: Arc<dyn Store>,
+        runtime: std::result::Result<Arc<dyn Runtime>, String>,
+        templates: Arc<TemplateCatalog>,
+        config: OrchestratorConfig,
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|me| Orchestrator {
+            store,
+            runtime,
+            templates,
+            pool: WarmPool::new(config.pool_sizes.clone()),
+            deadlines: Deadlines::default(),
+            agents: Mutex::default(),
+            ready_templates: Mutex::default(),
+            cold_boots: Semaphore::new(config.max_cold_boots.max(1)),
+            config,
+            me: me.clone(),
+        })
+    }
+
+    pub fn runtime_kind(&self) -> std::result::Result<&'static str, String> {
+        self.runtime
+            .as_ref()
+            .map(|r| r.kind())
+            .map_err(Clone::clone)
+    }
+
+    pub fn templates(&self) -> &TemplateCatalog {
+        &self.templates
+    }
+
+    pub fn pool_ready(&self, template: &str) -> usize {
+        self.pool.len(template)
+    }
+
+    fn runtime(&self) -> Result<&Arc<dyn Runtime>> {
+        self.runtime
+            .as_ref()
+            .map_err(|why| OrchestratorError::RuntimeUnavailable(why.clone()))
+    }
+
+    fn template_rootfs(&self, name: &str) -> Result<std::path::PathBuf> {
+        if self.ready_templates.lock().unwrap().contains(name) {
+            return Ok(self.templates.rootfs_path(name));
+        }
+        match self.templates.status(name) {
+            Err(_) => Err(OrchestratorError::TemplateNotFound(name.to_string())),
+            Ok(TemplateStatus::Ready) => {
+                self.ready_templates
+                    .lock()
+                    .unwrap()
+                    .insert(name.to_string());
+                Ok(self.templates.rootfs_path(name))
+            }
+            Ok(_) => Err(OrchestratorError::TemplateNotReady(name.to_string())),
+        }
+    }
+
+    /// Boots a fresh sandbox of `template` and waits for its agent.
+    async fn boot(&self, template: &str) -> Result<WarmSandbox> {
+        let runtime = self.runtime()?;
+        let rootfs = self.template_rootfs(template)?;
+        let definition = self
+            .templates
+            .get(template)
+            .ok_or_else(|| OrchestratorError::TemplateNotFound(template.to_string()))?;
+        let id = new_sandbox_id();
+        let token = new_token();
+        let started = Instant::now();
+        let booted = runtime
+            .boot(BootSpec {
+                id: id.clone(),
+                rootfs,
+                token: token.clone(),
+                hostname: id.clone(),
+                limits: definition.limits(),
+            })
+            .await
+            .map_err(|e| OrchestratorError::NoCapacity(e.to_string()))?;
+        metrics::histogram!("sandbox_boot_seconds", "template" => template.to_string())
+            .record(started.elapsed().as_secs_f64());
+        Ok(WarmSandbox { booted, token })
+    }
+
+    /// Keeps every pool at its target size, for as long as the process runs.
+    pub fn start_pool_refill(self: &Arc<Self>) {
+        let orchestrator = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let short = orchestrator.refill_once().await;
+                // Retry soon after a failure or an unready template.
+                let pause = if short {
+                    Duration::from_secs(2)
+                } else {
+                    Duration::from_secs(30)
+                };
+                let _ = tokio::time::timeout(pause, orchestrator.pool.refill.notified()).await;
+            }
+        });
+    }
+
+    /// Boots until every pool is full; returns true if one stayed short.
+    async fn refill_once(&self) -> bool {
+        if self.runtime.is_err() {
+            return false;
+        }
+        let mut short = false;
+        let targets: Vec<(String, usize)> = self
+            .pool
+            .templates()
+            .map(|(t, n)| (t.clone(), *n))
+            .collect();
+        for (template, target) in targets {
+            while self.pool.len(&template) < target {
+                match self.boot(&template).await {
+                    Ok(warm) => self.pool.add(&template, warm),
+                    Err(OrchestratorError::TemplateNotReady(_)) => {
+                        short = true;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(template, error = %e, "warm pool boot failed");
+                        short = true;
+                        break;
+                    }
+                }
+            }
+        }
+        short
+    }
+
+    /// A warm sandbox if the pool has a healthy one, else a cold boot.
+    async fn claim_or_boot(&self, template: &str) -> Result<WarmSandbox> {
+        while let Some(warm) = self.pool.claim(template) {
+            let client = EnvdClient::unix(&warm.booted.envd_socket, &warm.token);
+            if client.health().await.is_ok() {
+                return Ok(warm);
+            }
+            tracing::warn!(sandbox_id = %warm.booted.id, "discarding dead pool sandbox");
+            self.destroy_quietly(&warm.booted.id).await;
+        }
+        let _permit = self.cold_boots.acquire().await.expect("never closed");
+        tracing::info!(template, "pool empty: booting on the request path");
+        self.boot(template).await
+    }
+
+    pub async fn create(&self, owner_id: &str, request: CreateSandbox) -> Result<Sandbox> {
+        self.runtime()?;
+        self.template_rootfs(&request.template)?;
+        let warm = self.claim_or_boot(&request.template).await?;
+        let id = warm.booted.id.clone();
+        match self.finish_create(owner_id, request, &warm).await {
+            Ok(sandbox) => Ok(sandbox),
+            Err(e) => {
+                self.destroy_quietly(&id).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn finish_create(
+        &self,
+        owner_id: &str,
+        request: CreateSandbox,
+        warm: &WarmSandbox,
+    ) -> Result<Sandbox> {
+        let client = EnvdClient::unix(&warm.booted.envd_socket, &warm.token);
+        if !request.envs.is_empty() {
+            client.set_env(request.envs.clone()).await?;
+        }
+        let started_at = Utc::now();
+        let sandbox = Sandbox {
+            id: warm.booted.id.clone(),
+            owner_id: owner_id.to_string(),
+            template: request.template,
+            state: SandboxState::Running,
+            node_id: self.config.node_id.clone(),
+            envd_token: warm.token.clone(),
+            timeout_secs: request.timeout_secs as i64,
+            metadata: request.metadata,
+            envs: request.envs,
+            extra: request.extra,
+            volumes: serde_json::Value::Array(Vec::new()),
+            started_at,
+            end_at: deadline(started_at, request.timeout_secs),
+            killed_at: None,
+        };
+        self.store.insert_sandbox(&sandbox).await?;
+        self.agents
+            .lock()
+            .unwrap()
+            .insert(sandbox.id.clone(), client);
+        if let Some(at) = sandbox.end_at {
+            self.arm_deadline(&sandbox.id, at);
+        }
+        metrics::counter!("sandboxes_created_total", "template" => sandbox.template.clone())
+            .increment(1);
+        tracing::info!(sandbox_id = %sandbox.id, owner_id, template = %sandbox.template, "sandbox created");
+        Ok(sandbox)
+    }
+
+    fn arm_deadline(&self, id: &str, at: DateTime<Utc>) {
+        let me = self.me.clone();
+        let sandbox_id = id.to_string();
+        self.deadlines.arm(id, at, async move {
+            if let Some(orchestrator) = me.upgrade() {
+                orchestrator.deadlines.forget(&sandbox_id);
+                tracing::info!(sandbox_id, "deadline reached: killing");
+                orchestrator.terminate(&sandbox_id).await;
+            }
+        });
+    }
+
+    pub async fn get(&self, owner_id: &str, id: &str) -> Result<Sandbox> {
+        self.store
+            .get_sandbox(owner_id, id)
+            .await?
+            .ok_or_else(|| OrchestratorError::SandboxNotFound(id.to_string()))
+    }
+
+    /// Kills an owner's sandbox; `Ok(false)` if it was already dead.
+    pub async fn kill(&self, owner_id: &str, id: &str) -> Result<bool> {
+        let sandbox = self.get(owner_id, id).await?;
+        if sandbox.state == SandboxState::Killed {
+            return Ok(false);
+        }
+        self.deadlines.cancel(id);
+        Ok(self.terminate(id).await)
+    }
+
+    /// Marks killed, then tears down. Returns whether this call killed it.
+    async fn terminate(&self, id: &str) -> bool {
+        let killed = match self.store.mark_sandbox_killed(id).await {
+            Ok(killed) => killed,
+            Err(e) => {
+                tracing::error!(sandbox_id = id, error = %e, "could not record kill");
+                false
+            }
+        };
+        self.agents.lock().unwrap().remove(id);
+        self.destroy_quietly(id).await;
+        if killed {
+            metrics::counter!("sandboxes_killed_total").increment(1);
+        }
+        killed
+    }
+
+    async fn destroy_quietly(&self, id: &str) {
+        if let Ok(runtime) = self.runtime() {
+            if let Err(e) = runtime.destroy(id).await {
+                tracing::error!(sandbox_id = id, error = %e, "destroy failed");
+            }
+        }
+    }
+
+    pub async fn set_timeout(&self, owner_id: &str, id: &str, timeout_secs: u64) -> Result<()> {
+        let sandbox = self.get(owner_id, id).await?;
+        if sandbox.state == SandboxState::Killed {
+            return Err(OrchestratorError::SandboxKilled(id.to_string()));
+        }
+        let end_at = deadline(Utc::now(), timeout_secs);
+        if !self
+            .store
+            .set_sandbox_deadline(owner_id, id, timeout_secs as i64, end_at)
+            .await?
+        {
+            return Err(OrchestratorError::SandboxKilled(id.to_string()));
+        }
+        match end_at {
+            Some(at) => self.arm_deadline(id, at),
+            None => self.deadlines.cancel(id),
+        }
+        Ok(())
+    }
+
+    /// The envd client of a running sandbox of this owner.
+    pub async fn agent(&self, owner_id: &str, id: &str) -> Result<EnvdClient> {
+        let sandbox = self.get(owner_id, id).await?;
+        if sandbox.state == SandboxState::Killed {
+            return Err(OrchestratorError::SandboxKilled(id.to_string()));
+        }
+        if let Some(client) = self.agents.lock().unwrap().get(id) {
+            return Ok(client.clone());
+        }
+        let socket = self.runtime()?.envd_socket(id);
+        let client = EnvdClient::unix(socket, &sandbox.envd_token);
+        self.agents
+            .lock()
+            .unwrap()
+            .insert(id.to_string(), client.clone());
+        Ok(client)
+    }
+
+    /// After a restart: sandboxes whose machine is gone are marked killed,
+    /// machines without a row (old pool members, orphans) are destroyed,
+    /// and the deadlines of the survivors are armed again.
+    pub async fn reconcile(&self) -> Result<()> {
+        let runtime = match self.runtime() {
+            Ok(runtime) => runtime.clone(),
+            Err(_) => return Ok(()),
+        };
+        let present: HashSet<String> = runtime
+            .list()
+            .await
+            .map_err(|e| OrchestratorError::Internal(e.to_string()))?
+            .into_iter()
+            .collect();
+        let mut kept = HashSet::new();
+        for sandbox in self
+            .store
+            .running_sandboxes_on(&self.config.node_id)
+            .await?
+        {
+            let alive = present.contains(&sandbox.id) && runtime.is_alive(&sandbox.id).await;
+            let expired = sandbox.end_at.is_some_and(|at| at <= Utc::now());
+            if alive && !expired {
+                if let Some(at) = sandbox.end_at {
+                    self.arm_deadline(&sandbox.id, at);
+                }
+                kept.insert(sandbox.id.clone());
+                tracing::info!(sandbox_id = %sandbox.id, "re-adopted running sandbox");
+            } else {
+                tracing::info!(sandbox_id = %sandbox.id, alive, expired, "sandbox gone after restart: marking killed");
+                self.terminate(&sandbox.id).await;
+            }
+        }
+        for id in present.difference(&kept) {
+            tracing::info!(sandbox_id = %id, "destroying sandbox with no record");
+            self.destroy_quietly(id).await;
+        }
+        Ok(())
+    }
+
+    /// Destroys the warm pool (running sandboxes stay, for re-adoption).
+    pub async fn shutdown(&self) {
+        for warm in self.pool.drain() {
+            self.destroy_quietly(&warm.booted.id).await;
+        }
+    }
+}

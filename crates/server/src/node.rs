@@ -1,0 +1,108 @@
+//! This node's sandbox machinery: templates, the runtime driver and the
+//! orchestrator, plus their start-up duties.
+
+use crate::config::{Config, RuntimeKind};
+use anyhow::Context;
+use sandbox_orchestrator::{Orchestrator, OrchestratorConfig};
+use sandbox_runtime::{
+    LauncherCommand, NamespaceConfig, NamespaceRuntime, Runtime, TemplateCatalog, TemplateDef,
+};
+use sandbox_store::Store;
+use std::sync::Arc;
+
+/// The hidden subcommand the namespace runtime execs to set up a sandbox.
+pub const LAUNCHER_SUBCOMMAND: &str = "__sandbox-launcher";
+
+const BUILT_IN_TEMPLATES: [(&str, &str); 2] = [
+    ("base", include_str!("../../../config/templates/base.toml")),
+    (
+        "python",
+        include_str!("../../../config/templates/python.toml"),
+    ),
+];
+
+pub fn template_catalog(config: &Config) -> anyhow::Result<TemplateCatalog> {
+    let mut definitions = Vec::new();
+    for (name, text) in BUILT_IN_TEMPLATES {
+        definitions.push(TemplateDef::parse(name, text)?);
+    }
+    let extra_dir = &config.runtime.template_definitions_dir;
+    if !extra_dir.is_empty() {
+        let extra = TemplateCatalog::load(extra_dir, config.templates_dir())
+            .with_context(|| format!("loading template definitions from {extra_dir}"))?;
+        for name in extra.names() {
+            definitions.retain(|d: &TemplateDef| d.name != name);
+            definitions.extend(extra.get(&name).cloned());
+        }
+    }
+    Ok(TemplateCatalog::from_definitions(
+        definitions,
+        config.templates_dir(),
+    ))
+}
+
+/// The runtime this host can run, or why it cannot run any.
+pub fn runtime(config: &Config) -> Result<Arc<dyn Runtime>, String> {
+    if config.runtime.kind == RuntimeKind::Disabled {
+        return Err("sandboxes are disabled by runtime.kind = \"disabled\"".into());
+    }
+    NamespaceRuntime::probe().map_err(|e| e.to_string())?;
+    let envd = config.envd_path();
+    if !envd.is_file() {
+        return Err(format!(
+            "envd binary not found at {} (build it with `cargo build -p envd` or set runtime.envd_path)",
+            envd.display()
+        ));
+    }
+    let program = std::env::current_exe().map_err(|e| format!("locating our own binary: {e}"))?;
+    Ok(Arc::new(NamespaceRuntime::new(NamespaceConfig {
+        state_dir: config.state_dir(),
+        envd_binary: envd,
+        launcher: LauncherCommand {
+            program,
+            args_prefix: vec![LAUNCHER_SUBCOMMAND.into()],
+        },
+    })))
+}
+
+pub async fn start(config: &Config, store: Arc<dyn Store>) -> anyhow::Result<Arc<Orchestrator>> {
+    let templates = Arc::new(template_catalog(config)?);
+    let runtime = runtime(config);
+    match &runtime {
+        Ok(runtime) => tracing::info!(runtime = runtime.kind(), "sandbox runtime ready"),
+        Err(why) => {
+            tracing::warn!(reason = %why, "no sandbox runtime: sandbox calls will answer 503")
+        }
+    }
+    let orchestrator = Orchestrator::new(
+        store,
+        runtime,
+        templates.clone(),
+        OrchestratorConfig {
+            node_id: config.node_id(),
+            pool_sizes: config.pool.sizes.clone(),
+            max_cold_boots: config.pool.max_cold_boots,
+        },
+    );
+    if orchestrator.runtime_kind().is_ok() {
+        orchestrator.reconcile().await?;
+        if config.runtime.build_templates_on_start {
+            for name in templates.names() {
+                let templates = templates.clone();
+                tokio::spawn(async move {
+                    tracing::info!(template = %name, "ensuring template is built");
+                    match templates.ensure_built(&name).await {
+                        Ok(path) => {
+                            tracing::info!(template = %name, rootfs = %path.display(), "template ready")
+                        }
+                        Err(e) => {
+                            tracing::error!(template = %name, error = %e, "template build failed")
+                        }
+                    }
+                });
+            }
+        }
+        orchestrator.start_pool_refill();
+    }
+    Ok(orchestrator)
+}

@@ -1,0 +1,276 @@
+//! `/sandboxes/{id}/commands`: run (foreground or background), list, wait,
+//! stdin, kill, and streamed output as Server-Sent Events.
+
+use crate::app::AppState;
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiResult};
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use envd_protocol::types::{ProcessEvent, ProcessRequest, RunResult};
+use futures::{Stream, StreamExt};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::time::Duration;
+
+#[derive(Deserialize)]
+struct RunBody {
+    cmd: String,
+    #[serde(default)]
+    background: bool,
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    envs: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    cwd: Option<String>,
+    #[serde(default)]
+    timeout: Option<u64>,
+    /// The SDK sends this to reserve a stdin pipe for background commands.
+    #[serde(default)]
+    stdin: Option<Value>,
+}
+
+fn parse_run(body: &[u8]) -> ApiResult<(ProcessRequest, bool)> {
+    let body: RunBody = serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid command request: {e}")))?;
+    if body.cmd.trim().is_empty() {
+        return Err(ApiError::BadRequest("cmd must not be empty".into()));
+    }
+    let request = ProcessRequest {
+        cmd: body.cmd,
+        user: body
+            .user
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| "user".into()),
+        cwd: body.cwd.filter(|c| !c.is_empty()),
+        envs: body.envs.unwrap_or_default(),
+        timeout: body.timeout,
+        stdin: body
+            .stdin
+            .is_some_and(|v| !v.is_null() && v != Value::Bool(false)),
+    };
+    Ok((request, body.background))
+}
+
+fn result_json(result: RunResult) -> Value {
+    json!({
+        "stdout": result.stdout,
+        "stderr": result.stderr,
+        "exit_code": result.exit_code,
+        "timed_out": result.timed_out,
+    })
+}
+
+fn parse_pid(pid: &str) -> ApiResult<u32> {
+    pid.parse()
+        .map_err(|_| ApiError::BadRequest(format!("pid must be an integer, got {pid:?}")))
+}
+
+pub async fn run(
+    State(state): State<AppState>,
+    Caller(owner): Caller,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
+    let (request, background) = parse_run(&body)?;
+    let agent = state.orchestrator.agent(&owner.id, &id).await?;
+    if background {
+        let pid = agent.start(&request).await?;
+        return Ok(Json(json!({ "pid": pid })));
+    }
+    Ok(Json(result_json(agent.run(&request).await?)))
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    Caller(owner): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let agent = state.orchestrator.agent(&owner.id, &id).await?;
+    let processes: Vec<Value> = agent
+        .list_processes()
+        .await?
+        .into_iter()
+        .filter(|p| p.running)
+        .map(|p| json!({ "pid": p.pid, "cmd": p.cmd, "is_pty": false, "envs": p.envs }))
+        .collect();
+    Ok(Json(Value::Array(processes)))
+}
+
+pub async fn wait(
+    State(state): State<AppState>,
+    Caller(owner): Caller,
+    Path((id, pid)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let pid = parse_pid(&pid)?;
+    let agent = state.orchestrator.agent(&owner.id, &id).await?;
+    Ok(Json(result_json(agent.wait(pid).await?)))
+}
+
+#[derive(Deserialize)]
+struct StdinBody {
+    data: String,
+}
+
+pub async fn stdin(
+    State(state): State<AppState>,
+    Caller(owner): Caller,
+    Path((id, pid)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
+    let pid = parse_pid(&pid)?;
+    let body: StdinBody = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("expected {{\"data\": text}}: {e}")))?;
+    let agent = state.orchestrator.agent(&owner.id, &id).await?;
+    agent.write_stdin(pid, &body.data).await?;
+    Ok(Json(json!({})))
+}
+
+pub async fn kill(
+    State(state): State<AppState>,
+    Caller(owner): Caller,
+    Path((id, pid)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let pid = parse_pid(&pid)?;
+    let agent = state.orchestrator.agent(&owner.id, &id).await?;
+    let killed = match agent.kill(pid).await {
+        Ok(killed) => killed,
+        Err(e) if e.status() == Some(404) => false,
+        Err(e) => return Err(e.into()),
+    };
+    Ok(Json(json!({ "killed": killed })))
+}
+
+/// Splits output into lines without their newline: the Python SDK joins
+/// stream chunks with "\n" (contract §4.3), so a chunk must be one line.
+#[derive(Default)]
+struct LineSplitter {
+    partial: String,
+}
+
+impl LineSplitter {
+    fn push(&mut self, data: &str) -> Vec<String> {
+        self.partial.push_str(data);
+        let mut lines = Vec::new();
+        while let Some(end) = self.partial.find('\n') {
+            let line: String = self.partial.drain(..=end).collect();
+            lines.push(line.trim_end_matches('\n').to_string());
+        }
+        lines
+    }
+
+    fn flush(&mut self) -> Option<String> {
+        (!self.partial.is_empty()).then(|| std::mem::take(&mut self.partial))
+    }
+}
+
+fn output_event(stream: &str, line: String) -> Event {
+    Event::default()
+        .event(stream)
+        .data(json!({ "type": stream, "stream": stream, "data": line }).to_string())
+}
+
+/// Turns agent process events into the SSE events every SDK parses.
+fn sse_events(
+    mut events: impl Stream<Item = Result<ProcessEvent, envd_protocol::client::EnvdError>>
+        + Unpin
+        + Send
+        + 'static,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    async_stream(move |tx| async move {
+        let (mut out, mut err) = (LineSplitter::default(), LineSplitter::default());
+        while let Some(event) = events.next().await {
+            let sent = match event {
+                Ok(ProcessEvent::Stdout { data }) => out
+                    .push(&data)
+                    .into_iter()
+                    .map(|l| output_event("stdout", l))
+                    .collect(),
+                Ok(ProcessEvent::Stderr { data }) => err
+                    .push(&data)
+                    .into_iter()
+                    .map(|l| output_event("stderr", l))
+                    .collect(),
+                Ok(ProcessEvent::Exit {
+                    exit_code,
+                    timed_out,
+                }) => {
+                    let mut last: Vec<Event> = Vec::new();
+                    last.extend(out.flush().map(|l| output_event("stdout", l)));
+                    last.extend(err.flush().map(|l| output_event("stderr", l)));
+                    last.push(Event::default().event("exit").data(
+                        json!({ "exit_code": exit_code, "timed_out": timed_out }).to_string(),
+                    ));
+                    for event in last {
+                        if tx.send(event).await.is_err() {
+                            return;
+                        }
+                    }
+                    return;
+                }
+                Ok(ProcessEvent::Error { message }) => {
+                    vec![Event::default()
+                        .event("error")
+                        .data(json!({ "error": message }).to_string())]
+                }
+                Ok(ProcessEvent::Start { .. } | ProcessEvent::Keepalive) => Vec::new(),
+                Err(e) => vec![Event::default()
+                    .event("error")
+                    .data(json!({ "error": e.to_string() }).to_string())],
+            };
+            for event in sent {
+                if tx.send(event).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+}
+
+/// A stream fed by a task, so the translation can be written as a loop.
+fn async_stream<F, Fut>(produce: F) -> impl Stream<Item = Result<Event, Infallible>>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Event>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(produce(tx));
+    tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok)
+}
+
+pub async fn stream(
+    State(state): State<AppState>,
+    Caller(owner): Caller,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let (request, _) = parse_run(&body)?;
+    let agent = state.orchestrator.agent(&owner.id, &id).await?;
+    let events = agent.stream(&request).await?;
+    // Comments keep the SDK's read timeout (the command timeout, or 60 s) fed.
+    let keep_alive = KeepAlive::new()
+        .interval(Duration::from_secs(10))
+        .text(" ping");
+    Ok(Sse::new(sse_events(events))
+        .keep_alive(keep_alive)
+        .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LineSplitter;
+
+    #[test]
+    fn splits_lines_across_chunks() {
+        let mut splitter = LineSplitter::default();
+        assert_eq!(splitter.push("a\nb"), vec!["a"]);
+        assert_eq!(splitter.push("c\n\nd"), vec!["bc", ""]);
+        assert_eq!(splitter.flush(), Some("d".to_string()));
+        assert_eq!(splitter.flush(), None);
+    }
+}

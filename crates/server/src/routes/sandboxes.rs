@@ -1,0 +1,347 @@
+//! `/sandboxes`: create (idempotent), get, list, status, timeout, kill.
+
+use crate::app::AppState;
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiResult};
+use crate::timefmt::iso_utc;
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use sandbox_orchestrator::CreateSandbox;
+use sandbox_store::{Sandbox, SandboxPage, SandboxState};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+
+/// The port envd listens on in the SDKs' world; reported, never dialled.
+const ENVD_PORT: u16 = 49983;
+/// How long a create may run before its idempotency claim counts as abandoned.
+const IDEMPOTENCY_STALE_SECS: i64 = 600;
+const MAX_LIST_LIMIT: i64 = 1000;
+
+pub fn sandbox_json(sandbox: &Sandbox) -> Value {
+    let mut body = json!({
+        "sandbox_id": sandbox.id,
+        "template_id": format!("tpl-{}", sandbox.template),
+        "name": sandbox.template,
+        "state": sandbox.state.as_str(),
+        "timeout": sandbox.timeout_secs,
+        "metadata": sandbox.metadata,
+        "envs": sandbox.envs,
+        "envd_port": ENVD_PORT,
+        "started_at": iso_utc(sandbox.started_at),
+        "end_at": sandbox.end_at.map(iso_utc),
+        "volumes": sandbox.volumes,
+    });
+    if let Some(killed_at) = sandbox.killed_at {
+        body["killed_at"] = json!(iso_utc(killed_at));
+    }
+    // Echo accepted-but-inert create fields (network, lifecycle, …).
+    for (key, value) in &sandbox.extra {
+        body.as_object_mut()
+            .unwrap()
+            .entry(key.clone())
+            .or_insert_with(|| value.clone());
+    }
+    body
+}
+
+#[derive(Deserialize)]
+struct CreateBody {
+    #[serde(default)]
+    template: Option<String>,
+    #[serde(default)]
+    timeout: Option<u64>,
+    #[serde(default)]
+    metadata: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    envs: Option<BTreeMap<String, String>>,
+    #[serde(flatten)]
+    extra: Map<String, Value>,
+}
+
+fn parse_create(body: &[u8], default_timeout: u64) -> ApiResult<CreateSandbox> {
+    let body: CreateBody = if body.is_empty() {
+        serde_json::from_str("{}").unwrap()
+    } else {
+        serde_json::from_slice(body)
+            .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?
+    };
+    if body.extra.contains_key("resources") {
+        return Err(ApiError::Forbidden(
+            "per-request resources are not allowed; they come from the template".into(),
+        ));
+    }
+    let template = body
+        .template
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| "base".into());
+    let template = template
+        .strip_prefix("tpl-")
+        .unwrap_or(&template)
+        .to_string();
+    Ok(CreateSandbox {
+        template,
+        timeout_secs: body.timeout.unwrap_or(default_timeout),
+        metadata: body.metadata.unwrap_or_default(),
+        envs: body.envs.unwrap_or_default(),
+        extra: body.extra,
+    })
+}
+
+pub async fn create(
+    State(state): State<AppState>,
+    Caller(owner): Caller,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let request = parse_create(&body, state.config.sandboxes.default_timeout_secs)?;
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .filter(|k| !k.is_empty());
+    let Some(key) = key else {
+        let sandbox = state.orchestrator.create(&owner.id, request).await?;
+        return Ok((StatusCode::CREATED, Json(sandbox_json(&sandbox))).into_response());
+    };
+
+    let body_hash = hex::encode(Sha256::digest(&body));
+    use sandbox_store::IdempotencyClaim::*;
+    match state
+        .store
+        .claim_idempotency_key(&owner.id, key, &body_hash, IDEMPOTENCY_STALE_SECS)
+        .await?
+    {
+        Fresh => {}
+        InProgress => {
+            return Err(ApiError::Conflict {
+                code: "idempotency_in_progress",
+                message: "a create with this Idempotency-Key is still in progress".into(),
+                retry_after: Some(1),
+            })
+        }
+        Done { status, response } => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::CREATED);
+            return Ok((status, [("content-type", "application/json")], response).into_response());
+        }
+        Mismatch => {
+            return Err(ApiError::Unprocessable {
+                code: "idempotency_key_reused",
+                message: "this Idempotency-Key was used with a different request body".into(),
+            })
+        }
+    }
+    match state.orchestrator.create(&owner.id, request).await {
+        Ok(sandbox) => {
+            let response = sandbox_json(&sandbox).to_string();
+            state
+                .store
+                .finish_idempotency_key(&owner.id, key, 201, &response)
+                .await?;
+            Ok((
+                StatusCode::CREATED,
+                [("content-type", "application/json")],
+                response,
+            )
+                .into_response())
+        }
+        Err(e) => {
+            // A failed create leaves no trace, so the SDK's retry runs afresh.
+            state.store.release_idempotency_key(&owner.id, key).await?;
+            Err(e.into())
+        }
+    }
+}
+
+pub async fn get(
+    State(state): State<AppState>,
+    Caller(owner): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let sandbox = state.orchestrator.get(&owner.id, &id).await?;
+    Ok(Json(sandbox_json(&sandbox)))
+}
+
+pub async fn status(
+    State(state): State<AppState>,
+    Caller(owner): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let sandbox = state.orchestrator.get(&owner.id, &id).await?;
+    Ok(Json(
+        json!({ "is_running": sandbox.state == SandboxState::Running }),
+    ))
+}
+
+/// Cursor: `{started_at µs}_{id}` of the last sandbox on the page.
+fn encode_cursor(sandbox: &Sandbox) -> String {
+    format!("{}_{}", sandbox.started_at.timestamp_micros(), sandbox.id)
+}
+
+fn decode_cursor(token: &str) -> ApiResult<(chrono::DateTime<chrono::Utc>, String)> {
+    let invalid = || ApiError::BadRequest(format!("invalid next_token {token:?}"));
+    let (micros, id) = token.split_once('_').ok_or_else(invalid)?;
+    let micros: i64 = micros.parse().map_err(|_| invalid())?;
+    let at = chrono::DateTime::from_timestamp_micros(micros).ok_or_else(invalid)?;
+    Ok((at, id.to_string()))
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    Caller(owner): Caller,
+    RawQuery(query): RawQuery,
+) -> ApiResult<Json<Value>> {
+    let pairs: Vec<(String, String)> =
+        serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
+            .map_err(|e| ApiError::BadRequest(format!("invalid query: {e}")))?;
+    let mut page = SandboxPage {
+        limit: 100,
+        ..Default::default()
+    };
+    let mut all_states = false;
+    for (key, value) in &pairs {
+        match (key.as_str(), value.as_str()) {
+            ("state", "all") => all_states = true,
+            ("state", "running" | "live") => page.states.push(SandboxState::Running),
+            ("state", "killed") => page.states.push(SandboxState::Killed),
+            ("state", "paused" | "creating") => {} // never in these states
+            ("state", other) => {
+                return Err(ApiError::BadRequest(format!("unknown state {other:?}")))
+            }
+            ("limit", n) => {
+                let n: i64 = n
+                    .parse()
+                    .map_err(|_| ApiError::BadRequest(format!("invalid limit {n:?}")))?;
+                page.limit = n.clamp(1, MAX_LIST_LIMIT);
+            }
+            ("next_token", token) if !token.is_empty() => page.before = Some(decode_cursor(token)?),
+            _ => {} // metadata filters from the SDKs are not supported; ignored
+        }
+    }
+    if all_states {
+        page.states.clear();
+    } else if page.states.is_empty() {
+        // Killed sandboxes are hidden unless asked for; a filter that named
+        // only states we never have matches nothing.
+        let asked_for_states = pairs.iter().any(|(k, _)| k == "state");
+        if asked_for_states {
+            return Ok(Json(json!({ "sandboxes": [], "next_token": null })));
+        }
+        page.states.push(SandboxState::Running);
+    }
+    let limit = page.limit;
+    page.limit += 1;
+    let mut sandboxes = state.store.list_sandboxes(&owner.id, &page).await?;
+    let next_token = if sandboxes.len() as i64 > limit {
+        sandboxes.truncate(limit as usize);
+        sandboxes.last().map(encode_cursor)
+    } else {
+        None
+    };
+    let items: Vec<Value> = sandboxes.iter().map(sandbox_json).collect();
+    Ok(Json(
+        json!({ "sandboxes": items, "next_token": next_token }),
+    ))
+}
+
+#[derive(Deserialize)]
+pub struct TimeoutBody {
+    timeout: u64,
+}
+
+pub async fn set_timeout(
+    State(state): State<AppState>,
+    Caller(owner): Caller,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
+    let body: TimeoutBody = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("expected {{\"timeout\": seconds}}: {e}")))?;
+    state
+        .orchestrator
+        .set_timeout(&owner.id, &id, body.timeout)
+        .await?;
+    Ok(Json(json!({ "ok": true })))
+}
+
+#[derive(Deserialize, Default)]
+pub struct KillQuery {
+    #[serde(default, rename = "async")]
+    asynchronous: Option<String>,
+}
+
+impl KillQuery {
+    fn is_async(&self) -> bool {
+        matches!(self.asynchronous.as_deref(), Some("true" | "1"))
+    }
+}
+
+pub async fn kill(
+    State(state): State<AppState>,
+    Caller(owner): Caller,
+    Path(id): Path<String>,
+    axum::extract::Query(query): axum::extract::Query<KillQuery>,
+) -> ApiResult<Response> {
+    if query.is_async() {
+        state.orchestrator.get(&owner.id, &id).await?; // 404 before queueing
+        let orchestrator = state.orchestrator.clone();
+        tokio::spawn(async move {
+            if let Err(e) = orchestrator.kill(&owner.id, &id).await {
+                tracing::warn!(sandbox_id = %id, error = %e, "queued kill failed");
+            }
+        });
+        return Ok((StatusCode::ACCEPTED, Json(json!({ "queued": true }))).into_response());
+    }
+    let killed = state.orchestrator.kill(&owner.id, &id).await?;
+    Ok(Json(json!({ "killed": killed })).into_response())
+}
+
+#[derive(Deserialize)]
+pub struct KillManyBody {
+    sandbox_ids: Vec<String>,
+}
+
+pub async fn kill_many(
+    State(state): State<AppState>,
+    Caller(owner): Caller,
+    axum::extract::Query(query): axum::extract::Query<KillQuery>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let body: KillManyBody = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("expected {{\"sandbox_ids\": [...]}}: {e}")))?;
+    let kills = body.sandbox_ids.iter().map(|id| {
+        let orchestrator = state.orchestrator.clone();
+        let owner_id = owner.id.clone();
+        let id = id.clone();
+        async move {
+            let outcome = orchestrator.kill(&owner_id, &id).await;
+            (id, outcome)
+        }
+    });
+    let outcomes = futures::future::join_all(kills).await;
+    let asynchronous = query.is_async();
+    let results: Map<String, Value> = outcomes
+        .into_iter()
+        .map(|(id, outcome)| {
+            let value = match outcome {
+                Ok(_) if asynchronous => json!({ "queued": true }),
+                Ok(killed) => json!({ "killed": killed }),
+                Err(e) => json!({ "error": e.to_string() }),
+            };
+            (id, value)
+        })
+        .collect();
+    let status = if asynchronous {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(json!({ "results": results }))).into_response())
+}
+
+pub async fn metrics_not_implemented() -> ApiError {
+    ApiError::NotImplemented("per-sandbox metrics are not implemented".into())
+}
