@@ -160,7 +160,10 @@ impl TemplateCatalog {
                 fs::read_to_string(&path).map_err(io_err(format!("reading {}", path.display())))?;
             definitions.insert(name.to_string(), TemplateDef::parse(name, &text)?);
         }
-        Ok(Self::from_definitions(definitions.into_values(), templates_dir))
+        Ok(Self::from_definitions(
+            definitions.into_values(),
+            templates_dir,
+        ))
     }
 
     /// A catalog from in-memory definitions (tests, embedding).
@@ -393,7 +396,15 @@ async fn customize_rootfs(def: &TemplateDef, rootfs: &Path) -> Result<(), Templa
     run_checked(&def.name, groupadd).await?;
     let mut useradd = Command::new("chroot");
     useradd.arg(rootfs).args([
-        "useradd", "-m", "-u", &uid, "-g", &uid, "-s", "/bin/bash", SANDBOX_USER,
+        "useradd",
+        "-m",
+        "-u",
+        &uid,
+        "-g",
+        &uid,
+        "-s",
+        "/bin/bash",
+        SANDBOX_USER,
     ]);
     run_checked(&def.name, useradd).await?;
 
@@ -465,13 +476,26 @@ mod tests {
     fn loads_the_shipped_definitions() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/templates");
         let catalog = TemplateCatalog::load(&dir, "/nonexistent").unwrap();
-        assert_eq!(catalog.names(), vec!["base".to_string(), "python".to_string()]);
+        assert_eq!(
+            catalog.names(),
+            vec!["base".to_string(), "python".to_string()]
+        );
         let python = catalog.get("python").unwrap();
         assert!(python.packages.iter().any(|p| p == "python3"));
         for name in catalog.names() {
             let packages = &catalog.get(&name).unwrap().packages;
-            for needed in ["bash", "coreutils", "curl", "tar", "gzip", "ca-certificates"] {
-                assert!(packages.iter().any(|p| p == needed), "{name} lacks {needed}");
+            for needed in [
+                "bash",
+                "coreutils",
+                "curl",
+                "tar",
+                "gzip",
+                "ca-certificates",
+            ] {
+                assert!(
+                    packages.iter().any(|p| p == needed),
+                    "{name} lacks {needed}"
+                );
             }
         }
     }
@@ -497,7 +521,9 @@ mod tests {
             catalog.status("nope"),
             Err(TemplateError::Unknown(n)) if n == "nope"
         ));
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         assert!(matches!(
             rt.block_on(catalog.build("nope", false)),
             Err(TemplateError::Unknown(_))

@@ -212,8 +212,12 @@ fn enable_v2_controllers(dir: &Path) -> io::Result<()> {
 
 fn write(dir: &Path, file: &str, value: &str) -> io::Result<()> {
     let path = dir.join(file);
-    fs::write(&path, value)
-        .map_err(|e| io::Error::new(e.kind(), format!("writing {value:?} to {}: {e}", path.display())))
+    fs::write(&path, value).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("writing {value:?} to {}: {e}", path.display()),
+        )
+    })
 }
 
 fn write_optional(dir: &Path, file: &str, value: &str) {

@@ -258,6 +258,7 @@ fn exec_envd() -> io::Error {
         "/",
         "--token-file",
         &format!("{AGENT_MOUNT}/token"),
+        "--delete-token-file",
     ]
     .iter()
     .map(|s| CString::new(*s).expect("no NUL"))

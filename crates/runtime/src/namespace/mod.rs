@@ -233,7 +233,12 @@ impl NamespaceRuntime {
             }
             if self.envd_socket(&spec.id).exists() {
                 match tokio::time::timeout(HEALTH_PROBE_TIMEOUT, client.health()).await {
-                    Ok(Ok(_)) => return Ok(()),
+                    Ok(Ok(_)) => {
+                        // envd deletes it itself (--delete-token-file); this
+                        // covers an agent that does not.
+                        let _ = fs::remove_file(self.agent_dir(&spec.id).join("token"));
+                        return Ok(());
+                    }
                     Ok(Err(e)) => debug!(sandbox = %spec.id, error = %e, "envd not ready"),
                     Err(_) => debug!(sandbox = %spec.id, "envd health probe timed out"),
                 }
@@ -253,7 +258,8 @@ impl NamespaceRuntime {
     }
 
     fn log_tail(&self, id: &str) -> String {
-        let text = fs::read_to_string(self.sandbox_dir(id).join("launcher.log")).unwrap_or_default();
+        let text =
+            fs::read_to_string(self.sandbox_dir(id).join("launcher.log")).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(10)..].join(" | ")
     }
@@ -292,6 +298,13 @@ impl NamespaceRuntime {
             )));
         }
         Ok(())
+    }
+
+    /// Blocking [`Runtime::destroy`], for contexts without an async runtime
+    /// (shutdown hooks, `Drop` guards in tests).
+    pub fn destroy_sync(&self, id: &str) -> Result<(), RuntimeError> {
+        validate_id(id)?;
+        self.destroy_blocking(id)
     }
 
     fn destroy_blocking(&self, id: &str) -> Result<(), RuntimeError> {
@@ -486,8 +499,14 @@ fn unescape_mountinfo(field: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 3 < bytes.len() + 0 && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
-            let value = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len() + 0
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
+            let value =
+                (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
             out.push(value);
             i += 4;
         } else {

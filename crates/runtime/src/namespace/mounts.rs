@@ -31,7 +31,13 @@ pub struct RootLayout {
 /// Builds the sandbox root on `merged` and pivots into it.
 pub fn assemble_and_pivot(layout: &RootLayout) -> io::Result<()> {
     // Nothing we mount may propagate back to the host namespace.
-    mount(None, Path::new("/"), None, libc::MS_REC | libc::MS_PRIVATE, None)?;
+    mount(
+        None,
+        Path::new("/"),
+        None,
+        libc::MS_REC | libc::MS_PRIVATE,
+        None,
+    )?;
 
     let merged = &layout.merged;
     let options = format!(
@@ -40,14 +46,24 @@ pub fn assemble_and_pivot(layout: &RootLayout) -> io::Result<()> {
         layout.upper.display(),
         layout.work.display()
     );
-    mount(Some(Path::new("overlay")), merged, Some("overlay"), 0, Some(&options))?;
+    mount(
+        Some(Path::new("overlay")),
+        merged,
+        Some("overlay"),
+        0,
+        Some(&options),
+    )?;
 
     let agent = merged.join(AGENT_MOUNT.trim_start_matches('/'));
     fs::create_dir_all(&agent).map_err(context("creating /.envd"))?;
     bind(&layout.agent, &agent, libc::MS_NOSUID | libc::MS_NODEV)?;
     // The host creates an empty agent/envd as the mount point; the binary is
     // bound read-only over it so the sandbox cannot replace the host's envd.
-    bind(&layout.envd_binary, &agent.join("envd"), libc::MS_NOSUID | libc::MS_NODEV)?;
+    bind(
+        &layout.envd_binary,
+        &agent.join("envd"),
+        libc::MS_NOSUID | libc::MS_NODEV,
+    )?;
     remount_bind_readonly(&agent.join("envd"), libc::MS_NOSUID | libc::MS_NODEV)?;
 
     let proc_dir = merged.join("proc");
@@ -89,7 +105,11 @@ fn setup_dev(dev: &Path) -> io::Result<()> {
     for name in DEVICES {
         let target = dev.join(name);
         fs::File::create(&target).map_err(context(format!("creating /dev/{name}")))?;
-        bind(&Path::new("/dev").join(name), &target, libc::MS_NOSUID | libc::MS_NOEXEC)?;
+        bind(
+            &Path::new("/dev").join(name),
+            &target,
+            libc::MS_NOSUID | libc::MS_NOEXEC,
+        )?;
     }
     for (link, target) in [
         ("fd", "/proc/self/fd"),
@@ -145,7 +165,13 @@ fn pivot_into(new_root: &Path) -> io::Result<()> {
 }
 
 fn bind(source: &Path, target: &Path, extra_flags: libc::c_ulong) -> io::Result<()> {
-    mount(Some(source), target, None, libc::MS_BIND | extra_flags, None)
+    mount(
+        Some(source),
+        target,
+        None,
+        libc::MS_BIND | extra_flags,
+        None,
+    )
 }
 
 fn remount_bind_readonly(target: &Path, extra_flags: libc::c_ulong) -> io::Result<()> {
