@@ -2,12 +2,16 @@
 //! the create/kill lifecycle, deadlines, restart reconciliation and volume
 //! hydration, and hands out envd clients for running sandboxes.
 
+mod cache;
 mod error;
+mod hydrate;
 mod ids;
 mod lifecycle;
 mod pool;
 mod timers;
 
+pub use cache::BlobCache;
 pub use error::OrchestratorError;
+pub use hydrate::{Attachment, HydrateStatus};
 pub use ids::new_sandbox_id;
 pub use lifecycle::{CreateSandbox, Orchestrator, OrchestratorConfig};

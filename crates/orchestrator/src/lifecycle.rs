@@ -1,13 +1,15 @@
 //! Create, kill, deadlines and restart reconciliation.
 
+use crate::cache::BlobCache;
 use crate::error::OrchestratorError;
+use crate::hydrate::{hydrate, Attachment, HydrateStatus};
 use crate::ids::{new_sandbox_id, new_token};
 use crate::pool::{WarmPool, WarmSandbox};
 use crate::timers::Deadlines;
 use chrono::{DateTime, Utc};
 use envd_protocol::client::EnvdClient;
 use sandbox_runtime::{BootSpec, Runtime, TemplateCatalog, TemplateStatus};
-use sandbox_store::{Sandbox, SandboxState, Store};
+use sandbox_store::{Sandbox, SandboxState, Store, Volume};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -23,6 +25,8 @@ pub struct OrchestratorConfig {
     pub pool_sizes: BTreeMap<String, usize>,
     /// Boots allowed on the request path at once when a pool is empty.
     pub max_cold_boots: usize,
+    /// Fail a create whose hydration failed (default: report and go on).
+    pub strict_hydrate: bool,
 }
 
 /// A validated create request.
@@ -35,10 +39,15 @@ pub struct CreateSandbox {
     pub envs: BTreeMap<String, String>,
     /// Accepted create fields we store but do not act on (network, …).
     pub extra: serde_json::Map<String, serde_json::Value>,
+    /// Validated attachments (absolute, normalised, non-overlapping).
+    pub volumes: Vec<Attachment>,
+    /// Per-request override of `strict_hydrate`.
+    pub strict_hydrate: Option<bool>,
 }
 
 pub struct Orchestrator {
     store: Arc<dyn Store>,
+    blob_cache: Arc<BlobCache>,
     /// `None` when this host cannot run sandboxes; the reason says why.
     runtime: std::result::Result<Arc<dyn Runtime>, String>,
     templates: Arc<TemplateCatalog>,
@@ -52,6 +61,12 @@ pub struct Orchestrator {
     me: Weak<Orchestrator>,
 }
 
+fn volume_forbidden(volume_id: &str) -> OrchestratorError {
+    OrchestratorError::Forbidden(format!(
+        "volume {volume_id} cannot be attached: it does not exist, was deleted, or belongs to another owner"
+    ))
+}
+
 fn deadline(from: DateTime<Utc>, timeout_secs: u64) -> Option<DateTime<Utc>> {
     (timeout_secs > 0).then(|| from + chrono::Duration::seconds(timeout_secs as i64))
 }
@@ -59,12 +74,14 @@ fn deadline(from: DateTime<Utc>, timeout_secs: u64) -> Option<DateTime<Utc>> {
 impl Orchestrator {
     pub fn new(
         store: Arc<dyn Store>,
+        blob_cache: Arc<BlobCache>,
         runtime: std::result::Result<Arc<dyn Runtime>, String>,
         templates: Arc<TemplateCatalog>,
         config: OrchestratorConfig,
     ) -> Arc<Self> {
         Arc::new_cyclic(|me| Orchestrator {
             store,
+            blob_cache,
             runtime,
             templates,
             pool: WarmPool::new(config.pool_sizes.clone()),
@@ -203,12 +220,29 @@ impl Orchestrator {
         self.boot(template).await
     }
 
+    /// Drops a deleted volume's cached blob.
+    pub fn forget_volume(&self, volume_id: &str) {
+        self.blob_cache.forget_volume(volume_id);
+    }
+
+    /// The caller's ready volumes, in attachment order. Unknown, deleted
+    /// and foreign ids all get the same 403, so ids cannot be probed.
+    async fn attached_volumes(&self, owner_id: &str, attachments: &[Attachment]) -> Result<Vec<Volume>> {
+        let mut volumes = Vec::with_capacity(attachments.len());
+        for attachment in attachments {
+            let volume = self.store.get_volume(owner_id, &attachment.volume_id).await?;
+            volumes.push(volume.ok_or_else(|| volume_forbidden(&attachment.volume_id))?);
+        }
+        Ok(volumes)
+    }
+
     pub async fn create(&self, owner_id: &str, request: CreateSandbox) -> Result<Sandbox> {
         self.runtime()?;
         self.template_rootfs(&request.template)?;
+        let volumes = self.attached_volumes(owner_id, &request.volumes).await?;
         let warm = self.claim_or_boot(&request.template).await?;
         let id = warm.booted.id.clone();
-        match self.finish_create(owner_id, request, &warm).await {
+        match self.finish_create(owner_id, request, volumes, &warm).await {
             Ok(sandbox) => Ok(sandbox),
             Err(e) => {
                 self.destroy_quietly(&id).await;
@@ -221,12 +255,18 @@ impl Orchestrator {
         &self,
         owner_id: &str,
         request: CreateSandbox,
+        volumes: Vec<Volume>,
         warm: &WarmSandbox,
     ) -> Result<Sandbox> {
         let client = EnvdClient::unix(&warm.booted.envd_socket, &warm.token);
         if !request.envs.is_empty() {
             client.set_env(request.envs.clone()).await?;
         }
+        let hydrates = request.volumes.iter().zip(&volumes).map(|(attachment, volume)| {
+            hydrate(&client, &self.blob_cache, volume, &attachment.mount_path)
+        });
+        let statuses: Vec<HydrateStatus> = futures::future::join_all(hydrates).await;
+        self.check_hydration(owner_id, &statuses, request.strict_hydrate).await?;
         let started_at = Utc::now();
         let sandbox = Sandbox {
             id: warm.booted.id.clone(),
@@ -239,7 +279,7 @@ impl Orchestrator {
             metadata: request.metadata,
             envs: request.envs,
             extra: request.extra,
-            volumes: serde_json::Value::Array(Vec::new()),
+            volumes: serde_json::to_value(&statuses).expect("statuses serialize"),
             started_at,
             end_at: deadline(started_at, request.timeout_secs),
             killed_at: None,
@@ -256,6 +296,31 @@ impl Orchestrator {
             .increment(1);
         tracing::info!(sandbox_id = %sandbox.id, owner_id, template = %sandbox.template, "sandbox created");
         Ok(sandbox)
+    }
+
+    /// A volume deleted while we hydrated it is a 403, never half a volume
+    /// reported ready; other failures fail the create only in strict mode.
+    async fn check_hydration(
+        &self,
+        owner_id: &str,
+        statuses: &[HydrateStatus],
+        strict: Option<bool>,
+    ) -> Result<()> {
+        for status in statuses.iter().filter(|s| s.failed()) {
+            let still_there = self.store.get_volume(owner_id, &status.volume_id).await?.is_some();
+            if !still_there {
+                return Err(volume_forbidden(&status.volume_id));
+            }
+            if strict.unwrap_or(self.config.strict_hydrate) {
+                return Err(OrchestratorError::HydrateFailed(format!(
+                    "volume {} into {}: {}",
+                    status.volume_id,
+                    status.mount_path,
+                    status.error.as_deref().unwrap_or("unknown error")
+                )));
+            }
+        }
+        Ok(())
     }
 
     fn arm_deadline(&self, id: &str, at: DateTime<Utc>) {

@@ -192,7 +192,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     let address = listener.local_addr()?;
-    let orchestrator = node::start(&config, store.clone()).await?;
+    let orchestrator = node::start(&config, store.clone(), blobs.clone()).await?;
     let state = AppState {
         config: Arc::new(config),
         store,

@@ -22,6 +22,14 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     pub pool: PoolConfig,
     pub sandboxes: SandboxesConfig,
+    pub hydrate: HydrateConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct HydrateConfig {
+    pub strict: bool,
+    pub cache_dir: String,
+    pub cache_max_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -141,6 +149,10 @@ impl Config {
 
     pub fn state_dir(&self) -> PathBuf {
         self.under_data_dir(&self.runtime.state_dir, "sandboxes")
+    }
+
+    pub fn blob_cache_dir(&self) -> PathBuf {
+        self.under_data_dir(&self.hydrate.cache_dir, "blob-cache")
     }
 
     pub fn templates_dir(&self) -> PathBuf {

@@ -151,9 +151,8 @@ impl From<OrchestratorError> for ApiError {
                 message,
             },
             OrchestratorError::Agent(other) => ApiError::BadGateway(other.to_string()),
-            OrchestratorError::HydrateFailed(_) | OrchestratorError::Internal(_) => {
-                ApiError::Internal(anyhow::anyhow!(message))
-            }
+            OrchestratorError::HydrateFailed(_) => ApiError::Unavailable(message),
+            OrchestratorError::Internal(_) => ApiError::Internal(anyhow::anyhow!(message)),
         }
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod app;
 pub mod archive;
+pub mod attachments;
 pub mod auth;
 pub mod config;
 pub mod error;

@@ -3,7 +3,8 @@
 
 use crate::config::{Config, RuntimeKind};
 use anyhow::Context;
-use sandbox_orchestrator::{Orchestrator, OrchestratorConfig};
+use sandbox_blobs::BlobStore;
+use sandbox_orchestrator::{BlobCache, Orchestrator, OrchestratorConfig};
 use sandbox_runtime::{
     LauncherCommand, NamespaceConfig, NamespaceRuntime, Runtime, TemplateCatalog, TemplateDef,
 };
@@ -65,7 +66,14 @@ pub fn runtime(config: &Config) -> Result<Arc<dyn Runtime>, String> {
     })))
 }
 
-pub async fn start(config: &Config, store: Arc<dyn Store>) -> anyhow::Result<Arc<Orchestrator>> {
+pub async fn start(
+    config: &Config,
+    store: Arc<dyn Store>,
+    blobs: Arc<dyn BlobStore>,
+) -> anyhow::Result<Arc<Orchestrator>> {
+    let cache_dir = config.blob_cache_dir();
+    let blob_cache = BlobCache::new(cache_dir.clone(), config.hydrate.cache_max_bytes, blobs)
+        .with_context(|| format!("creating blob cache {}", cache_dir.display()))?;
     let templates = Arc::new(template_catalog(config)?);
     let runtime = runtime(config);
     match &runtime {
@@ -76,12 +84,14 @@ pub async fn start(config: &Config, store: Arc<dyn Store>) -> anyhow::Result<Arc
     }
     let orchestrator = Orchestrator::new(
         store,
+        Arc::new(blob_cache),
         runtime,
         templates.clone(),
         OrchestratorConfig {
             node_id: config.node_id(),
             pool_sizes: config.pool.sizes.clone(),
             max_cold_boots: config.pool.max_cold_boots,
+            strict_hydrate: config.hydrate.strict,
         },
     );
     if orchestrator.runtime_kind().is_ok() {

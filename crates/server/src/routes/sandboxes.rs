@@ -59,6 +59,11 @@ struct CreateBody {
     metadata: Option<BTreeMap<String, String>>,
     #[serde(default)]
     envs: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    volumes: Option<Value>,
+    /// Extension: fail the create if a volume cannot be hydrated.
+    #[serde(default)]
+    hydrate_strict: Option<bool>,
     #[serde(flatten)]
     extra: Map<String, Value>,
 }
@@ -88,6 +93,8 @@ fn parse_create(body: &[u8], default_timeout: u64) -> ApiResult<CreateSandbox> {
         timeout_secs: body.timeout.unwrap_or(default_timeout),
         metadata: body.metadata.unwrap_or_default(),
         envs: body.envs.unwrap_or_default(),
+        volumes: crate::attachments::parse(body.volumes)?,
+        strict_hydrate: body.hydrate_strict,
         extra: body.extra,
     })
 }

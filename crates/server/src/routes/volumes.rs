@@ -277,6 +277,7 @@ pub async fn delete(
     if state.store.mark_volume_deleted(&owner.id, &id).await? {
         tracing::info!(volume_id = %id, owner_id = %owner.id, "volume deleted");
     }
+    state.orchestrator.forget_volume(&id);
     state.blobs.delete(&volume.blob_key).await?;
     Ok(StatusCode::NO_CONTENT)
 }

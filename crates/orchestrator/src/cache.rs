@@ -1,0 +1,233 @@
+//! Node-local volume blob cache with single-flight fetches.
+//!
+//! N hydrates of one volume make one object-store GET: the first request
+//! starts a download task that streams the blob into a cache file, and every
+//! reader (the first included) tails that file as it grows, so nobody waits
+//! for the whole download before starting to unpack. Entries are keyed by
+//! volume id + sha256, evicted least-recently-used beyond a byte budget, and
+//! dropped when their volume is deleted.
+
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use sandbox_blobs::BlobStore;
+use std::collections::HashMap;
+use std::io::SeekFrom;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Progress {
+    Downloading { written: u64 },
+    Complete { size: u64 },
+    Failed(String),
+}
+
+struct Entry {
+    volume_id: String,
+    path: PathBuf,
+    progress: watch::Receiver<Progress>,
+    last_used: Mutex<Instant>,
+}
+
+pub struct BlobCache {
+    dir: PathBuf,
+    max_bytes: u64,
+    blobs: Arc<dyn BlobStore>,
+    entries: Mutex<HashMap<String, Arc<Entry>>>,
+}
+
+/// What a hydrate needs to identify a blob.
+#[derive(Debug, Clone)]
+pub struct BlobRef {
+    pub volume_id: String,
+    pub sha256: String,
+    pub key: String,
+}
+
+impl BlobCache {
+    pub fn new(dir: PathBuf, max_bytes: u64, blobs: Arc<dyn BlobStore>) -> std::io::Result<Self> {
+        // Leftovers of an earlier run may be partial: start empty.
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        Ok(BlobCache { dir, max_bytes, blobs, entries: Mutex::default() })
+    }
+
+    /// The blob's bytes, from the cache or a (shared) fetch in progress.
+    pub async fn open(&self, blob: &BlobRef) -> std::io::Result<BoxStream<'static, std::io::Result<Bytes>>> {
+        let cache_key = format!("{}-{}", blob.volume_id, blob.sha256);
+        let entry = {
+            let mut entries = self.entries.lock().unwrap();
+            let usable = entries
+                .get(&cache_key)
+                .filter(|e| !matches!(*e.progress.borrow(), Progress::Failed(_)))
+                .cloned();
+            match usable {
+                Some(entry) => {
+                    metrics::counter!("blob_cache_hits_total").increment(1);
+                    entry
+                }
+                None => {
+                    let entry = self.start_fetch(&cache_key, blob)?;
+                    entries.insert(cache_key, entry.clone());
+                    entry
+                }
+            }
+        };
+        *entry.last_used.lock().unwrap() = Instant::now();
+        let file = tokio::fs::File::open(&entry.path).await?;
+        Ok(tail(entry, file).boxed())
+    }
+
+    fn start_fetch(&self, cache_key: &str, blob: &BlobRef) -> std::io::Result<Arc<Entry>> {
+        let path = self.dir.join(cache_key);
+        let file = std::fs::File::create(&path)?;
+        let (progress_tx, progress) = watch::channel(Progress::Downloading { written: 0 });
+        let entry = Arc::new(Entry {
+            volume_id: blob.volume_id.clone(),
+            path,
+            progress,
+            last_used: Mutex::new(Instant::now()),
+        });
+        metrics::counter!("blob_store_gets_total").increment(1);
+        let blobs = self.blobs.clone();
+        let key = blob.key.clone();
+        // The fetch is its own task: a reader that goes away must not cancel
+        // it for the others.
+        tokio::spawn(async move {
+            let outcome = download(blobs, &key, tokio::fs::File::from_std(file), &progress_tx).await;
+            let last = match outcome {
+                Ok(size) => Progress::Complete { size },
+                Err(e) => {
+                    tracing::warn!(key, error = %e, "blob fetch failed");
+                    Progress::Failed(e.to_string())
+                }
+            };
+            progress_tx.send_replace(last);
+        });
+        self.evict();
+        Ok(entry)
+    }
+
+    /// Drops cached blobs of a deleted volume (readers in progress finish).
+    pub fn forget_volume(&self, volume_id: &str) {
+        let mut entries = self.entries.lock().unwrap();
+        entries.retain(|_, entry| {
+            let keep = entry.volume_id != volume_id;
+            if !keep {
+                let _ = std::fs::remove_file(&entry.path);
+            }
+            keep
+        });
+    }
+
+    /// Keeps complete entries within the byte budget, oldest use first,
+    /// never touching an entry someone is reading or fetching.
+    fn evict(&self) {
+        let mut entries = self.entries.lock().unwrap();
+        let size_of = |e: &Entry| match *e.progress.borrow() {
+            Progress::Complete { size } => size,
+            Progress::Downloading { written } => written,
+            Progress::Failed(_) => 0,
+        };
+        let mut total: u64 = entries.values().map(|e| size_of(e)).sum();
+        if total <= self.max_bytes {
+            return;
+        }
+        let mut idle: Vec<(Instant, String, u64)> = entries
+            .iter()
+            .filter(|(_, e)| Arc::strong_count(e) == 1 && !matches!(*e.progress.borrow(), Progress::Downloading { .. }))
+            .map(|(k, e)| (*e.last_used.lock().unwrap(), k.clone(), size_of(e)))
+            .collect();
+        idle.sort();
+        for (_, key, size) in idle {
+            if total <= self.max_bytes {
+                break;
+            }
+            if let Some(entry) = entries.remove(&key) {
+                let _ = std::fs::remove_file(&entry.path);
+                total -= size;
+            }
+        }
+    }
+}
+
+async fn download(
+    blobs: Arc<dyn BlobStore>,
+    key: &str,
+    mut file: tokio::fs::File,
+    progress: &watch::Sender<Progress>,
+) -> std::io::Result<u64> {
+    let reader = blobs.get(key).await.map_err(std::io::Error::other)?;
+    let mut stream = reader.stream;
+    let mut written = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        file.write_all(&chunk).await?;
+        written += chunk.len() as u64;
+        metrics::counter!("blob_store_get_bytes_total").increment(chunk.len() as u64);
+        progress.send_replace(Progress::Downloading { written });
+    }
+    file.flush().await?;
+    if written != reader.size && reader.size != 0 {
+        return Err(std::io::Error::other(format!("blob {key} ended at {written} of {} bytes", reader.size)));
+    }
+    Ok(written)
+}
+
+/// Reads the cache file as far as it is written, waiting for more until the
+/// fetch completes or fails.
+fn tail(
+    entry: Arc<Entry>,
+    file: tokio::fs::File,
+) -> impl futures::Stream<Item = std::io::Result<Bytes>> + Send + 'static {
+    const CHUNK: usize = 256 << 10;
+    futures::stream::unfold(
+        (entry, file, 0u64, false),
+        |(entry, mut file, mut offset, done)| async move {
+            if done {
+                return None;
+            }
+            let mut progress = entry.progress.clone();
+            loop {
+                let state = progress.borrow_and_update().clone();
+                let available = match &state {
+                    Progress::Downloading { written } => *written,
+                    Progress::Complete { size } => *size,
+                    Progress::Failed(why) => {
+                        let error = std::io::Error::other(format!("object storage: {why}"));
+                        return Some((Err(error), (entry, file, offset, true)));
+                    }
+                };
+                if offset < available {
+                    let want = ((available - offset) as usize).min(CHUNK);
+                    let mut buf = vec![0u8; want];
+                    let read = async {
+                        file.seek(SeekFrom::Start(offset)).await?;
+                        file.read_exact(&mut buf).await?;
+                        Ok::<_, std::io::Error>(())
+                    }
+                    .await;
+                    return match read {
+                        Ok(()) => {
+                            offset += want as u64;
+                            Some((Ok(Bytes::from(buf)), (entry, file, offset, false)))
+                        }
+                        Err(e) => Some((Err(e), (entry, file, offset, true))),
+                    };
+                }
+                if matches!(state, Progress::Complete { .. }) {
+                    return None;
+                }
+                if progress.changed().await.is_err() {
+                    // Sender gone without a final state: treat as failure.
+                    let error = std::io::Error::other("blob fetch ended unexpectedly");
+                    return Some((Err(error), (entry, file, offset, true)));
+                }
+            }
+        },
+    )
+}

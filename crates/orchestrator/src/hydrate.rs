@@ -1,0 +1,90 @@
+//! Volume hydration: each attachment's blob streams from the node-local
+//! cache (or, once per node, from object storage) straight into the
+//! sandbox's envd unpack call, still gzip-compressed; envd gunzips, keeps
+//! regular files and directories only, and writes them under the mount
+//! path. Nothing is buffered whole, and many files go as one stream.
+
+use crate::cache::{BlobCache, BlobRef};
+use envd_protocol::client::EnvdClient;
+use sandbox_store::Volume;
+use serde::Serialize;
+use std::time::Instant;
+
+/// A volume attached to a create: copied into `mount_path` before the
+/// create is acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attachment {
+    pub volume_id: String,
+    pub mount_path: String,
+}
+
+/// Per-attachment outcome, reported on the sandbox (`volumes` in its JSON).
+#[derive(Debug, Clone, Serialize)]
+pub struct HydrateStatus {
+    pub volume_id: String,
+    pub mount_path: String,
+    /// `ready` or `failed`.
+    pub status: &'static str,
+    pub files: u64,
+    pub bytes: u64,
+    pub skipped: u64,
+    pub duration_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl HydrateStatus {
+    pub fn failed(&self) -> bool {
+        self.status == "failed"
+    }
+}
+
+/// The owner that hydrated files belong to, so `user` can read and write
+/// its private copy.
+const HYDRATE_USER: &str = "user";
+
+pub async fn hydrate(agent: &EnvdClient, cache: &BlobCache, volume: &Volume, mount_path: &str) -> HydrateStatus {
+    let started = Instant::now();
+    let mut status = HydrateStatus {
+        volume_id: volume.id.clone(),
+        mount_path: mount_path.to_string(),
+        status: "ready",
+        files: 0,
+        bytes: 0,
+        skipped: 0,
+        duration_ms: 0,
+        error: None,
+    };
+    let outcome = if volume.size_bytes == 0 {
+        // An empty volume has no archive at all: just the directory.
+        agent.mkdir(mount_path, HYDRATE_USER).await.map(|_| None).map_err(|e| e.to_string())
+    } else {
+        let blob = BlobRef { volume_id: volume.id.clone(), sha256: volume.sha256.clone(), key: volume.blob_key.clone() };
+        match cache.open(&blob).await {
+            Ok(stream) => agent.unpack(mount_path, HYDRATE_USER, stream, true).await.map(Some).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    match outcome {
+        Ok(Some(report)) => {
+            status.files = report.files;
+            status.bytes = report.bytes;
+            status.skipped = report.skipped;
+        }
+        Ok(None) => {}
+        Err(error) => {
+            status.status = "failed";
+            status.error = Some(error);
+        }
+    }
+    status.duration_ms = started.elapsed().as_millis() as u64;
+    let outcome = status.status;
+    metrics::counter!("volume_hydrations_total", "status" => outcome).increment(1);
+    metrics::histogram!("volume_hydrate_seconds").record(started.elapsed().as_secs_f64());
+    tracing::info!(
+        volume_id = %volume.id, mount_path, status = outcome, files = status.files, bytes = status.bytes,
+        skipped = status.skipped, duration_ms = status.duration_ms, error = status.error.as_deref().unwrap_or(""),
+        "volume hydrated"
+    );
+    status
+}
