@@ -207,13 +207,20 @@ impl TemplateCatalog {
 
     pub fn status(&self, name: &str) -> Result<TemplateStatus, TemplateError> {
         let def = self.known(name)?;
+        let built = self.built_status(def);
+        // Ready is trustworthy even while someone holds the lock (a build
+        // removes the stamp before touching the rootfs); the lock is also
+        // held briefly by no-op builds, which must not read as Building.
+        if built == TemplateStatus::Ready {
+            return Ok(built);
+        }
         if let Ok(lock) = open_lock_file(&self.lock_path(name)) {
             // SAFETY: flock on an fd we own.
             if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
                 return Ok(TemplateStatus::Building);
             }
         }
-        Ok(self.built_status(def))
+        Ok(built)
     }
 
     fn built_status(&self, def: &TemplateDef) -> TemplateStatus {
@@ -505,16 +512,23 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let catalog = TemplateCatalog::from_definitions([def(&["bash"])], tmp.path());
         assert_eq!(catalog.status("t").unwrap(), TemplateStatus::Missing);
-        fs::create_dir_all(catalog.rootfs_path("t")).unwrap();
-        assert_eq!(catalog.status("t").unwrap(), TemplateStatus::Stale);
-        fs::write(catalog.stamp_path("t"), def(&["bash"]).content_hash()).unwrap();
-        assert_eq!(catalog.status("t").unwrap(), TemplateStatus::Ready);
 
-        // Another open file description holding the lock reads as Building.
+        // Another open file description holding the lock reads as Building
+        // unless the template is already Ready.
         let held = open_lock_file(&catalog.lock_path("t")).unwrap();
         // SAFETY: flock on an fd we own.
         assert_eq!(unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX) }, 0);
         assert_eq!(catalog.status("t").unwrap(), TemplateStatus::Building);
+        drop(held);
+
+        fs::create_dir_all(catalog.rootfs_path("t")).unwrap();
+        assert_eq!(catalog.status("t").unwrap(), TemplateStatus::Stale);
+        fs::write(catalog.stamp_path("t"), def(&["bash"]).content_hash()).unwrap();
+        assert_eq!(catalog.status("t").unwrap(), TemplateStatus::Ready);
+        let held = open_lock_file(&catalog.lock_path("t")).unwrap();
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX) }, 0);
+        assert_eq!(catalog.status("t").unwrap(), TemplateStatus::Ready);
         drop(held);
 
         assert!(matches!(

@@ -35,7 +35,7 @@ async fn boot_destroy_cycles_leave_nothing_behind() {
         let client = EnvdClient::unix(&booted.envd_socket, spec.token.clone());
         let result = client
             .run(&ProcessRequest::new(
-                "echo data > ~/f && (sleep 300 &) && cat ~/f",
+                "echo data > ~/f && (sleep 300 >/dev/null 2>&1 &) && cat ~/f",
             ))
             .await
             .expect("run");
