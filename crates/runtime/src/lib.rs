@@ -6,6 +6,35 @@
 //!   cgroups, envd bind-mounted in and reached over a unix socket).
 //! - [`templates`]: root filesystems built from Debian packages, cached by a
 //!   hash of their definition.
+//!
+//! # Wiring the namespace driver into a binary
+//!
+//! The launcher must be a fresh, single-threaded exec, so the binary calls
+//! [`launcher_main`] from a hidden subcommand before starting tokio:
+//!
+//! ```no_run
+//! fn main() {
+//!     let args: Vec<String> = std::env::args().collect();
+//!     if args.get(1).map(String::as_str) == Some("__sandbox-launcher") {
+//!         sandbox_runtime::launcher_main(&args[2..]);
+//!     }
+//!     // ... build the tokio runtime, then:
+//!     let runtime = sandbox_runtime::NamespaceRuntime::new(sandbox_runtime::NamespaceConfig {
+//!         state_dir: "/var/lib/sandbox-manager/sandboxes".into(),
+//!         envd_binary: "/usr/lib/sandbox-manager/envd".into(),
+//!         launcher: sandbox_runtime::LauncherCommand {
+//!             program: std::env::current_exe().unwrap(),
+//!             args_prefix: vec!["__sandbox-launcher".into()],
+//!         },
+//!     });
+//! #   let _ = runtime;
+//! }
+//! ```
+//!
+//! Call [`NamespaceRuntime::probe`] at startup for a clear error on hosts
+//! that cannot run it (not root, no overlayfs, no cgroups). On restart,
+//! [`Runtime::list`] + [`Runtime::is_alive`] re-adopt running sandboxes;
+//! destroy the ones that are not alive.
 
 pub mod namespace;
 pub mod runtime;

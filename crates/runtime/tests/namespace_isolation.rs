@@ -161,6 +161,20 @@ async fn two_sandboxes_are_isolated_and_destroyed_cleanly() {
         }
     }
     assert_eq!(read("pids.max"), "100");
+    // The memory limit is enforced: one 400 MB line held by `tail` in a
+    // 256 MB sandbox gets OOM-killed (swap is capped too).
+    let (code, _, _) = sh(
+        &a,
+        "user",
+        "head -c 400000000 /dev/zero | tail -n 1 >/dev/null",
+    )
+    .await;
+    assert_ne!(code, 0, "400 MB fit into a 256 MB sandbox");
+    assert_eq!(
+        sh(&a, "user", "echo alive").await.1,
+        "alive",
+        "envd survived the OOM"
+    );
     let pids = cgroup.pids();
     assert!(pids.len() >= 2, "launcher + envd in the cgroup: {pids:?}");
 
