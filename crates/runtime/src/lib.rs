@@ -13,7 +13,8 @@
 //! [`launcher_main`] from a hidden subcommand before starting tokio:
 //!
 //! ```no_run
-//! fn main() {
+//! // In the binary's `main`:
+//! fn entry_point() {
 //!     let args: Vec<String> = std::env::args().collect();
 //!     if args.get(1).map(String::as_str) == Some("__sandbox-launcher") {
 //!         sandbox_runtime::launcher_main(&args[2..]);
@@ -29,6 +30,7 @@
 //!     });
 //! #   let _ = runtime;
 //! }
+//! # entry_point();
 //! ```
 //!
 //! Call [`NamespaceRuntime::probe`] at startup for a clear error on hosts
