@@ -40,6 +40,100 @@ pub fn garage() -> &'static HashMap<String, String> {
     })
 }
 
+/// Templates are built once per machine and shared by every test server.
+pub fn shared_templates_dir() -> PathBuf {
+    std::env::var("SANDBOX_TEMPLATES_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from("/var/tmp/sandbox-manager-templates"))
+}
+
+/// Builds the built-in templates (a no-op when current; serialised across
+/// processes by the builder's own lock).
+pub fn ensure_templates(binary: &Path) {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        for template in ["base", "python"] {
+            let status = Command::new(binary)
+                .args(["templates", "build", template])
+                .env("SANDBOX_MANAGER__RUNTIME__TEMPLATES_DIR", shared_templates_dir())
+                .env("RUST_LOG", "warn")
+                .status()
+                .expect("run templates build");
+            assert!(status.success(), "building template {template} failed");
+        }
+    });
+}
+
+/// Whether this machine can run namespace sandboxes; prints why not.
+pub fn sandboxes_supported(test: &str) -> bool {
+    let root = std::fs::read_to_string("/proc/self/status")
+        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
+        .unwrap_or(false);
+    let tool = ["/usr/bin/mmdebstrap", "/usr/sbin/debootstrap"].iter().any(|p| Path::new(p).exists());
+    let reason = match (root, tool) {
+        (false, _) => "not running as root (the namespace runtime needs root)",
+        (_, false) => "neither mmdebstrap nor debootstrap is installed (templates cannot be built)",
+        _ => return true,
+    };
+    eprintln!("SKIP {test}: {reason}");
+    false
+}
+
+/// A Garage of its own (other ports and state), for tests that stop it.
+pub struct PrivateGarage {
+    env: Vec<(String, String)>,
+    pub s3: HashMap<String, String>,
+}
+
+impl PrivateGarage {
+    pub fn start(name: &str, port_base: u16) -> PrivateGarage {
+        let env = vec![
+            ("GARAGE_DIR".to_string(), format!("/var/tmp/sandbox-manager-garage-{name}")),
+            ("GARAGE_S3_PORT".to_string(), port_base.to_string()),
+            ("GARAGE_RPC_PORT".to_string(), (port_base + 1).to_string()),
+            ("GARAGE_ADMIN_PORT".to_string(), (port_base + 3).to_string()),
+        ];
+        let mut garage = PrivateGarage { env, s3: HashMap::new() };
+        let out = garage.script("env");
+        garage.s3 = String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        garage
+    }
+
+    fn script(&self, verb: &str) -> Vec<u8> {
+        let out = Command::new("bash")
+            .arg(repo_root().join("scripts/garage.sh"))
+            .arg(verb)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .expect("run scripts/garage.sh");
+        assert!(out.status.success(), "garage.sh {verb}: {}", String::from_utf8_lossy(&out.stderr));
+        out.stdout
+    }
+
+    pub fn stop(&self) {
+        self.script("stop");
+    }
+
+    pub fn resume(&self) {
+        self.script("resume");
+    }
+}
+
+impl Drop for PrivateGarage {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(repo_root().join("scripts/garage.sh"))
+            .arg("stop")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .output();
+    }
+}
+
 pub fn postgres_admin_url() -> String {
     std::env::var("TEST_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
@@ -90,22 +184,38 @@ pub struct ServerOptions {
 }
 
 impl ServerOptions {
+    /// Postgres + Garage; sandboxes disabled (see [`Self::with_sandboxes`]).
     pub fn production(binary: impl Into<PathBuf>) -> Self {
-        ServerOptions {
-            binary: binary.into(),
-            backend: Backend::Production,
-            env: Vec::new(),
-            bucket: None,
-        }
+        Self::new(binary.into(), Backend::Production)
     }
+
+    /// The embedded default; sandboxes disabled (see [`Self::with_sandboxes`]).
     pub fn embedded(binary: impl Into<PathBuf>) -> Self {
-        ServerOptions {
-            binary: binary.into(),
-            backend: Backend::Embedded,
-            env: Vec::new(),
-            bucket: None,
-        }
+        Self::new(binary.into(), Backend::Embedded)
     }
+
+    fn new(binary: PathBuf, backend: Backend) -> Self {
+        ServerOptions { binary, backend, env: Vec::new(), bucket: None }
+            .with_setting("runtime.kind", "disabled")
+    }
+
+    /// Namespace sandboxes from the shared, pre-built templates, with warm
+    /// pools of `base_pool` and `python_pool`.
+    pub fn with_sandboxes(self, base_pool: usize, python_pool: usize) -> Self {
+        ensure_templates(&self.binary);
+        let templates = shared_templates_dir().display().to_string();
+        self.with_setting("runtime.kind", "namespace")
+            .with_setting("runtime.templates_dir", &templates)
+            .with_setting("runtime.build_templates_on_start", "false")
+            .with_setting("pool.sizes.base", &base_pool.to_string())
+            .with_setting("pool.sizes.python", &python_pool.to_string())
+    }
+
+    /// Uses another S3 endpoint (e.g. a private Garage a test may stop).
+    pub fn with_s3(self, s3: &HashMap<String, String>) -> Self {
+        self.with_setting("blobs.s3.endpoint", &s3["S3_ENDPOINT"])
+    }
+
     /// Overrides one config key through the environment, e.g.
     /// `with_setting("volumes.max_upload_bytes", "1024")`.
     pub fn with_setting(mut self, key: &str, value: &str) -> Self {
@@ -215,6 +325,14 @@ impl TestServer {
         self.child = Some(child);
     }
 
+    /// SIGTERM and wait: the server's own shutdown path runs.
+    pub fn stop_gracefully(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+            let _ = child.wait();
+        }
+    }
+
     /// SIGKILL: no graceful shutdown, like a crash.
     pub fn crash(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -258,6 +376,26 @@ impl TestServer {
     }
     pub fn delete(&self, path: &str) -> reqwest::RequestBuilder {
         self.http.delete(self.url(path)).bearer_auth(&self.api_key)
+    }
+    pub fn patch(&self, path: &str) -> reqwest::RequestBuilder {
+        self.http.patch(self.url(path)).bearer_auth(&self.api_key)
+    }
+    pub fn put(&self, path: &str) -> reqwest::RequestBuilder {
+        self.http.put(self.url(path)).bearer_auth(&self.api_key)
+    }
+
+    /// The sandbox runtime's state directory of this server.
+    pub fn sandbox_state_dir(&self) -> PathBuf {
+        self.data_dir.path().join("sandboxes")
+    }
+
+    /// A counter's value in `/metrics` (0 when absent).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = self.http.get(self.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        text.lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
     }
 }
 
