@@ -59,7 +59,7 @@ impl BlobCache {
     /// The blob's bytes, from the cache or a (shared) fetch in progress.
     pub async fn open(&self, blob: &BlobRef) -> std::io::Result<BoxStream<'static, std::io::Result<Bytes>>> {
         let cache_key = format!("{}-{}", blob.volume_id, blob.sha256);
-        let entry = {
+        let (entry, fetching) = {
             let mut entries = self.entries.lock().unwrap();
             let usable = entries
                 .get(&cache_key)
@@ -68,15 +68,18 @@ impl BlobCache {
             match usable {
                 Some(entry) => {
                     metrics::counter!("blob_cache_hits_total").increment(1);
-                    entry
+                    (entry, false)
                 }
                 None => {
                     let entry = self.start_fetch(&cache_key, blob)?;
                     entries.insert(cache_key, entry.clone());
-                    entry
+                    (entry, true)
                 }
             }
         };
+        if fetching {
+            self.evict();
+        }
         *entry.last_used.lock().unwrap() = Instant::now();
         let file = tokio::fs::File::open(&entry.path).await?;
         Ok(tail(entry, file).boxed())
@@ -108,7 +111,6 @@ impl BlobCache {
             };
             progress_tx.send_replace(last);
         });
-        self.evict();
         Ok(entry)
     }
 

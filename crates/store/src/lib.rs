@@ -55,7 +55,8 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_sandbox(&self, sandbox: &Sandbox) -> StoreResult<()>;
     /// This owner's sandbox in any state; foreign ids are `None`.
     async fn get_sandbox(&self, owner_id: &str, id: &str) -> StoreResult<Option<Sandbox>>;
-    async fn list_sandboxes(&self, owner_id: &str, page: &SandboxPage) -> StoreResult<Vec<Sandbox>>;
+    async fn list_sandboxes(&self, owner_id: &str, page: &SandboxPage)
+        -> StoreResult<Vec<Sandbox>>;
     /// Running sandboxes placed on `node_id` (restart reconciliation).
     async fn running_sandboxes_on(&self, node_id: &str) -> StoreResult<Vec<Sandbox>>;
     /// Sets a running sandbox's timeout and deadline; false if not running.

@@ -1,0 +1,234 @@
+//! Volume hydration on create: real Postgres, Garage and namespace sandboxes.
+
+mod common;
+
+use common::{sandboxes_supported, targz, PrivateGarage, TestServer};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+async fn upload(server: &TestServer, archive: Vec<u8>) -> Value {
+    let response = server.post("/volumes?name=v").body(archive).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    response.json().await.unwrap()
+}
+
+async fn create(server: &TestServer, body: Value) -> (StatusCode, Value) {
+    let response = server.post("/sandboxes").json(&body).send().await.unwrap();
+    (response.status(), response.json().await.unwrap())
+}
+
+async fn run(server: &TestServer, id: &str, cmd: &str) -> Value {
+    server
+        .post(&format!("/sandboxes/{id}/commands"))
+        .json(&json!({ "cmd": cmd, "user": "user" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+fn rows_csv(lines: usize) -> Vec<u8> {
+    (0..lines).map(|i| format!("{i},row\n")).collect::<String>().into_bytes()
+}
+
+#[tokio::test]
+async fn each_sandbox_gets_a_private_copy_before_the_create_returns() {
+    if !sandboxes_supported("each_sandbox_gets_a_private_copy_before_the_create_returns") {
+        return;
+    }
+    let server = TestServer::start(common::production().with_sandboxes(2, 0)).await;
+    let archive = targz(&[("rows.csv", rows_csv(1000)), ("nested/deep/file.txt", b"deep".to_vec())]);
+    let volume = upload(&server, archive.clone()).await;
+    let id = volume["volume_id"].as_str().unwrap();
+    let attach = json!({ "template": "base", "volumes": [{ "volume_id": id, "mount_path": "/data" }] });
+
+    let mut sandboxes = Vec::new();
+    for _ in 0..3 {
+        let (status, sandbox) = create(&server, attach.clone()).await;
+        assert_eq!(status, StatusCode::CREATED, "{sandbox}");
+        let hydrated = &sandbox["volumes"][0];
+        assert_eq!(hydrated["status"], "ready", "{sandbox}");
+        assert_eq!(hydrated["volume_id"], id);
+        assert_eq!(hydrated["mount_path"], "/data");
+        assert_eq!(hydrated["files"], 2);
+        assert_eq!(hydrated["skipped"], 0);
+        assert!(hydrated["duration_ms"].is_u64());
+        // The very first command already sees the data.
+        let sid = sandbox["sandbox_id"].as_str().unwrap().to_string();
+        let wc = run(&server, &sid, "wc -l /data/rows.csv").await;
+        assert_eq!(wc["stdout"], "1000 /data/rows.csv\n");
+        sandboxes.push(sid);
+    }
+    // The user owns its copy and can change it; nobody else sees the change.
+    let (a, b, c) = (&sandboxes[0], &sandboxes[1], &sandboxes[2]);
+    let wrote = run(&server, a, "echo mine > /data/new.txt && echo x >> /data/rows.csv && stat -c %U /data/rows.csv").await;
+    assert_eq!(wrote["stdout"], "user\n", "{wrote}");
+    for other in [b, c] {
+        let check = run(&server, other, "ls /data/new.txt 2>&1; wc -l < /data/rows.csv").await;
+        assert!(check["stdout"].as_str().unwrap().contains("No such file"), "{check}");
+        assert!(check["stdout"].as_str().unwrap().ends_with("1000\n"), "{check}");
+    }
+    let (_, fresh) = create(&server, attach.clone()).await;
+    let fresh_id = fresh["sandbox_id"].as_str().unwrap();
+    let check = run(&server, fresh_id, "cat /data/nested/deep/file.txt; ls /data/new.txt 2>&1").await;
+    assert!(check["stdout"].as_str().unwrap().starts_with("deep"), "{check}");
+    assert!(check["stdout"].as_str().unwrap().contains("No such file"), "{check}");
+    let blob = server.get(&format!("/volumes/{id}/download")).send().await.unwrap().bytes().await.unwrap();
+    assert_eq!(common::sha256_hex(&blob), common::sha256_hex(&archive), "the volume itself is unchanged");
+
+    // Deleting the volume leaves existing copies alone; later attaches get 403.
+    assert_eq!(server.delete(&format!("/volumes/{id}")).send().await.unwrap().status(), StatusCode::NO_CONTENT);
+    let still = run(&server, b, "wc -l < /data/rows.csv").await;
+    assert_eq!(still["stdout"], "1000\n");
+    let (status, body) = create(&server, attach).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+}
+
+#[tokio::test]
+async fn hostile_archive_hydrates_only_safe_entries() {
+    if !sandboxes_supported("hostile_archive_hydrates_only_safe_entries") {
+        return;
+    }
+    let server = TestServer::start(common::production().with_sandboxes(1, 0)).await;
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut add = |name: &str, kind: tar::EntryType, link: Option<&str>, data: &[u8]| {
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(kind);
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        if let Some(link) = link {
+            header.set_link_name(link).unwrap();
+        }
+        // Raw names, so traversal and absolute names survive into the tar.
+        let bytes = name.as_bytes();
+        header.as_old_mut().name[..bytes.len()].copy_from_slice(bytes);
+        header.set_cksum();
+        builder.append(&header, data).unwrap();
+    };
+    add("good.txt", tar::EntryType::Regular, None, b"good");
+    add("../escape.txt", tar::EntryType::Regular, None, b"evil");
+    add("/abs.txt", tar::EntryType::Regular, None, b"abs");
+    add("link", tar::EntryType::Symlink, Some("/etc"), b"");
+    add("link/passwd", tar::EntryType::Regular, None, b"evil");
+    add("hard", tar::EntryType::Link, Some("/etc/shadow"), b"");
+    add("dev", tar::EntryType::Char, None, b"");
+    add("fifo", tar::EntryType::Fifo, None, b"");
+    let archive = common::gzip(&builder.into_inner().unwrap());
+    let volume = upload(&server, archive).await;
+    let (status, sandbox) = create(&server, json!({ "volumes": [{ "volume_id": volume["volume_id"], "mount_path": "/data/in" }] })).await;
+    assert_eq!(status, StatusCode::CREATED, "{sandbox}");
+    let hydrated = &sandbox["volumes"][0];
+    assert_eq!(hydrated["status"], "ready");
+    // The symlink is dropped, so "link/passwd" lands as a plain file in a
+    // plain directory under the mount path: nothing goes through a link.
+    assert_eq!(hydrated["files"], 3, "good.txt, abs.txt (leading / stripped), link/passwd: {sandbox}");
+    assert_eq!(hydrated["skipped"], 5, "traversal, symlink, hardlink, device, fifo: {sandbox}");
+    let id = sandbox["sandbox_id"].as_str().unwrap();
+    let listing = run(&server, id, "cd /data && find . -printf '%y %p\\n' | sort -k2; cat /data/escape.txt 2>&1; grep -c evil /etc/passwd").await;
+    assert_eq!(
+        listing["stdout"],
+        "d .\nd ./in\nf ./in/abs.txt\nf ./in/good.txt\nd ./in/link\nf ./in/link/passwd\ncat: /data/escape.txt: No such file or directory\n0\n",
+        "{listing}"
+    );
+}
+
+#[tokio::test]
+async fn mount_path_and_volume_validation() {
+    if !sandboxes_supported("mount_path_and_volume_validation") {
+        return;
+    }
+    let server = TestServer::start(common::production().with_sandboxes(1, 0)).await;
+    let volume = upload(&server, targz(&[("a", b"a".to_vec())])).await;
+    let id = volume["volume_id"].as_str().unwrap();
+    for (attachment, expected) in [
+        (json!({ "volume_id": id, "mount_path": "data" }), StatusCode::BAD_REQUEST),
+        (json!({ "volume_id": id, "mount_path": "/" }), StatusCode::BAD_REQUEST),
+        (json!({ "volume_id": id, "mount_path": "/etc/app" }), StatusCode::BAD_REQUEST),
+        (json!({ "volume_id": id, "mount_path": "/usr" }), StatusCode::BAD_REQUEST),
+        (json!({ "volume_id": id, "mount_path": "/data/../etc" }), StatusCode::BAD_REQUEST),
+        (json!({ "volume_id": id, "mount_path": "/data", "subpath": "x" }), StatusCode::BAD_REQUEST),
+        (json!({ "volume_id": id, "mount_path": "/data", "mode": "mount" }), StatusCode::BAD_REQUEST),
+        (json!({ "volume_id": "vol-00000000", "mount_path": "/data" }), StatusCode::FORBIDDEN),
+    ] {
+        let (status, body) = create(&server, json!({ "volumes": [attachment] })).await;
+        assert_eq!(status, expected, "{attachment} → {body}");
+        assert!(body["message"].is_string());
+    }
+    let overlapping = json!({ "volumes": [{ "volume_id": id, "mount_path": "/data" }, { "volume_id": id, "mount_path": "/data/sub" }] });
+    assert_eq!(create(&server, overlapping).await.0, StatusCode::BAD_REQUEST);
+
+    // Another owner's volume: 403, like a deleted or unknown one.
+    let mallory = server.create_key("mallory");
+    let response = server
+        .http
+        .post(server.url("/sandboxes"))
+        .bearer_auth(&mallory)
+        .json(&json!({ "volumes": [{ "volume_id": id, "mount_path": "/data" }] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    let listed: Value = server.get("/sandboxes?state=all").send().await.unwrap().json().await.unwrap();
+    assert_eq!(listed["sandboxes"].as_array().unwrap().len(), 0, "no sandbox was created by a refused request");
+}
+
+#[tokio::test]
+async fn concurrent_creates_fetch_the_blob_once() {
+    if !sandboxes_supported("concurrent_creates_fetch_the_blob_once") {
+        return;
+    }
+    let server = TestServer::start(common::production().with_sandboxes(8, 0)).await;
+    let archive = targz(&[("rows.csv", rows_csv(20_000)), ("noise.bin", common::noise(4 << 20, 3))]);
+    let volume = upload(&server, archive).await;
+    let attach = json!({ "volumes": [{ "volume_id": volume["volume_id"], "mount_path": "/data" }] });
+    let before = server.metric("blob_store_gets_total").await;
+    let creates = (0..8).map(|_| create(&server, attach.clone()));
+    for (status, sandbox) in futures::future::join_all(creates).await {
+        assert_eq!(status, StatusCode::CREATED, "{sandbox}");
+        assert_eq!(sandbox["volumes"][0]["status"], "ready", "{sandbox}");
+        assert_eq!(sandbox["volumes"][0]["files"], 2);
+    }
+    assert_eq!(server.metric("blob_store_gets_total").await - before, 1.0, "one S3 GET for 8 creates");
+    assert_eq!(server.metric("blob_cache_hits_total").await, 7.0);
+}
+
+#[tokio::test]
+async fn object_store_outage_during_create() {
+    if !sandboxes_supported("object_store_outage_during_create") {
+        return;
+    }
+    let garage = PrivateGarage::start("outage", 3920);
+    let server = TestServer::start(common::production().with_s3(&garage.s3).with_sandboxes(1, 0)).await;
+    let volume = upload(&server, targz(&[("rows.csv", rows_csv(10))])).await;
+    let attach = json!({ "volumes": [{ "volume_id": volume["volume_id"], "mount_path": "/data" }] });
+    garage.stop();
+
+    // Default: the sandbox still comes up healthy; the attachment says why.
+    let (status, sandbox) = create(&server, attach.clone()).await;
+    assert_eq!(status, StatusCode::CREATED, "{sandbox}");
+    let hydrated = &sandbox["volumes"][0];
+    assert_eq!(hydrated["status"], "failed");
+    assert!(hydrated["error"].as_str().unwrap().contains("object storage"), "{sandbox}");
+    let id = sandbox["sandbox_id"].as_str().unwrap();
+    let ok = run(&server, id, "echo alive; ls /data 2>&1 | head -1").await;
+    assert!(ok["stdout"].as_str().unwrap().starts_with("alive\n"), "{ok}");
+
+    // Strict (per request): the create fails and no sandbox is left.
+    let mut strict = attach.clone();
+    strict["hydrate_strict"] = json!(true);
+    let (status, body) = create(&server, strict).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("hydration failed"), "{body}");
+    let running: Value = server.get("/sandboxes").send().await.unwrap().json().await.unwrap();
+    assert_eq!(running["sandboxes"].as_array().unwrap().len(), 1, "only the lenient one");
+    let dirs = std::fs::read_dir(server.sandbox_state_dir()).unwrap().count();
+    assert_eq!(dirs, 2, "the lenient sandbox and one refilled pool member, nothing leaked");
+
+    // Back up: hydration works again (the failed fetch was not cached).
+    garage.resume();
+    let (status, sandbox) = create(&server, attach).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(sandbox["volumes"][0]["status"], "ready", "{sandbox}");
+}
