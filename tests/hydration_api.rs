@@ -7,7 +7,12 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 async fn upload(server: &TestServer, archive: Vec<u8>) -> Value {
-    let response = server.post("/volumes?name=v").body(archive).send().await.unwrap();
+    let response = server
+        .post("/volumes?name=v")
+        .body(archive)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), StatusCode::CREATED);
     response.json().await.unwrap()
 }
@@ -30,7 +35,10 @@ async fn run(server: &TestServer, id: &str, cmd: &str) -> Value {
 }
 
 fn rows_csv(lines: usize) -> Vec<u8> {
-    (0..lines).map(|i| format!("{i},row\n")).collect::<String>().into_bytes()
+    (0..lines)
+        .map(|i| format!("{i},row\n"))
+        .collect::<String>()
+        .into_bytes()
 }
 
 #[tokio::test]
@@ -39,10 +47,14 @@ async fn each_sandbox_gets_a_private_copy_before_the_create_returns() {
         return;
     }
     let server = TestServer::start(common::production().with_sandboxes(2, 0)).await;
-    let archive = targz(&[("rows.csv", rows_csv(1000)), ("nested/deep/file.txt", b"deep".to_vec())]);
+    let archive = targz(&[
+        ("rows.csv", rows_csv(1000)),
+        ("nested/deep/file.txt", b"deep".to_vec()),
+    ]);
     let volume = upload(&server, archive.clone()).await;
     let id = volume["volume_id"].as_str().unwrap();
-    let attach = json!({ "template": "base", "volumes": [{ "volume_id": id, "mount_path": "/data" }] });
+    let attach =
+        json!({ "template": "base", "volumes": [{ "volume_id": id, "mount_path": "/data" }] });
 
     let mut sandboxes = Vec::new();
     for _ in 0..3 {
@@ -63,23 +75,69 @@ async fn each_sandbox_gets_a_private_copy_before_the_create_returns() {
     }
     // The user owns its copy and can change it; nobody else sees the change.
     let (a, b, c) = (&sandboxes[0], &sandboxes[1], &sandboxes[2]);
-    let wrote = run(&server, a, "echo mine > /data/new.txt && echo x >> /data/rows.csv && stat -c %U /data/rows.csv").await;
+    let wrote = run(
+        &server,
+        a,
+        "echo mine > /data/new.txt && echo x >> /data/rows.csv && stat -c %U /data/rows.csv",
+    )
+    .await;
     assert_eq!(wrote["stdout"], "user\n", "{wrote}");
     for other in [b, c] {
-        let check = run(&server, other, "ls /data/new.txt 2>&1; wc -l < /data/rows.csv").await;
-        assert!(check["stdout"].as_str().unwrap().contains("No such file"), "{check}");
-        assert!(check["stdout"].as_str().unwrap().ends_with("1000\n"), "{check}");
+        let check = run(
+            &server,
+            other,
+            "ls /data/new.txt 2>&1; wc -l < /data/rows.csv",
+        )
+        .await;
+        assert!(
+            check["stdout"].as_str().unwrap().contains("No such file"),
+            "{check}"
+        );
+        assert!(
+            check["stdout"].as_str().unwrap().ends_with("1000\n"),
+            "{check}"
+        );
     }
     let (_, fresh) = create(&server, attach.clone()).await;
     let fresh_id = fresh["sandbox_id"].as_str().unwrap();
-    let check = run(&server, fresh_id, "cat /data/nested/deep/file.txt; ls /data/new.txt 2>&1").await;
-    assert!(check["stdout"].as_str().unwrap().starts_with("deep"), "{check}");
-    assert!(check["stdout"].as_str().unwrap().contains("No such file"), "{check}");
-    let blob = server.get(&format!("/volumes/{id}/download")).send().await.unwrap().bytes().await.unwrap();
-    assert_eq!(common::sha256_hex(&blob), common::sha256_hex(&archive), "the volume itself is unchanged");
+    let check = run(
+        &server,
+        fresh_id,
+        "cat /data/nested/deep/file.txt; ls /data/new.txt 2>&1",
+    )
+    .await;
+    assert!(
+        check["stdout"].as_str().unwrap().starts_with("deep"),
+        "{check}"
+    );
+    assert!(
+        check["stdout"].as_str().unwrap().contains("No such file"),
+        "{check}"
+    );
+    let blob = server
+        .get(&format!("/volumes/{id}/download"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(
+        common::sha256_hex(&blob),
+        common::sha256_hex(&archive),
+        "the volume itself is unchanged"
+    );
 
     // Deleting the volume leaves existing copies alone; later attaches get 403.
-    assert_eq!(server.delete(&format!("/volumes/{id}")).send().await.unwrap().status(), StatusCode::NO_CONTENT);
+    assert_eq!(
+        server
+            .delete(&format!("/volumes/{id}"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::NO_CONTENT
+    );
     let still = run(&server, b, "wc -l < /data/rows.csv").await;
     assert_eq!(still["stdout"], "1000\n");
     let (status, body) = create(&server, attach).await;
@@ -117,14 +175,24 @@ async fn hostile_archive_hydrates_only_safe_entries() {
     add("fifo", tar::EntryType::Fifo, None, b"");
     let archive = common::gzip(&builder.into_inner().unwrap());
     let volume = upload(&server, archive).await;
-    let (status, sandbox) = create(&server, json!({ "volumes": [{ "volume_id": volume["volume_id"], "mount_path": "/data/in" }] })).await;
+    let (status, sandbox) = create(
+        &server,
+        json!({ "volumes": [{ "volume_id": volume["volume_id"], "mount_path": "/data/in" }] }),
+    )
+    .await;
     assert_eq!(status, StatusCode::CREATED, "{sandbox}");
     let hydrated = &sandbox["volumes"][0];
     assert_eq!(hydrated["status"], "ready");
     // The symlink is dropped, so "link/passwd" lands as a plain file in a
     // plain directory under the mount path: nothing goes through a link.
-    assert_eq!(hydrated["files"], 3, "good.txt, abs.txt (leading / stripped), link/passwd: {sandbox}");
-    assert_eq!(hydrated["skipped"], 5, "traversal, symlink, hardlink, device, fifo: {sandbox}");
+    assert_eq!(
+        hydrated["files"], 3,
+        "good.txt, abs.txt (leading / stripped), link/passwd: {sandbox}"
+    );
+    assert_eq!(
+        hydrated["skipped"], 5,
+        "traversal, symlink, hardlink, device, fifo: {sandbox}"
+    );
     let id = sandbox["sandbox_id"].as_str().unwrap();
     let listing = run(&server, id, "cd /data && find . -printf '%y %p\\n' | sort -k2; cat /data/escape.txt 2>&1; grep -c evil /etc/passwd").await;
     assert_eq!(
@@ -143,21 +211,48 @@ async fn mount_path_and_volume_validation() {
     let volume = upload(&server, targz(&[("a", b"a".to_vec())])).await;
     let id = volume["volume_id"].as_str().unwrap();
     for (attachment, expected) in [
-        (json!({ "volume_id": id, "mount_path": "data" }), StatusCode::BAD_REQUEST),
-        (json!({ "volume_id": id, "mount_path": "/" }), StatusCode::BAD_REQUEST),
-        (json!({ "volume_id": id, "mount_path": "/etc/app" }), StatusCode::BAD_REQUEST),
-        (json!({ "volume_id": id, "mount_path": "/usr" }), StatusCode::BAD_REQUEST),
-        (json!({ "volume_id": id, "mount_path": "/data/../etc" }), StatusCode::BAD_REQUEST),
-        (json!({ "volume_id": id, "mount_path": "/data", "subpath": "x" }), StatusCode::BAD_REQUEST),
-        (json!({ "volume_id": id, "mount_path": "/data", "mode": "mount" }), StatusCode::BAD_REQUEST),
-        (json!({ "volume_id": "vol-00000000", "mount_path": "/data" }), StatusCode::FORBIDDEN),
+        (
+            json!({ "volume_id": id, "mount_path": "data" }),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            json!({ "volume_id": id, "mount_path": "/" }),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            json!({ "volume_id": id, "mount_path": "/etc/app" }),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            json!({ "volume_id": id, "mount_path": "/usr" }),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            json!({ "volume_id": id, "mount_path": "/data/../etc" }),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            json!({ "volume_id": id, "mount_path": "/data", "subpath": "x" }),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            json!({ "volume_id": id, "mount_path": "/data", "mode": "mount" }),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            json!({ "volume_id": "vol-00000000", "mount_path": "/data" }),
+            StatusCode::FORBIDDEN,
+        ),
     ] {
         let (status, body) = create(&server, json!({ "volumes": [attachment] })).await;
         assert_eq!(status, expected, "{attachment} → {body}");
         assert!(body["message"].is_string());
     }
     let overlapping = json!({ "volumes": [{ "volume_id": id, "mount_path": "/data" }, { "volume_id": id, "mount_path": "/data/sub" }] });
-    assert_eq!(create(&server, overlapping).await.0, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        create(&server, overlapping).await.0,
+        StatusCode::BAD_REQUEST
+    );
 
     // Another owner's volume: 403, like a deleted or unknown one.
     let mallory = server.create_key("mallory");
@@ -170,8 +265,19 @@ async fn mount_path_and_volume_validation() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::FORBIDDEN);
-    let listed: Value = server.get("/sandboxes?state=all").send().await.unwrap().json().await.unwrap();
-    assert_eq!(listed["sandboxes"].as_array().unwrap().len(), 0, "no sandbox was created by a refused request");
+    let listed: Value = server
+        .get("/sandboxes?state=all")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        listed["sandboxes"].as_array().unwrap().len(),
+        0,
+        "no sandbox was created by a refused request"
+    );
 }
 
 #[tokio::test]
@@ -180,9 +286,13 @@ async fn concurrent_creates_fetch_the_blob_once() {
         return;
     }
     let server = TestServer::start(common::production().with_sandboxes(8, 0)).await;
-    let archive = targz(&[("rows.csv", rows_csv(20_000)), ("noise.bin", common::noise(4 << 20, 3))]);
+    let archive = targz(&[
+        ("rows.csv", rows_csv(20_000)),
+        ("noise.bin", common::noise(4 << 20, 3)),
+    ]);
     let volume = upload(&server, archive).await;
-    let attach = json!({ "volumes": [{ "volume_id": volume["volume_id"], "mount_path": "/data" }] });
+    let attach =
+        json!({ "volumes": [{ "volume_id": volume["volume_id"], "mount_path": "/data" }] });
     let before = server.metric("blob_store_gets_total").await;
     let creates = (0..8).map(|_| create(&server, attach.clone()));
     for (status, sandbox) in futures::future::join_all(creates).await {
@@ -190,7 +300,11 @@ async fn concurrent_creates_fetch_the_blob_once() {
         assert_eq!(sandbox["volumes"][0]["status"], "ready", "{sandbox}");
         assert_eq!(sandbox["volumes"][0]["files"], 2);
     }
-    assert_eq!(server.metric("blob_store_gets_total").await - before, 1.0, "one S3 GET for 8 creates");
+    assert_eq!(
+        server.metric("blob_store_gets_total").await - before,
+        1.0,
+        "one S3 GET for 8 creates"
+    );
     assert_eq!(server.metric("blob_cache_hits_total").await, 7.0);
 }
 
@@ -200,9 +314,15 @@ async fn object_store_outage_during_create() {
         return;
     }
     let garage = PrivateGarage::start("outage", 3920);
-    let server = TestServer::start(common::production().with_s3(&garage.s3).with_sandboxes(1, 0)).await;
+    let server = TestServer::start(
+        common::production()
+            .with_s3(&garage.s3)
+            .with_sandboxes(1, 0),
+    )
+    .await;
     let volume = upload(&server, targz(&[("rows.csv", rows_csv(10))])).await;
-    let attach = json!({ "volumes": [{ "volume_id": volume["volume_id"], "mount_path": "/data" }] });
+    let attach =
+        json!({ "volumes": [{ "volume_id": volume["volume_id"], "mount_path": "/data" }] });
     garage.stop();
 
     // Default: the sandbox still comes up healthy; the attachment says why.
@@ -210,21 +330,52 @@ async fn object_store_outage_during_create() {
     assert_eq!(status, StatusCode::CREATED, "{sandbox}");
     let hydrated = &sandbox["volumes"][0];
     assert_eq!(hydrated["status"], "failed");
-    assert!(hydrated["error"].as_str().unwrap().contains("object storage"), "{sandbox}");
+    assert!(
+        hydrated["error"]
+            .as_str()
+            .unwrap()
+            .contains("object storage"),
+        "{sandbox}"
+    );
     let id = sandbox["sandbox_id"].as_str().unwrap();
     let ok = run(&server, id, "echo alive; ls /data 2>&1 | head -1").await;
-    assert!(ok["stdout"].as_str().unwrap().starts_with("alive\n"), "{ok}");
+    assert!(
+        ok["stdout"].as_str().unwrap().starts_with("alive\n"),
+        "{ok}"
+    );
 
     // Strict (per request): the create fails and no sandbox is left.
     let mut strict = attach.clone();
     strict["hydrate_strict"] = json!(true);
     let (status, body) = create(&server, strict).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    assert!(body["message"].as_str().unwrap().contains("hydration failed"), "{body}");
-    let running: Value = server.get("/sandboxes").send().await.unwrap().json().await.unwrap();
-    assert_eq!(running["sandboxes"].as_array().unwrap().len(), 1, "only the lenient one");
-    let dirs = std::fs::read_dir(server.sandbox_state_dir()).unwrap().count();
-    assert_eq!(dirs, 2, "the lenient sandbox and one refilled pool member, nothing leaked");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("hydration failed"),
+        "{body}"
+    );
+    let running: Value = server
+        .get("/sandboxes")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        running["sandboxes"].as_array().unwrap().len(),
+        1,
+        "only the lenient one"
+    );
+    let dirs = std::fs::read_dir(server.sandbox_state_dir())
+        .unwrap()
+        .count();
+    assert_eq!(
+        dirs, 2,
+        "the lenient sandbox and one refilled pool member, nothing leaked"
+    );
 
     // Back up: hydration works again (the failed fetch was not cached).
     garage.resume();

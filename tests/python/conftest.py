@@ -40,8 +40,33 @@ def _fresh_database() -> str:
     return admin.rsplit("/", 1)[0] + "/" + name
 
 
+TEMPLATES_DIR = os.environ.get("SANDBOX_TEMPLATES_DIR", "/var/tmp/sandbox-manager-templates")
+
+
+def _sandbox_settings() -> dict:
+    for template in ("base", "python"):
+        subprocess.run(
+            [_binary(), "templates", "build", template],
+            check=True, env=dict(os.environ, SANDBOX_MANAGER__RUNTIME__TEMPLATES_DIR=TEMPLATES_DIR, RUST_LOG="warn"),
+        )
+    return {
+        "runtime.kind": "namespace",
+        "runtime.templates_dir": TEMPLATES_DIR,
+        "runtime.build_templates_on_start": "false",
+        "pool.sizes.base": "2",
+        "pool.sizes.python": "2",
+    }
+
+
 class Server:
     def __init__(self, settings: dict):
+        settings = dict(settings)
+        if settings.pop("sandboxes", False):
+            if os.geteuid() != 0:
+                pytest.skip("SKIP: namespace sandboxes need root")
+            settings = {**_sandbox_settings(), **settings}
+        else:
+            settings.setdefault("runtime.kind", "disabled")
         self.data_dir = tempfile.TemporaryDirectory()
         garage = _garage_env()
         config = Path(self.data_dir.name) / "config.toml"

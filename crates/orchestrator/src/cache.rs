@@ -53,11 +53,19 @@ impl BlobCache {
         // Leftovers of an earlier run may be partial: start empty.
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
-        Ok(BlobCache { dir, max_bytes, blobs, entries: Mutex::default() })
+        Ok(BlobCache {
+            dir,
+            max_bytes,
+            blobs,
+            entries: Mutex::default(),
+        })
     }
 
     /// The blob's bytes, from the cache or a (shared) fetch in progress.
-    pub async fn open(&self, blob: &BlobRef) -> std::io::Result<BoxStream<'static, std::io::Result<Bytes>>> {
+    pub async fn open(
+        &self,
+        blob: &BlobRef,
+    ) -> std::io::Result<BoxStream<'static, std::io::Result<Bytes>>> {
         let cache_key = format!("{}-{}", blob.volume_id, blob.sha256);
         let (entry, fetching) = {
             let mut entries = self.entries.lock().unwrap();
@@ -101,7 +109,8 @@ impl BlobCache {
         // The fetch is its own task: a reader that goes away must not cancel
         // it for the others.
         tokio::spawn(async move {
-            let outcome = download(blobs, &key, tokio::fs::File::from_std(file), &progress_tx).await;
+            let outcome =
+                download(blobs, &key, tokio::fs::File::from_std(file), &progress_tx).await;
             let last = match outcome {
                 Ok(size) => Progress::Complete { size },
                 Err(e) => {
@@ -141,7 +150,10 @@ impl BlobCache {
         }
         let mut idle: Vec<(Instant, String, u64)> = entries
             .iter()
-            .filter(|(_, e)| Arc::strong_count(e) == 1 && !matches!(*e.progress.borrow(), Progress::Downloading { .. }))
+            .filter(|(_, e)| {
+                Arc::strong_count(e) == 1
+                    && !matches!(*e.progress.borrow(), Progress::Downloading { .. })
+            })
             .map(|(k, e)| (*e.last_used.lock().unwrap(), k.clone(), size_of(e)))
             .collect();
         idle.sort();
@@ -175,7 +187,10 @@ async fn download(
     }
     file.flush().await?;
     if written != reader.size && reader.size != 0 {
-        return Err(std::io::Error::other(format!("blob {key} ended at {written} of {} bytes", reader.size)));
+        return Err(std::io::Error::other(format!(
+            "blob {key} ended at {written} of {} bytes",
+            reader.size
+        )));
     }
     Ok(written)
 }

@@ -43,7 +43,12 @@ impl HydrateStatus {
 /// its private copy.
 const HYDRATE_USER: &str = "user";
 
-pub async fn hydrate(agent: &EnvdClient, cache: &BlobCache, volume: &Volume, mount_path: &str) -> HydrateStatus {
+pub async fn hydrate(
+    agent: &EnvdClient,
+    cache: &BlobCache,
+    volume: &Volume,
+    mount_path: &str,
+) -> HydrateStatus {
     let started = Instant::now();
     let mut status = HydrateStatus {
         volume_id: volume.id.clone(),
@@ -57,11 +62,23 @@ pub async fn hydrate(agent: &EnvdClient, cache: &BlobCache, volume: &Volume, mou
     };
     let outcome = if volume.size_bytes == 0 {
         // An empty volume has no archive at all: just the directory.
-        agent.mkdir(mount_path, HYDRATE_USER).await.map(|_| None).map_err(|e| e.to_string())
+        agent
+            .mkdir(mount_path, HYDRATE_USER)
+            .await
+            .map(|_| None)
+            .map_err(|e| e.to_string())
     } else {
-        let blob = BlobRef { volume_id: volume.id.clone(), sha256: volume.sha256.clone(), key: volume.blob_key.clone() };
+        let blob = BlobRef {
+            volume_id: volume.id.clone(),
+            sha256: volume.sha256.clone(),
+            key: volume.blob_key.clone(),
+        };
         match cache.open(&blob).await {
-            Ok(stream) => agent.unpack(mount_path, HYDRATE_USER, stream, true).await.map(Some).map_err(|e| e.to_string()),
+            Ok(stream) => agent
+                .unpack(mount_path, HYDRATE_USER, stream, true)
+                .await
+                .map(Some)
+                .map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         }
     };

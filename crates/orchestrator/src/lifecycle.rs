@@ -227,10 +227,17 @@ impl Orchestrator {
 
     /// The caller's ready volumes, in attachment order. Unknown, deleted
     /// and foreign ids all get the same 403, so ids cannot be probed.
-    async fn attached_volumes(&self, owner_id: &str, attachments: &[Attachment]) -> Result<Vec<Volume>> {
+    async fn attached_volumes(
+        &self,
+        owner_id: &str,
+        attachments: &[Attachment],
+    ) -> Result<Vec<Volume>> {
         let mut volumes = Vec::with_capacity(attachments.len());
         for attachment in attachments {
-            let volume = self.store.get_volume(owner_id, &attachment.volume_id).await?;
+            let volume = self
+                .store
+                .get_volume(owner_id, &attachment.volume_id)
+                .await?;
             volumes.push(volume.ok_or_else(|| volume_forbidden(&attachment.volume_id))?);
         }
         Ok(volumes)
@@ -262,11 +269,16 @@ impl Orchestrator {
         if !request.envs.is_empty() {
             client.set_env(request.envs.clone()).await?;
         }
-        let hydrates = request.volumes.iter().zip(&volumes).map(|(attachment, volume)| {
-            hydrate(&client, &self.blob_cache, volume, &attachment.mount_path)
-        });
+        let hydrates = request
+            .volumes
+            .iter()
+            .zip(&volumes)
+            .map(|(attachment, volume)| {
+                hydrate(&client, &self.blob_cache, volume, &attachment.mount_path)
+            });
         let statuses: Vec<HydrateStatus> = futures::future::join_all(hydrates).await;
-        self.check_hydration(owner_id, &statuses, request.strict_hydrate).await?;
+        self.check_hydration(owner_id, &statuses, request.strict_hydrate)
+            .await?;
         let started_at = Utc::now();
         let sandbox = Sandbox {
             id: warm.booted.id.clone(),
@@ -307,7 +319,11 @@ impl Orchestrator {
         strict: Option<bool>,
     ) -> Result<()> {
         for status in statuses.iter().filter(|s| s.failed()) {
-            let still_there = self.store.get_volume(owner_id, &status.volume_id).await?.is_some();
+            let still_there = self
+                .store
+                .get_volume(owner_id, &status.volume_id)
+                .await?
+                .is_some();
             if !still_there {
                 return Err(volume_forbidden(&status.volume_id));
             }

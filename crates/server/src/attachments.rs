@@ -6,8 +6,10 @@ use crate::error::ApiError;
 use sandbox_orchestrator::Attachment;
 use serde::Deserialize;
 
-const SYSTEM_DIRS: [&str; 12] =
-    ["/etc", "/usr", "/proc", "/sys", "/dev", "/bin", "/sbin", "/lib", "/lib64", "/var", "/run", "/boot"];
+const SYSTEM_DIRS: [&str; 12] = [
+    "/etc", "/usr", "/proc", "/sys", "/dev", "/bin", "/sbin", "/lib", "/lib64", "/var", "/run",
+    "/boot",
+];
 
 #[derive(Deserialize)]
 struct RawAttachment {
@@ -32,7 +34,9 @@ fn normalise_mount_path(raw: &str) -> Result<String, ApiError> {
     let mut parts = Vec::new();
     for part in raw.split('/').filter(|p| !p.is_empty()) {
         if part == "." || part == ".." {
-            return Err(bad(format!("mount_path {raw:?} must not contain '.' or '..'")));
+            return Err(bad(format!(
+                "mount_path {raw:?} must not contain '.' or '..'"
+            )));
         }
         if part.contains('\0') {
             return Err(bad("mount_path must not contain NUL".into()));
@@ -44,20 +48,30 @@ fn normalise_mount_path(raw: &str) -> Result<String, ApiError> {
     }
     let path = format!("/{}", parts.join("/"));
     if let Some(system) = SYSTEM_DIRS.iter().find(|dir| within(&path, dir)) {
-        return Err(bad(format!("mount_path {path:?} is inside the system directory {system}")));
+        return Err(bad(format!(
+            "mount_path {path:?} is inside the system directory {system}"
+        )));
     }
     Ok(path)
 }
 
 /// Whether `path` is `dir` or below it (component-wise).
 fn within(path: &str, dir: &str) -> bool {
-    path == dir || path.strip_prefix(dir).is_some_and(|rest| rest.starts_with('/'))
+    path == dir
+        || path
+            .strip_prefix(dir)
+            .is_some_and(|rest| rest.starts_with('/'))
 }
 
 pub fn parse(value: Option<serde_json::Value>) -> Result<Vec<Attachment>, ApiError> {
-    let Some(value) = value.filter(|v| !v.is_null()) else { return Ok(Vec::new()) };
-    let raw: Vec<RawAttachment> = serde_json::from_value(value)
-        .map_err(|e| bad(format!("volumes must be a list of {{volume_id, mount_path}}: {e}")))?;
+    let Some(value) = value.filter(|v| !v.is_null()) else {
+        return Ok(Vec::new());
+    };
+    let raw: Vec<RawAttachment> = serde_json::from_value(value).map_err(|e| {
+        bad(format!(
+            "volumes must be a list of {{volume_id, mount_path}}: {e}"
+        ))
+    })?;
     let mut attachments: Vec<Attachment> = Vec::with_capacity(raw.len());
     for item in raw {
         match item.mode.as_deref().unwrap_or("copy") {
@@ -69,10 +83,18 @@ pub fn parse(value: Option<serde_json::Value>) -> Result<Vec<Attachment>, ApiErr
                     item.mode.unwrap_or_default()
                 )))
             }
-            other => return Err(bad(format!("volume {}: unknown mode {other:?}", item.volume_id))),
+            other => {
+                return Err(bad(format!(
+                    "volume {}: unknown mode {other:?}",
+                    item.volume_id
+                )))
+            }
         }
         if item.subpath.as_deref().is_some_and(|s| !s.is_empty()) {
-            return Err(bad(format!("volume {}: subpath is only valid for live mounts", item.volume_id)));
+            return Err(bad(format!(
+                "volume {}: subpath is only valid for live mounts",
+                item.volume_id
+            )));
         }
         if item.volume_id.is_empty() {
             return Err(bad("volume_id must not be empty".into()));
@@ -82,9 +104,15 @@ pub fn parse(value: Option<serde_json::Value>) -> Result<Vec<Attachment>, ApiErr
             .iter()
             .find(|a| within(&a.mount_path, &mount_path) || within(&mount_path, &a.mount_path))
         {
-            return Err(bad(format!("mount paths {} and {mount_path} overlap", other.mount_path)));
+            return Err(bad(format!(
+                "mount paths {} and {mount_path} overlap",
+                other.mount_path
+            )));
         }
-        attachments.push(Attachment { volume_id: item.volume_id, mount_path });
+        attachments.push(Attachment {
+            volume_id: item.volume_id,
+            mount_path,
+        });
     }
     Ok(attachments)
 }
@@ -95,7 +123,9 @@ mod tests {
     use serde_json::json;
 
     fn one(mount_path: &str) -> Result<Vec<Attachment>, ApiError> {
-        parse(Some(json!([{ "volume_id": "vol-1", "mount_path": mount_path }])))
+        parse(Some(
+            json!([{ "volume_id": "vol-1", "mount_path": mount_path }]),
+        ))
     }
 
     #[test]
@@ -103,12 +133,26 @@ mod tests {
         assert_eq!(one("/data").unwrap()[0].mount_path, "/data");
         assert_eq!(one("//data//set/").unwrap()[0].mount_path, "/data/set");
         assert_eq!(one("/etcetera").unwrap()[0].mount_path, "/etcetera");
-        assert_eq!(one("/home/user/data").unwrap()[0].mount_path, "/home/user/data");
+        assert_eq!(
+            one("/home/user/data").unwrap()[0].mount_path,
+            "/home/user/data"
+        );
     }
 
     #[test]
     fn refuses_bad_paths() {
-        for path in ["data", "/", "//", "/etc", "/etc/app", "/usr/local/x", "/proc", "/data/../etc", "/./x", ""] {
+        for path in [
+            "data",
+            "/",
+            "//",
+            "/etc",
+            "/etc/app",
+            "/usr/local/x",
+            "/proc",
+            "/data/../etc",
+            "/./x",
+            "",
+        ] {
             assert!(one(path).is_err(), "{path:?} accepted");
         }
     }
@@ -126,7 +170,10 @@ mod tests {
         ]);
         assert_eq!(parse(Some(siblings)).unwrap().len(), 2);
         let live = json!([{ "volume_id": "a", "mount_path": "/data", "mode": "mount" }]);
-        assert!(parse(Some(live)).unwrap_err().to_string().contains("not supported"));
+        assert!(parse(Some(live))
+            .unwrap_err()
+            .to_string()
+            .contains("not supported"));
         let subpath = json!([{ "volume_id": "a", "mount_path": "/data", "subpath": "x" }]);
         assert!(parse(Some(subpath)).is_err());
         assert!(parse(None).unwrap().is_empty());

@@ -55,7 +55,10 @@ pub fn ensure_templates(binary: &Path) {
         for template in ["base", "python"] {
             let status = Command::new(binary)
                 .args(["templates", "build", template])
-                .env("SANDBOX_MANAGER__RUNTIME__TEMPLATES_DIR", shared_templates_dir())
+                .env(
+                    "SANDBOX_MANAGER__RUNTIME__TEMPLATES_DIR",
+                    shared_templates_dir(),
+                )
                 .env("RUST_LOG", "warn")
                 .status()
                 .expect("run templates build");
@@ -67,9 +70,14 @@ pub fn ensure_templates(binary: &Path) {
 /// Whether this machine can run namespace sandboxes; prints why not.
 pub fn sandboxes_supported(test: &str) -> bool {
     let root = std::fs::read_to_string("/proc/self/status")
-        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
         .unwrap_or(false);
-    let tool = ["/usr/bin/mmdebstrap", "/usr/sbin/debootstrap"].iter().any(|p| Path::new(p).exists());
+    let tool = ["/usr/bin/mmdebstrap", "/usr/sbin/debootstrap"]
+        .iter()
+        .any(|p| Path::new(p).exists());
     let reason = match (root, tool) {
         (false, _) => "not running as root (the namespace runtime needs root)",
         (_, false) => "neither mmdebstrap nor debootstrap is installed (templates cannot be built)",
@@ -88,12 +96,18 @@ pub struct PrivateGarage {
 impl PrivateGarage {
     pub fn start(name: &str, port_base: u16) -> PrivateGarage {
         let env = vec![
-            ("GARAGE_DIR".to_string(), format!("/var/tmp/sandbox-manager-garage-{name}")),
+            (
+                "GARAGE_DIR".to_string(),
+                format!("/var/tmp/sandbox-manager-garage-{name}"),
+            ),
             ("GARAGE_S3_PORT".to_string(), port_base.to_string()),
             ("GARAGE_RPC_PORT".to_string(), (port_base + 1).to_string()),
             ("GARAGE_ADMIN_PORT".to_string(), (port_base + 3).to_string()),
         ];
-        let mut garage = PrivateGarage { env, s3: HashMap::new() };
+        let mut garage = PrivateGarage {
+            env,
+            s3: HashMap::new(),
+        };
         let out = garage.script("env");
         garage.s3 = String::from_utf8(out)
             .unwrap()
@@ -111,7 +125,11 @@ impl PrivateGarage {
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .output()
             .expect("run scripts/garage.sh");
-        assert!(out.status.success(), "garage.sh {verb}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "garage.sh {verb}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         out.stdout
     }
 
@@ -195,8 +213,13 @@ impl ServerOptions {
     }
 
     fn new(binary: PathBuf, backend: Backend) -> Self {
-        ServerOptions { binary, backend, env: Vec::new(), bucket: None }
-            .with_setting("runtime.kind", "disabled")
+        ServerOptions {
+            binary,
+            backend,
+            env: Vec::new(),
+            bucket: None,
+        }
+        .with_setting("runtime.kind", "disabled")
     }
 
     /// Namespace sandboxes from the shared, pre-built templates, with warm
@@ -328,7 +351,9 @@ impl TestServer {
     /// SIGTERM and wait: the server's own shutdown path runs.
     pub fn stop_gracefully(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
             let _ = child.wait();
         }
     }
@@ -391,7 +416,15 @@ impl TestServer {
 
     /// A counter's value in `/metrics` (0 when absent).
     pub async fn metric(&self, name: &str) -> f64 {
-        let text = self.http.get(self.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        let text = self
+            .http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
         text.lines()
             .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
