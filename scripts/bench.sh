@@ -9,6 +9,12 @@ scripts/garage.sh start >/dev/null
 cargo build --release -q -p sandbox-manager -p bench -p envd
 export SANDBOX_MANAGER_BIN=$CARGO_TARGET_DIR/release/sandbox-manager
 what=${1:-all}
-if [[ $what == volume-upload || $what == all ]]; then
-  "$CARGO_TARGET_DIR/release/sandbox-bench" volume-upload
+bench=$CARGO_TARGET_DIR/release/sandbox-bench
+for name in volume-upload sandbox-create hydrate; do
+  if [[ $what == "$name" || $what == all ]]; then
+    echo; "$bench" "$name"
+  fi
+done
+if [[ $what == envd-unpack || $what == all ]]; then
+  echo; ENVD_BIN=$CARGO_TARGET_DIR/release/envd cargo run --release -q -p envd --example unpack_bench
 fi

@@ -2,6 +2,9 @@
 //! the same run, because these machines are noisy. Run through
 //! `scripts/bench.sh`, which builds everything in release mode first.
 
+mod hydrate;
+mod sandbox_create;
+mod stats;
 mod volume_upload;
 
 use clap::{Parser, Subcommand};
@@ -27,6 +30,12 @@ enum Bench {
         #[arg(long, default_value_t = 1024)]
         size_mib: usize,
     },
+    /// Create latency from the warm pool (sequential and a burst), cold
+    /// create latency, and the `commands.run("true")` round trip.
+    SandboxCreate,
+    /// Hydrate cost vs `tar xzf` of the same archive, and fan-out of 1, 4
+    /// and 16 creates over one volume (wall time, S3 GETs and bytes).
+    Hydrate,
 }
 
 #[tokio::main]

@@ -1,0 +1,91 @@
+//! Create latency over HTTP: warm pool (sequential and a burst the size of
+//! the pool), cold (no pool), and the `commands.run("true")` round trip.
+
+use crate::stats::summarize;
+use serde_json::{json, Value};
+use std::path::Path;
+use std::time::{Duration, Instant};
+use testkit::{ServerOptions, TestServer};
+
+async fn create(server: &TestServer) -> (Duration, String) {
+    let started = Instant::now();
+    let response = server.post("/sandboxes").json(&json!({ "template": "base" })).send().await.unwrap();
+    let elapsed = started.elapsed();
+    assert_eq!(response.status().as_u16(), 201, "create failed: {}", response.text().await.unwrap());
+    let body: Value = response.json().await.unwrap();
+    (elapsed, body["sandbox_id"].as_str().unwrap().to_string())
+}
+
+async fn kill(server: &TestServer, id: &str) {
+    server.delete(&format!("/sandboxes/{id}")).send().await.unwrap();
+}
+
+async fn wait_for_pool(server: &TestServer, size: usize) {
+    for _ in 0..600 {
+        if server.metric("pool_ready").await as usize >= size {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("pool never reached {size}");
+}
+
+pub async fn run(binary: &Path) -> anyhow::Result<()> {
+    const POOL: usize = 8;
+    let server = TestServer::start(ServerOptions::production(binary).with_sandboxes(POOL, 0)).await;
+    wait_for_pool(&server, POOL).await;
+
+    // Sequential warm creates; the pool refills between them as it would
+    // under a steady request rate (each create is followed by a kill).
+    let mut warm = Vec::new();
+    for _ in 0..200 {
+        let (elapsed, id) = create(&server).await;
+        warm.push(elapsed);
+        kill(&server, &id).await;
+        wait_for_pool(&server, POOL).await;
+    }
+    let hits = server.metric("pool_claims_total{result=\"hit\"").await;
+    println!("sandbox create (namespace runtime, HTTP, release build)");
+    println!("  warm, concurrency 1      : {}", summarize(&warm));
+
+    // A burst the size of the pool, all at once.
+    wait_for_pool(&server, POOL).await;
+    let burst = futures::future::join_all((0..POOL).map(|_| create(&server))).await;
+    let burst_latencies: Vec<Duration> = burst.iter().map(|(d, _)| *d).collect();
+    println!("  warm, burst of {POOL:<2}       : {}", summarize(&burst_latencies));
+
+    // commands.run("true") round trip.
+    let target = &burst[0].1;
+    let mut round_trips = Vec::new();
+    for _ in 0..200 {
+        let started = Instant::now();
+        let response = server
+            .post(&format!("/sandboxes/{target}/commands"))
+            .json(&json!({ "cmd": "true", "background": false, "user": "user", "timeout": 60 }))
+            .send()
+            .await?;
+        anyhow::ensure!(response.status().is_success());
+        response.bytes().await?;
+        round_trips.push(started.elapsed());
+    }
+    println!("  commands.run(\"true\")     : {}", summarize(&round_trips));
+    for (_, id) in &burst {
+        kill(&server, id).await;
+    }
+    drop(server);
+
+    // Cold: no pool, every create boots on the request path.
+    let cold_server = TestServer::start(ServerOptions::production(binary).with_sandboxes(0, 0)).await;
+    let mut cold = Vec::new();
+    for _ in 0..30 {
+        let (elapsed, id) = create(&cold_server).await;
+        cold.push(elapsed);
+        kill(&cold_server, &id).await;
+    }
+    println!("  cold (pool size 0)       : {}", summarize(&cold));
+    let warm_p50 = summarize(&warm).p50;
+    println!("  cold p50 / warm p50      : {:.1}x", summarize(&cold).p50 / warm_p50);
+    println!("  pool hits (sequential)   : {hits:.0} of 200");
+    println!("  targets: warm p50 <= 30 ms, p99 <= 100 ms");
+    Ok(())
+}

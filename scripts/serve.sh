@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Runs the server on the embedded default (SQLite + a local blob directory
+# under ./data; no external services). Builds the release binaries, and
+# installs mmdebstrap (used to build the sandbox templates) when missing.
+# Extra arguments go to `sandbox-manager serve`, e.g. --config FILE.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
+if ! command -v mmdebstrap >/dev/null && ! command -v debootstrap >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mmdebstrap >/dev/null
+  else
+    echo "serve.sh: install mmdebstrap to build sandbox templates (volumes work without it)" >&2
+  fi
+fi
+cargo build --release -q -p sandbox-manager -p envd
+exec "$CARGO_TARGET_DIR/release/sandbox-manager" serve "$@"
