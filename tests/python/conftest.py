@@ -5,8 +5,10 @@ the Rust black-box tests. The SDK reads DECLAW_DOMAIN / DECLAW_API_KEY, so each
 test points them at the server it starts.
 """
 
+import io
 import os
 import random
+import tarfile
 import subprocess
 import tempfile
 import threading
@@ -15,6 +17,17 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def make_targz(files: dict) -> bytes:
+    """A gzip-compressed tar holding `files` (name → bytes)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
 
 
 def _binary() -> str:

@@ -1,53 +1,18 @@
 """Sandboxes, commands, files and the product page's volume walkthrough
 through the real, unmodified Declaw Python SDK (1.7.0)."""
 
-import io
 import os
 import subprocess
 import sys
-import tarfile
-import textwrap
 
 import pytest
 from declaw import Sandbox, Volumes
 from declaw.exceptions import AuthenticationException, InvalidArgumentException, NotFoundException
 
-SEED_PROGRAM = textwrap.dedent(
-    '''
-    from declaw import Sandbox, Volumes, VolumeAttachment
+from conftest import REPO, make_targz
 
-    # 1. Upload the dataset once.
-    with open("training.tar.gz", "rb") as f:
-        vol = Volumes.create(name="training-set", data=f)
-    attachment = VolumeAttachment(volume_id=vol.volume_id, mount_path="/data")
-
-    # 2. Create N sandboxes, each attaching the same volume.
-    sandboxes = [
-        Sandbox.create(template="python", timeout=300, volumes=[attachment])
-        for _ in range(4)
-    ]
-
-    try:
-        # Each sandbox sees its own copy of /data; writes don't cross sandbox boundaries.
-        for i, sbx in enumerate(sandboxes):
-            r = sbx.commands.run("wc -l /data/rows.csv")
-            print(f"sandbox {i}: {r.stdout.strip()}")
-    finally:
-        for sbx in sandboxes:
-            sbx.kill()
-        Volumes.delete(vol.volume_id)
-    '''
-)
-
-
-def make_targz(files: dict) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
+# The product page's program, unchanged, as the README tells users to run it.
+SEED_PROGRAM = (REPO / "examples" / "volumes_fanout.py").read_text()
 
 
 @pytest.fixture

@@ -8,21 +8,12 @@ import tarfile
 
 import pytest
 from declaw import Volumes
+from conftest import make_targz
 from declaw.exceptions import (
     InvalidArgumentException,
     NotEnoughSpaceException,
     NotFoundException,
 )
-
-
-def make_targz(files: dict) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
 
 
 def members(archive: bytes) -> dict:
