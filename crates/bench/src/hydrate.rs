@@ -20,20 +20,27 @@ fn archive(work_dir: &Path) -> anyhow::Result<PathBuf> {
     }
     eprintln!("generating {}", path.display());
     let file = std::fs::File::create(path.with_extension("partial"))?;
-    let gz = flate2::write::GzEncoder::new(std::io::BufWriter::new(file), flate2::Compression::fast());
+    let gz =
+        flate2::write::GzEncoder::new(std::io::BufWriter::new(file), flate2::Compression::fast());
     let mut tar = tar::Builder::new(gz);
     let size = TOTAL / FILES;
     for i in 0..FILES {
         let data: Vec<u8> = if i % 2 == 0 {
             testkit::noise(size, i as u64 + 1)
         } else {
-            (0..size).map(|j| b"0123456789,abcdef\n"[(i + j) % 18]).collect()
+            (0..size)
+                .map(|j| b"0123456789,abcdef\n"[(i + j) % 18])
+                .collect()
         };
         let mut header = tar::Header::new_gnu();
         header.set_size(data.len() as u64);
         header.set_mode(0o644);
         header.set_cksum();
-        tar.append_data(&mut header, format!("dir{:02}/file{i:05}.dat", i % 40), data.as_slice())?;
+        tar.append_data(
+            &mut header,
+            format!("dir{:02}/file{i:05}.dat", i % 40),
+            data.as_slice(),
+        )?;
     }
     tar.into_inner()?.finish()?.flush()?;
     std::fs::rename(path.with_extension("partial"), &path)?;
@@ -43,7 +50,12 @@ fn archive(work_dir: &Path) -> anyhow::Result<PathBuf> {
 fn tar_xzf(archive: &Path) -> anyhow::Result<Duration> {
     let dest = tempfile::tempdir()?;
     let started = Instant::now();
-    let status = std::process::Command::new("tar").arg("xzf").arg(archive).arg("-C").arg(dest.path()).status()?;
+    let status = std::process::Command::new("tar")
+        .arg("xzf")
+        .arg(archive)
+        .arg("-C")
+        .arg(dest.path())
+        .status()?;
     anyhow::ensure!(status.success(), "tar xzf failed");
     Ok(started.elapsed())
 }
@@ -73,7 +85,11 @@ async fn create(server: &TestServer, volume: Option<&str>) -> anyhow::Result<(Du
 
 async fn kill_all(server: &TestServer, ids: &[String]) {
     for id in ids {
-        server.delete(&format!("/sandboxes/{id}")).send().await.unwrap();
+        server
+            .delete(&format!("/sandboxes/{id}"))
+            .send()
+            .await
+            .unwrap();
     }
 }
 
@@ -107,10 +123,22 @@ pub async fn run(binary: &Path, work_dir: &Path) -> anyhow::Result<()> {
     }
     let best = |d: &[Duration]| d.iter().min().copied().unwrap();
     let (hydrate, tar) = (best(&extra), best(&tar_runs));
-    println!("volume hydration: 256 MiB in {FILES} files ({:.0} MiB gzipped), namespace runtime", compressed as f64 / (1 << 20) as f64);
-    println!("  tar xzf into a local dir          : {:>8.1} ms", tar.as_secs_f64() * 1000.0);
-    println!("  create with volume - without      : {:>8.1} ms", hydrate.as_secs_f64() * 1000.0);
-    println!("  hydrate / tar xzf                 : {:>8.2}  (target <= 1.2)", hydrate.as_secs_f64() / tar.as_secs_f64());
+    println!(
+        "volume hydration: 256 MiB in {FILES} files ({:.0} MiB gzipped), namespace runtime",
+        compressed as f64 / (1 << 20) as f64
+    );
+    println!(
+        "  tar xzf into a local dir          : {:>8.1} ms",
+        tar.as_secs_f64() * 1000.0
+    );
+    println!(
+        "  create with volume - without      : {:>8.1} ms",
+        hydrate.as_secs_f64() * 1000.0
+    );
+    println!(
+        "  hydrate / tar xzf                 : {:>8.2}  (target <= 1.2)",
+        hydrate.as_secs_f64() / tar.as_secs_f64()
+    );
 
     let mut single = None;
     for n in [1usize, 4, 16] {
@@ -119,7 +147,8 @@ pub async fn run(binary: &Path, work_dir: &Path) -> anyhow::Result<()> {
         let gets = server.metric("blob_store_gets_total").await;
         let bytes = server.metric("blob_store_get_bytes_total").await;
         let started = Instant::now();
-        let creates = futures::future::join_all((0..n).map(|_| create(&server, Some(&volume)))).await;
+        let creates =
+            futures::future::join_all((0..n).map(|_| create(&server, Some(&volume)))).await;
         let wall = started.elapsed();
         let mut ids = Vec::new();
         let mut latencies = Vec::new();

@@ -46,5 +46,7 @@ async fn main() -> anyhow::Result<()> {
         Bench::VolumeUpload { size_mib } => {
             volume_upload::run(&cli.server, &cli.work_dir, size_mib).await
         }
+        Bench::SandboxCreate => sandbox_create::run(&cli.server).await,
+        Bench::Hydrate => hydrate::run(&cli.server, &cli.work_dir).await,
     }
 }

@@ -9,15 +9,29 @@ use testkit::{ServerOptions, TestServer};
 
 async fn create(server: &TestServer) -> (Duration, String) {
     let started = Instant::now();
-    let response = server.post("/sandboxes").json(&json!({ "template": "base" })).send().await.unwrap();
+    let response = server
+        .post("/sandboxes")
+        .json(&json!({ "template": "base" }))
+        .send()
+        .await
+        .unwrap();
     let elapsed = started.elapsed();
-    assert_eq!(response.status().as_u16(), 201, "create failed: {}", response.text().await.unwrap());
+    assert_eq!(
+        response.status().as_u16(),
+        201,
+        "create failed: {}",
+        response.text().await.unwrap()
+    );
     let body: Value = response.json().await.unwrap();
     (elapsed, body["sandbox_id"].as_str().unwrap().to_string())
 }
 
 async fn kill(server: &TestServer, id: &str) {
-    server.delete(&format!("/sandboxes/{id}")).send().await.unwrap();
+    server
+        .delete(&format!("/sandboxes/{id}"))
+        .send()
+        .await
+        .unwrap();
 }
 
 async fn wait_for_pool(server: &TestServer, size: usize) {
@@ -52,7 +66,10 @@ pub async fn run(binary: &Path) -> anyhow::Result<()> {
     wait_for_pool(&server, POOL).await;
     let burst = futures::future::join_all((0..POOL).map(|_| create(&server))).await;
     let burst_latencies: Vec<Duration> = burst.iter().map(|(d, _)| *d).collect();
-    println!("  warm, burst of {POOL:<2}       : {}", summarize(&burst_latencies));
+    println!(
+        "  warm, burst of {POOL:<2}       : {}",
+        summarize(&burst_latencies)
+    );
 
     // commands.run("true") round trip.
     let target = &burst[0].1;
@@ -75,7 +92,8 @@ pub async fn run(binary: &Path) -> anyhow::Result<()> {
     drop(server);
 
     // Cold: no pool, every create boots on the request path.
-    let cold_server = TestServer::start(ServerOptions::production(binary).with_sandboxes(0, 0)).await;
+    let cold_server =
+        TestServer::start(ServerOptions::production(binary).with_sandboxes(0, 0)).await;
     let mut cold = Vec::new();
     for _ in 0..30 {
         let (elapsed, id) = create(&cold_server).await;
@@ -84,7 +102,10 @@ pub async fn run(binary: &Path) -> anyhow::Result<()> {
     }
     println!("  cold (pool size 0)       : {}", summarize(&cold));
     let warm_p50 = summarize(&warm).p50;
-    println!("  cold p50 / warm p50      : {:.1}x", summarize(&cold).p50 / warm_p50);
+    println!(
+        "  cold p50 / warm p50      : {:.1}x",
+        summarize(&cold).p50 / warm_p50
+    );
     println!("  pool hits (sequential)   : {hits:.0} of 200");
     println!("  targets: warm p50 <= 30 ms, p99 <= 100 ms");
     Ok(())

@@ -13,7 +13,13 @@ pub fn summarize(samples: &[Duration]) -> Summary {
     let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
     ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let at = |q: f64| ms[((ms.len() as f64 - 1.0) * q).round() as usize];
-    Summary { p50: at(0.50), p95: at(0.95), p99: at(0.99), max: *ms.last().unwrap(), count: ms.len() }
+    Summary {
+        p50: at(0.50),
+        p95: at(0.95),
+        p99: at(0.99),
+        max: *ms.last().unwrap(),
+        count: ms.len(),
+    }
 }
 
 impl std::fmt::Display for Summary {

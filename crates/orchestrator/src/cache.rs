@@ -50,9 +50,14 @@ pub struct BlobRef {
 
 impl BlobCache {
     pub fn new(dir: PathBuf, max_bytes: u64, blobs: Arc<dyn BlobStore>) -> std::io::Result<Self> {
-        // Leftovers of an earlier run may be partial: start empty.
-        let _ = std::fs::remove_dir_all(&dir);
+        // Leftovers of an earlier run may be partial: start empty. Only our
+        // own files go, in case the directory is shared with something else.
         std::fs::create_dir_all(&dir)?;
+        for entry in std::fs::read_dir(&dir)?.flatten() {
+            if entry.file_name().to_string_lossy().starts_with("vol-") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
         Ok(BlobCache {
             dir,
             max_bytes,

@@ -199,6 +199,8 @@ mod tests {
     }
 
     #[test]
+    // figment's Jail API fixes the closure's error type.
+    #[allow(clippy::result_large_err)]
     fn environment_overrides_nested_keys() {
         figment::Jail::expect_with(|jail| {
             jail.set_env("SANDBOX_MANAGER__LISTEN", "127.0.0.1:9999");
