@@ -42,6 +42,18 @@ async fn lifecycle_listing_and_kill() {
         return;
     }
     let server = server(2).await;
+    let health: Value = server
+        .get("/health")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        health["runtime"],
+        json!({ "kind": "namespace", "status": "ok" })
+    );
     let sandbox = create(&server, json!({ "template": "base", "timeout": 120, "metadata": { "job": "a" }, "secure": true, "lifecycle": { "on_timeout": "kill" } })).await;
     let id = sandbox["sandbox_id"].as_str().unwrap().to_string();
     assert!(id.starts_with("sbx-") && id.len() == 12, "{id}");

@@ -58,7 +58,9 @@ pub async fn run(binary: &Path) -> anyhow::Result<()> {
         kill(&server, &id).await;
         wait_for_pool(&server, POOL).await;
     }
-    let hits = server.metric("pool_claims_total{result=\"hit\"").await;
+    let hits = server
+        .metric_where("pool_claims_total", "result=\"hit\"")
+        .await;
     println!("sandbox create (namespace runtime, HTTP, release build)");
     println!("  warm, concurrency 1      : {}", summarize(&warm));
 

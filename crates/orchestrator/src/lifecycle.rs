@@ -101,14 +101,6 @@ impl Orchestrator {
             .map_err(Clone::clone)
     }
 
-    pub fn templates(&self) -> &TemplateCatalog {
-        &self.templates
-    }
-
-    pub fn pool_ready(&self, template: &str) -> usize {
-        self.pool.len(template)
-    }
-
     fn runtime(&self) -> Result<&Arc<dyn Runtime>> {
         self.runtime
             .as_ref()

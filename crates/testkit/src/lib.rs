@@ -416,17 +416,17 @@ impl TestServer {
 
     /// A counter's value in `/metrics` (0 when absent).
     pub async fn metric(&self, name: &str) -> f64 {
-        let text = self
-            .http
-            .get(self.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        self.metric_where(name, "").await
+    }
+
+    /// Like [`Self::metric`], only over label sets containing `label`
+    /// (e.g. `result="hit"`).
+    pub async fn metric_where(&self, name: &str, label: &str) -> f64 {
+        let response = self.http.get(self.url("/metrics")).send().await.unwrap();
+        let text = response.text().await.unwrap();
         text.lines()
             .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .filter(|l| l.contains(label))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     }

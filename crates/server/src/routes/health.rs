@@ -16,6 +16,11 @@ pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
         "store": { "backend": state.store.backend(), "status": status_of(store.is_ok()) },
         "blobs": { "backend": state.blobs.describe(), "status": status_of(blobs.is_ok()) },
     });
+    // Sandboxes are optional (volumes work without them): report, don't fail.
+    body["runtime"] = match state.orchestrator.runtime_kind() {
+        Ok(kind) => json!({ "kind": kind, "status": "ok" }),
+        Err(reason) => json!({ "status": "unavailable", "reason": reason }),
+    };
     if let Err(e) = &store {
         body["store"]["error"] = json!(e.to_string());
     }
