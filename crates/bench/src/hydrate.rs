@@ -93,21 +93,12 @@ async fn kill_all(server: &TestServer, ids: &[String]) {
     }
 }
 
-async fn wait_for_pool(server: &TestServer, size: usize) {
-    for _ in 0..1200 {
-        if server.metric("pool_ready").await as usize >= size {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 pub async fn run(binary: &Path, work_dir: &Path) -> anyhow::Result<()> {
     let archive = archive(work_dir)?;
     let compressed = std::fs::metadata(&archive)?.len();
     const POOL: usize = 16;
     let server = TestServer::start(ServerOptions::production(binary).with_sandboxes(POOL, 0)).await;
-    wait_for_pool(&server, POOL).await;
+    server.wait_for_pool(POOL).await;
 
     // One hydrate vs tar xzf, interleaved, best of 3 each.
     let mut extra = Vec::new();
@@ -115,7 +106,7 @@ pub async fn run(binary: &Path, work_dir: &Path) -> anyhow::Result<()> {
     for _ in 0..3 {
         tar_runs.push(tar_xzf(&archive)?);
         let volume = upload(&server, &archive).await?; // fresh id: uncached
-        wait_for_pool(&server, POOL).await;
+        server.wait_for_pool(POOL).await;
         let (plain, a) = create(&server, None).await?;
         let (with_volume, b) = create(&server, Some(&volume)).await?;
         extra.push(with_volume.saturating_sub(plain));
@@ -143,7 +134,7 @@ pub async fn run(binary: &Path, work_dir: &Path) -> anyhow::Result<()> {
     let mut single = None;
     for n in [1usize, 4, 16] {
         let volume = upload(&server, &archive).await?;
-        wait_for_pool(&server, POOL).await;
+        server.wait_for_pool(POOL).await;
         let gets = server.metric("blob_store_gets_total").await;
         let bytes = server.metric("blob_store_get_bytes_total").await;
         let started = Instant::now();

@@ -34,20 +34,10 @@ async fn kill(server: &TestServer, id: &str) {
         .unwrap();
 }
 
-async fn wait_for_pool(server: &TestServer, size: usize) {
-    for _ in 0..600 {
-        if server.metric("pool_ready").await as usize >= size {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("pool never reached {size}");
-}
-
 pub async fn run(binary: &Path) -> anyhow::Result<()> {
     const POOL: usize = 8;
     let server = TestServer::start(ServerOptions::production(binary).with_sandboxes(POOL, 0)).await;
-    wait_for_pool(&server, POOL).await;
+    server.wait_for_pool(POOL).await;
 
     // Sequential warm creates; the pool refills between them as it would
     // under a steady request rate (each create is followed by a kill).
@@ -56,7 +46,7 @@ pub async fn run(binary: &Path) -> anyhow::Result<()> {
         let (elapsed, id) = create(&server).await;
         warm.push(elapsed);
         kill(&server, &id).await;
-        wait_for_pool(&server, POOL).await;
+        server.wait_for_pool(POOL).await;
     }
     let hits = server
         .metric_where("pool_claims_total", "result=\"hit\"")
@@ -65,7 +55,7 @@ pub async fn run(binary: &Path) -> anyhow::Result<()> {
     println!("  warm, concurrency 1      : {}", summarize(&warm));
 
     // A burst the size of the pool, all at once.
-    wait_for_pool(&server, POOL).await;
+    server.wait_for_pool(POOL).await;
     let burst = futures::future::join_all((0..POOL).map(|_| create(&server))).await;
     let burst_latencies: Vec<Duration> = burst.iter().map(|(d, _)| *d).collect();
     println!(

@@ -419,6 +419,17 @@ impl TestServer {
         self.metric_where(name, "").await
     }
 
+    /// Waits until at least `size` warm sandboxes are ready (at most 60 s).
+    pub async fn wait_for_pool(&self, size: usize) {
+        for _ in 0..1200 {
+            if self.metric("pool_ready").await as usize >= size {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the warm pool never reached {size}");
+    }
+
     /// Like [`Self::metric`], only over label sets containing `label`
     /// (e.g. `result="hit"`).
     pub async fn metric_where(&self, name: &str, label: &str) -> f64 {
