@@ -190,12 +190,21 @@ mod tests {
     use super::*;
 
     #[test]
+    // figment's Jail API fixes the closure's error type.
+    #[allow(clippy::result_large_err)]
     fn defaults_are_the_embedded_mode() {
-        let config = Config::load(None).unwrap();
-        assert_eq!(config.listen.to_string(), "127.0.0.1:8080");
-        assert_eq!(config.blobs.backend, BlobBackend::Local);
-        assert!(config.database_url().starts_with("sqlite:"));
-        assert_eq!(config.volumes.max_upload_bytes, 4 << 30);
+        // Inside a Jail too: Jails run one at a time, so the other test's
+        // environment variables cannot leak in.
+        figment::Jail::expect_with(|_| {
+            let config = Config::load(None).unwrap();
+            assert_eq!(config.listen.to_string(), "127.0.0.1:8080");
+            assert_eq!(config.blobs.backend, BlobBackend::Local);
+            assert!(config.database_url().starts_with("sqlite:"));
+            assert_eq!(config.volumes.max_upload_bytes, 4 << 30);
+            assert_eq!(config.runtime.kind, RuntimeKind::Auto);
+            assert_eq!(config.pool.sizes.get("python"), Some(&2));
+            Ok(())
+        });
     }
 
     #[test]
