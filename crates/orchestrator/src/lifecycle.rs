@@ -11,6 +11,7 @@ use envd_protocol::client::EnvdClient;
 use sandbox_runtime::{BootSpec, Runtime, TemplateCatalog, TemplateStatus};
 use sandbox_store::{Sandbox, SandboxState, Store, Volume};
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
@@ -57,6 +58,9 @@ pub struct Orchestrator {
     /// Templates seen ready; a built template stays built while we run.
     ready_templates: Mutex<HashSet<String>>,
     cold_boots: Semaphore,
+    /// Held by the refill loop while it boots; see `shutdown`.
+    refilling: tokio::sync::Mutex<()>,
+    shutting_down: AtomicBool,
     config: OrchestratorConfig,
     me: Weak<Orchestrator>,
 }
@@ -89,6 +93,8 @@ impl Orchestrator {
             agents: Mutex::default(),
             ready_templates: Mutex::default(),
             cold_boots: Semaphore::new(config.max_cold_boots.max(1)),
+            refilling: tokio::sync::Mutex::new(()),
+            shutting_down: AtomicBool::new(false),
             config,
             me: me.clone(),
         })
@@ -169,7 +175,9 @@ impl Orchestrator {
 
     /// Boots until every pool is full; returns true if one stayed short.
     async fn refill_once(&self) -> bool {
-        if self.runtime.is_err() {
+        // Held across boots so shutdown can wait for one in flight.
+        let _refilling = self.refilling.lock().await;
+        if self.runtime.is_err() || self.shutting_down.load(Ordering::SeqCst) {
             return false;
         }
         let mut short = false;
@@ -179,7 +187,7 @@ impl Orchestrator {
             .map(|(t, n)| (t.clone(), *n))
             .collect();
         for (template, target) in targets {
-            while self.pool.len(&template) < target {
+            while self.pool.len(&template) < target && !self.shutting_down.load(Ordering::SeqCst) {
                 match self.boot(&template).await {
                     Ok(warm) => self.pool.add(&template, warm),
                     Err(OrchestratorError::TemplateNotReady(_)) => {
@@ -465,6 +473,9 @@ impl Orchestrator {
 
     /// Destroys the warm pool (running sandboxes stay, for re-adoption).
     pub async fn shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        // A boot the refill loop started finishes into the pool first.
+        let _refilling = self.refilling.lock().await;
         for warm in self.pool.drain() {
             self.destroy_quietly(&warm.booted.id).await;
         }
