@@ -368,6 +368,28 @@ impl Orchestrator {
         Ok(self.terminate(id).await)
     }
 
+    /// Like [`Self::kill`], but only the bookkeeping is awaited: the sandbox
+    /// reads as killed (and refuses calls with 410) when this returns, and
+    /// its teardown finishes in the background.
+    pub async fn kill_in_background(&self, owner_id: &str, id: &str) -> Result<()> {
+        let sandbox = self.get(owner_id, id).await?;
+        if sandbox.state == SandboxState::Killed {
+            return Ok(());
+        }
+        self.deadlines.cancel(id);
+        if self.store.mark_sandbox_killed(id).await? {
+            metrics::counter!("sandboxes_killed_total").increment(1);
+        }
+        self.agents.lock().unwrap().remove(id);
+        let (me, id) = (self.me.clone(), id.to_string());
+        tokio::spawn(async move {
+            if let Some(orchestrator) = me.upgrade() {
+                orchestrator.destroy_quietly(&id).await;
+            }
+        });
+        Ok(())
+    }
+
     /// Marks killed, then tears down. Returns whether this call killed it.
     async fn terminate(&self, id: &str) -> bool {
         let killed = match self.store.mark_sandbox_killed(id).await {

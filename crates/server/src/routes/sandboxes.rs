@@ -293,13 +293,10 @@ pub async fn kill(
     axum::extract::Query(query): axum::extract::Query<KillQuery>,
 ) -> ApiResult<Response> {
     if query.is_async() {
-        state.orchestrator.get(&owner.id, &id).await?; // 404 before queueing
-        let orchestrator = state.orchestrator.clone();
-        tokio::spawn(async move {
-            if let Err(e) = orchestrator.kill(&owner.id, &id).await {
-                tracing::warn!(sandbox_id = %id, error = %e, "queued kill failed");
-            }
-        });
+        state
+            .orchestrator
+            .kill_in_background(&owner.id, &id)
+            .await?;
         return Ok((StatusCode::ACCEPTED, Json(json!({ "queued": true }))).into_response());
     }
     let killed = state.orchestrator.kill(&owner.id, &id).await?;
