@@ -25,8 +25,9 @@ fn garage_store(bucket_key: &str) -> S3BlobStore {
     .unwrap()
 }
 
-async fn owner_id(server: &TestServer) -> String {
-    // The default owner's id shows in any volume it creates.
+/// Uploads an empty "probe" volume for the default owner; returns the
+/// owner's id and the probe's blob key (which must survive what follows).
+async fn probe_volume(server: &TestServer) -> (String, String) {
     let body: Value = server
         .post("/volumes?name=probe")
         .send()
@@ -35,7 +36,8 @@ async fn owner_id(server: &TestServer) -> String {
         .json()
         .await
         .unwrap();
-    body["owner_id"].as_str().unwrap().to_string()
+    let field = |name: &str| body[name].as_str().unwrap().to_string();
+    (field("owner_id"), field("blob_key"))
 }
 
 async fn assert_error(response: reqwest::Response, status: StatusCode) -> String {
@@ -229,22 +231,7 @@ async fn chunked_and_empty_uploads() {
 #[tokio::test]
 async fn bad_archives_are_rejected_and_leave_nothing() {
     let server = TestServer::start(common::production()).await;
-    let owner = owner_id(&server).await;
-    let probe_key = |listed: &Value| {
-        listed["volumes"][0]["blob_key"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
-    let listed: Value = server
-        .get("/volumes")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let probe = probe_key(&listed);
+    let (owner, probe) = probe_volume(&server).await;
 
     // Not gzip at all.
     let message = assert_error(
@@ -308,19 +295,7 @@ async fn uploads_over_the_cap_get_413() {
     let server =
         TestServer::start(common::production().with_setting("volumes.max_upload_bytes", "1048576"))
             .await;
-    let owner = owner_id(&server).await;
-    let listed: Value = server
-        .get("/volumes")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let probe = listed["volumes"][0]["blob_key"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (owner, probe) = probe_volume(&server).await;
     let archive = targz(&[("big.bin", noise(3 << 20, 9))]);
 
     // Declared length over the cap: refused before reading.
@@ -433,19 +408,7 @@ async fn authentication_and_owner_scoping() {
 #[tokio::test]
 async fn interrupted_upload_leaves_no_row_and_no_upload() {
     let server = TestServer::start(common::production()).await;
-    let owner = owner_id(&server).await;
-    let listed: Value = server
-        .get("/volumes")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let probe = listed["volumes"][0]["blob_key"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (owner, probe) = probe_volume(&server).await;
 
     // Send 20 MiB of a declared 64 MiB body, then hang up.
     let archive = targz(&[("big.bin", noise(64 << 20, 13))]);
@@ -483,7 +446,7 @@ async fn restart_aborts_uploads_a_crash_left_behind() {
     })
     .await;
     let store = garage_store("S3_SWEEP_BUCKET");
-    let owner = owner_id(&server).await;
+    let (owner, _) = probe_volume(&server).await;
 
     // Start a 64 MiB upload, let a few parts land, then kill -9 the server.
     let archive = targz(&[("big.bin", noise(64 << 20, 17))]);

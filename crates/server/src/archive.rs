@@ -110,22 +110,7 @@ impl Read for ChannelReader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
-
-    fn targz(files: &[(&str, &[u8])]) -> Vec<u8> {
-        let mut builder = tar::Builder::new(Vec::new());
-        for (name, data) in files {
-            let mut header = tar::Header::new_gnu();
-            header.set_size(data.len() as u64);
-            header.set_mode(0o644);
-            header.set_cksum();
-            builder.append_data(&mut header, name, *data).unwrap();
-        }
-        let tar = builder.into_inner().unwrap();
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        gz.write_all(&tar).unwrap();
-        gz.finish().unwrap()
-    }
+    use testkit::{gzip, targz};
 
     async fn inspect(data: Vec<u8>, chunk: usize) -> Result<ArchiveSummary, ArchiveError> {
         let mut inspector = ArchiveInspector::start();
@@ -139,7 +124,7 @@ mod tests {
 
     #[tokio::test]
     async fn counts_entries_and_bytes() {
-        let data = targz(&[("a.txt", b"hello"), ("dir/b.bin", &[7u8; 3000])]);
+        let data = targz(&[("a.txt", b"hello".to_vec()), ("dir/b.bin", vec![7u8; 3000])]);
         let summary = inspect(data, 7).await.unwrap();
         assert_eq!(
             summary,
@@ -152,7 +137,7 @@ mod tests {
 
     #[tokio::test]
     async fn truncated_archive_is_corrupt() {
-        let mut data = targz(&[("a.txt", &[1u8; 100_000])]);
+        let mut data = targz(&[("a.txt", vec![1u8; 100_000])]);
         data.truncate(data.len() - 20);
         assert!(matches!(
             inspect(data, 1000).await,
@@ -162,10 +147,8 @@ mod tests {
 
     #[tokio::test]
     async fn gzip_of_garbage_is_corrupt() {
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        gz.write_all(&[0xAB; 4096]).unwrap();
         assert!(matches!(
-            inspect(gz.finish().unwrap(), 512).await,
+            inspect(gzip(&[0xAB; 4096]), 512).await,
             Err(ArchiveError::Corrupt(_))
         ));
     }

@@ -115,10 +115,7 @@ pub async fn write_raw(
             "file uploads are limited to {RAW_FILE_LIMIT} bytes"
         ))
     };
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > RAW_FILE_LIMIT) {
+    if super::declared_length(&headers).is_some_and(|len| len > RAW_FILE_LIMIT) {
         return Err(too_large());
     }
     let agent = state.orchestrator.agent(&owner.id, &id).await?;

@@ -164,11 +164,7 @@ pub async fn create(
     body: Body,
 ) -> ApiResult<Response> {
     let cap = state.config.volumes.max_upload_bytes;
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > cap) {
+    if super::declared_length(&headers).is_some_and(|len| len > cap) {
         return Err(UploadFailure::TooLarge(cap).into());
     }
     let content_type = headers
