@@ -186,11 +186,13 @@ async fn download(
     while let Some(chunk) = stream.next().await {
         let chunk = chunk?;
         file.write_all(&chunk).await?;
+        // tokio's File hands writes to a blocking thread and returns before
+        // they land; readers tail the file by `written`, so wait for it.
+        file.flush().await?;
         written += chunk.len() as u64;
         metrics::counter!("blob_store_get_bytes_total").increment(chunk.len() as u64);
         progress.send_replace(Progress::Downloading { written });
     }
-    file.flush().await?;
     if written != reader.size && reader.size != 0 {
         return Err(std::io::Error::other(format!(
             "blob {key} ended at {written} of {} bytes",
