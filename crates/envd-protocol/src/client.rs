@@ -311,6 +311,16 @@ impl EnvdClient {
     // ----- processes -----
 
     /// Replaces the sandbox-level environment of later processes.
+    /// `POST /init`: hands a token-less agent its token, clock, entropy and
+    /// hostname (no token needed; the agent accepts it once).
+    pub async fn init(&self, request: &InitRequest) -> Result<(), EnvdError> {
+        let response = self
+            .send_unchecked(Method::POST, routes::INIT, json_body(request)?, Some(JSON))
+            .await?;
+        let _: Empty = decode_json(response).await?;
+        Ok(())
+    }
+
     pub async fn set_env(
         &self,
         envs: std::collections::BTreeMap<String, String>,

@@ -9,6 +9,7 @@
 //! - the async client ([`client::EnvdClient`]).
 
 pub mod client;
+pub mod mux;
 pub mod query;
 pub mod routes;
 pub mod types;

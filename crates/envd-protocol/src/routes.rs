@@ -3,6 +3,9 @@
 
 /// `GET` → [`crate::Health`]. The only endpoint that needs no token.
 pub const HEALTH: &str = "/health";
+/// `POST` [`crate::InitRequest`] → [`crate::Empty`]; no token: accepted
+/// once, by an agent started without one (see [`crate::InitRequest`]).
+pub const INIT: &str = "/init";
 /// `PUT` (streamed write, body = raw bytes, query [`crate::WriteQuery`]) → [`crate::WriteInfo`];
 /// `GET` (streamed read, query [`crate::PathQuery`]) → raw bytes;
 /// `DELETE` (recursive remove, query [`crate::PathQuery`]) → [`crate::Empty`].

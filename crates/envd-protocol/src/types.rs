@@ -330,3 +330,23 @@ pub enum ProcessEvent {
         message: String,
     },
 }
+
+/// `POST /init`: the one-time hand-over to an agent that started without a
+/// token (a VM restored from a template snapshot: every clone wakes up with
+/// the same memory, so per-sandbox state arrives here, never on a command
+/// line). Accepted once; later calls get 409.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InitRequest {
+    /// The access token every later call must carry.
+    pub token: String,
+    /// Wall-clock time to set, in nanoseconds since the Unix epoch (a
+    /// restored guest's clock still says when the snapshot was taken).
+    #[serde(default)]
+    pub unix_time_ns: Option<u64>,
+    /// Fresh randomness (base64) mixed into the kernel's pool, which then
+    /// reseeds, so clones of one snapshot do not share random streams.
+    #[serde(default)]
+    pub entropy: Option<String>,
+    #[serde(default)]
+    pub hostname: Option<String>,
+}

@@ -213,6 +213,16 @@ fn current_samples() -> BTreeMap<String, Value> {
     sample(&mut s, "ProcessEvent.keepalive", ProcessEvent::Keepalive);
     sample(
         &mut s,
+        "InitRequest",
+        InitRequest {
+            token: "t0k3n".into(),
+            unix_time_ns: Some(1_700_000_000_000_000_000),
+            entropy: Some("AAECAw==".into()),
+            hostname: Some("sbx-1".into()),
+        },
+    );
+    sample(
+        &mut s,
         "ProcessEvent.exit",
         ProcessEvent::Exit {
             exit_code: 0,

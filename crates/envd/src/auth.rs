@@ -23,8 +23,16 @@ pub async fn require_token(
         .and_then(|value| value.strip_prefix(envd_protocol::AUTHORIZATION_SCHEME))
         .and_then(|rest| rest.strip_prefix(' '))
         .map(str::trim);
+    let Some(expected) = state.token.get() else {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            error_code::UNAUTHORIZED,
+            "this agent has no token yet: POST /init first",
+        )
+        .into_response();
+    };
     match presented {
-        Some(token) if constant_time_eq(token.as_bytes(), state.token.as_bytes()) => {
+        Some(token) if constant_time_eq(token.as_bytes(), expected.as_bytes()) => {
             next.run(request).await
         }
         _ => ApiError::new(

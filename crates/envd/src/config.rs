@@ -14,6 +14,8 @@ pub const TOKEN_ENV: &str = "ENVD_ACCESS_TOKEN";
 pub enum Listen {
     Tcp(String),
     Unix(PathBuf),
+    /// A virtio-serial port inside a VM, by name (`/sys/class/virtio-ports/*/name`).
+    VirtioPort(String),
 }
 
 impl FromStr for Listen {
@@ -24,9 +26,11 @@ impl FromStr for Listen {
             Ok(Listen::Tcp(address.to_string()))
         } else if let Some(path) = value.strip_prefix("unix:") {
             Ok(Listen::Unix(PathBuf::from(path)))
+        } else if let Some(name) = value.strip_prefix("virtio-port:") {
+            Ok(Listen::VirtioPort(name.to_string()))
         } else {
             Err(format!(
-                "expected tcp:HOST:PORT or unix:/path, got {value:?}"
+                "expected tcp:HOST:PORT, unix:/path or virtio-port:NAME, got {value:?}"
             ))
         }
     }
@@ -55,17 +59,32 @@ pub struct Args {
     #[arg(long)]
     pub delete_token_file: bool,
 
+    /// Start without a token and take it (with the clock, entropy and
+    /// hostname) from the first `POST /init`. For VMs cloned from one
+    /// snapshot, whose memory is identical until that call.
+    #[arg(long, env = "ENVD_AWAIT_INIT")]
+    pub await_init: bool,
+
+    /// envd is PID 1 of a VM: mount /proc, /sys, /dev and friends and bring
+    /// up the network before serving.
+    #[arg(long, env = "ENVD_GUEST_INIT")]
+    pub guest_init: bool,
+
     /// Capture limit per output stream of a process, in bytes.
     #[arg(long, env = "ENVD_MAX_OUTPUT_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_output_bytes: usize,
 }
 
-/// Reads the token from the file or the environment; clears the env var.
-pub fn take_token(args: &Args) -> anyhow::Result<String> {
+/// Reads the token from the file or the environment and clears the env var;
+/// `None` with `--await-init` (the token then comes from `POST /init`).
+pub fn take_token(args: &Args) -> anyhow::Result<Option<String>> {
     let from_env = std::env::var(TOKEN_ENV).ok();
     // Single-threaded still (called before the runtime starts), so editing
     // the environment is sound.
     std::env::remove_var(TOKEN_ENV);
+    if args.await_init {
+        return Ok(None);
+    }
     let token = match &args.token_file {
         Some(path) => {
             let token = std::fs::read_to_string(path)
@@ -85,5 +104,5 @@ pub fn take_token(args: &Args) -> anyhow::Result<String> {
     if token.is_empty() {
         bail!("the access token is empty");
     }
-    Ok(token)
+    Ok(Some(token))
 }

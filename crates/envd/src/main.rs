@@ -8,6 +8,8 @@ mod config;
 mod error;
 mod extract;
 mod files;
+mod guest;
+mod init;
 mod paths;
 mod process;
 mod process_api;
@@ -40,6 +42,10 @@ fn main() -> anyhow::Result<()> {
     // SAFETY: plain syscall.
     unsafe { libc::umask(0) };
 
+    if args.guest_init {
+        guest::init_system().context("setting up the VM as its init")?;
+    }
+
     let root = paths::SandboxRoot::new(&args.root)
         .with_context(|| format!("opening root {}", args.root.display()))?;
     // The sandbox env is the environment envd was started with, minus envd's own settings.
@@ -51,7 +57,8 @@ fn main() -> anyhow::Result<()> {
         root,
         users: users::Users::new(),
         processes: process::ProcessManager::new(sandbox_env, args.max_output_bytes, reaper.clone()),
-        token,
+        token: token.map(std::sync::OnceLock::from).unwrap_or_default(),
+        init_lock: tokio::sync::Mutex::new(()),
     });
     if !state.users.can_switch() {
         tracing::warn!(

@@ -18,13 +18,15 @@ use crate::error::ApiError;
 use crate::paths::SandboxRoot;
 use crate::process::ProcessManager;
 use crate::users::Users;
-use crate::{auth, files, process_api, unpack};
+use crate::{auth, files, guest, init, process_api, unpack};
 
 pub struct AppState {
     pub root: SandboxRoot,
     pub users: Users,
     pub processes: ProcessManager,
-    pub token: String,
+    /// Set at start, or by the one `POST /init` (`--await-init`).
+    pub token: std::sync::OnceLock<String>,
+    pub init_lock: tokio::sync::Mutex<()>,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -57,6 +59,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         ));
     Router::new()
         .route(routes::HEALTH, get(health))
+        .route(routes::INIT, post(init::init))
         .merge(protected)
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         // Uploads are streamed to disk, never buffered: no body size limit.
@@ -102,7 +105,34 @@ pub async fn serve(listen: &Listen, app: Router) -> anyhow::Result<()> {
                 }
             }
         }
+        Listen::VirtioPort(name) => {
+            let path = guest::find_virtio_port(name)?;
+            let port = guest::VirtioPort::open(&path)?;
+            tracing::info!(path = %path.display(), "envd serving on virtio-serial port");
+            // The host snapshots a template VM as soon as it reads this.
+            eprintln!("{}", guest::READY_MARKER);
+            loop {
+                let app = app.clone();
+                let ended = guest::serve_sessions(port.clone(), move |stream| {
+                    serve_connection(stream, app.clone())
+                })
+                .await;
+                // Only if the relay went away; a new one may come.
+                tracing::warn!(?ended, "host channel ended; waiting for it to return");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        }
     }
+}
+
+fn http2_builder() -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // Large windows so one big h2 upload is not throttled by flow control.
+    builder
+        .http2()
+        .initial_stream_window_size(4 * 1024 * 1024)
+        .initial_connection_window_size(16 * 1024 * 1024);
+    builder
 }
 
 fn serve_connection<S>(stream: S, app: Router)
@@ -110,14 +140,8 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     tokio::spawn(async move {
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        // Large windows so one big h2 upload is not throttled by flow control.
-        builder
-            .http2()
-            .initial_stream_window_size(4 * 1024 * 1024)
-            .initial_connection_window_size(16 * 1024 * 1024);
         let service = TowerToHyperService::new(app);
-        if let Err(error) = builder
+        if let Err(error) = http2_builder()
             .serve_connection(TokioIo::new(stream), service)
             .await
         {

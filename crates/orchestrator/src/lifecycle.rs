@@ -8,7 +8,7 @@ use crate::pool::{WarmPool, WarmSandbox};
 use crate::timers::Deadlines;
 use chrono::{DateTime, Utc};
 use envd_protocol::client::EnvdClient;
-use sandbox_runtime::{BootSpec, Runtime, TemplateCatalog, TemplateStatus};
+use sandbox_runtime::{BootSpec, Runtime, RuntimeError, TemplateCatalog, TemplateStatus};
 use sandbox_store::{Sandbox, SandboxState, Store, Volume};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -71,6 +71,18 @@ fn volume_forbidden(volume_id: &str) -> OrchestratorError {
     ))
 }
 
+/// `network.deny_out` with `0.0.0.0/0`: how the SDKs say
+/// `allow_internet_access=False`.
+fn denies_all_outbound(extra: &serde_json::Map<String, serde_json::Value>) -> bool {
+    extra
+        .get("network")
+        .and_then(|network| network.get("deny_out"))
+        .and_then(|deny| deny.as_array())
+        .is_some_and(|deny| deny.iter().any(|entry| entry == "0.0.0.0/0"))
+}
+
+const LIVENESS_INTERVAL: Duration = Duration::from_secs(2);
+
 fn deadline(from: DateTime<Utc>, timeout_secs: u64) -> Option<DateTime<Utc>> {
     (timeout_secs > 0).then(|| from + chrono::Duration::seconds(timeout_secs as i64))
 }
@@ -104,6 +116,14 @@ impl Orchestrator {
         self.runtime
             .as_ref()
             .map(|r| r.kind())
+            .map_err(Clone::clone)
+    }
+
+    /// The driver's own account of itself (kind, accelerator, …).
+    pub fn runtime_description(&self) -> std::result::Result<serde_json::Value, String> {
+        self.runtime
+            .as_ref()
+            .map(|r| r.describe())
             .map_err(Clone::clone)
     }
 
@@ -150,10 +170,63 @@ impl Orchestrator {
                 limits: definition.limits(),
             })
             .await
-            .map_err(|e| OrchestratorError::NoCapacity(e.to_string()))?;
+            .map_err(|e| match e {
+                RuntimeError::NotReady(why) => {
+                    OrchestratorError::TemplateNotReady(format!("{template}: {why}"))
+                }
+                e => OrchestratorError::NoCapacity(e.to_string()),
+            })?;
         metrics::histogram!("sandbox_boot_seconds", "template" => template.to_string())
             .record(started.elapsed().as_secs_f64());
         Ok(WarmSandbox { booted, token })
+    }
+
+    /// Notices sandboxes whose machine died on its own (a crashed QEMU, an
+    /// OOM-killed launcher) and records them as killed; also publishes the
+    /// idle pool's memory.
+    pub fn start_liveness_watch(self: &Arc<Self>) {
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(LIVENESS_INTERVAL).await;
+                let Some(orchestrator) = me.upgrade() else { return };
+                orchestrator.check_liveness().await;
+            }
+        });
+    }
+
+    async fn check_liveness(&self) {
+        let Ok(runtime) = self.runtime() else { return };
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return;
+        }
+        let running = match self.store.running_sandboxes_on(&self.config.node_id).await {
+            Ok(running) => running,
+            Err(e) => {
+                tracing::warn!(error = %e, "liveness check: cannot list sandboxes");
+                return;
+            }
+        };
+        for sandbox in running {
+            if !runtime.is_running(&sandbox.id) {
+                tracing::warn!(sandbox_id = %sandbox.id, "sandbox machine died: marking killed");
+                metrics::counter!("sandboxes_died_total").increment(1);
+                self.deadlines.cancel(&sandbox.id);
+                self.terminate(&sandbox.id).await;
+            }
+        }
+        let mut pss: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        for (template, id) in self.pool.idle_ids() {
+            if let Some(bytes) = runtime.memory_pss_bytes(&id) {
+                let entry = pss.entry(template).or_default();
+                entry.0 += bytes;
+                entry.1 += 1;
+            }
+        }
+        for (template, (total, count)) in pss {
+            metrics::gauge!("pool_idle_pss_bytes", "template" => template)
+                .set(total as f64 / count as f64);
+        }
     }
 
     /// Keeps every pool at its target size, for as long as the process runs.
@@ -208,7 +281,7 @@ impl Orchestrator {
     /// A warm sandbox if the pool has a healthy one, else a cold boot.
     async fn claim_or_boot(&self, template: &str) -> Result<WarmSandbox> {
         while let Some(warm) = self.pool.claim(template) {
-            let client = EnvdClient::unix(&warm.booted.envd_socket, &warm.token);
+            let client = self.runtime()?.agent(&warm.booted.id, &warm.token);
             if client.health().await.is_ok() {
                 return Ok(warm);
             }
@@ -265,7 +338,14 @@ impl Orchestrator {
         volumes: Vec<Volume>,
         warm: &WarmSandbox,
     ) -> Result<Sandbox> {
-        let client = EnvdClient::unix(&warm.booted.envd_socket, &warm.token);
+        let runtime = self.runtime()?;
+        let client = runtime.agent(&warm.booted.id, &warm.token);
+        if denies_all_outbound(&request.extra) {
+            runtime
+                .set_network(&warm.booted.id, false)
+                .await
+                .map_err(|e| OrchestratorError::Internal(format!("cutting the network: {e}")))?;
+        }
         if !request.envs.is_empty() {
             client.set_env(request.envs.clone()).await?;
         }
@@ -444,8 +524,7 @@ impl Orchestrator {
         if let Some(client) = self.agents.lock().unwrap().get(id) {
             return Ok(client.clone());
         }
-        let socket = self.runtime()?.envd_socket(id);
-        let client = EnvdClient::unix(socket, &sandbox.envd_token);
+        let client = self.runtime()?.agent(id, &sandbox.envd_token);
         self.agents
             .lock()
             .unwrap()

@@ -67,6 +67,19 @@ impl WarmPool {
             .map_or(0, VecDeque::len)
     }
 
+    /// Ids of the idle sandboxes, per template (for memory accounting).
+    pub fn idle_ids(&self) -> Vec<(String, String)> {
+        let ready = self.ready.lock().unwrap();
+        ready
+            .iter()
+            .flat_map(|(template, queue)| {
+                queue
+                    .iter()
+                    .map(move |warm| (template.clone(), warm.booted.id.clone()))
+            })
+            .collect()
+    }
+
     /// Empties the pool, returning what it held (for destruction at shutdown).
     pub fn drain(&self) -> Vec<WarmSandbox> {
         let mut ready = self.ready.lock().unwrap();

@@ -38,11 +38,13 @@
 //! [`Runtime::list`] + [`Runtime::is_alive`] re-adopt running sandboxes;
 //! destroy the ones that are not alive.
 
+pub mod microvm;
 pub mod namespace;
 pub mod runtime;
 pub mod templates;
 
 pub use namespace::launcher::launcher_main;
+pub use microvm::{Accel, AccelChoice, MicrovmConfig, MicrovmRuntime};
 pub use namespace::{LauncherCommand, NamespaceConfig, NamespaceRuntime};
 pub use runtime::{BootSpec, Booted, Limits, Runtime, RuntimeError};
 pub use templates::{TemplateCatalog, TemplateDef, TemplateError, TemplateStatus};

@@ -1,6 +1,8 @@
 //! The driver-independent runtime interface.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use envd_protocol::client::EnvdClient;
 
 use async_trait::async_trait;
 
@@ -49,6 +51,10 @@ pub enum RuntimeError {
         #[source]
         source: std::io::Error,
     },
+    /// Something the driver builds in the background (kernel, image,
+    /// snapshot) is not there yet; try again later.
+    #[error("not ready: {0}")]
+    NotReady(String),
     #[error("sandbox {id} did not become healthy: {message}")]
     BootFailed { id: String, message: String },
     #[error("failed to destroy sandbox {id}: {message}")]
@@ -76,6 +82,17 @@ pub trait Runtime: Send + Sync {
     /// Short driver name, e.g. `"namespace"`.
     fn kind(&self) -> &'static str;
 
+    /// What `/health` and the start-up log say about the driver.
+    fn describe(&self) -> serde_json::Value {
+        serde_json::json!({ "kind": self.kind() })
+    }
+
+    /// Builds whatever booting `rootfs` needs beyond the rootfs itself
+    /// (images, snapshots); returns once done.
+    async fn prepare(&self, _rootfs: &Path, _limits: Limits) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+
     /// Boots a sandbox; returns once its envd answers `/health`.
     async fn boot(&self, spec: BootSpec) -> Result<Booted, RuntimeError>;
 
@@ -92,6 +109,26 @@ pub trait Runtime: Send + Sync {
 
     /// Host path of the sandbox's envd unix socket.
     fn envd_socket(&self, id: &str) -> PathBuf;
+
+    /// Whether the sandbox's processes exist (cheap: no call into it).
+    fn is_running(&self, id: &str) -> bool;
+
+    /// A client for the sandbox's envd. Drivers whose channel takes one
+    /// connection at a time hand out clones of one shared client.
+    fn agent(&self, id: &str, token: &str) -> EnvdClient {
+        EnvdClient::unix(self.envd_socket(id), token)
+    }
+
+    /// Proportional set size of the sandbox's machine, where measurable.
+    fn memory_pss_bytes(&self, _id: &str) -> Option<u64> {
+        None
+    }
+
+    /// Cuts (or restores) the sandbox's outbound network. Drivers without
+    /// outbound networking accept both.
+    async fn set_network(&self, _id: &str, _enabled: bool) -> Result<(), RuntimeError> {
+        Ok(())
+    }
 }
 
 /// Ids become path components and cgroup names: keep them boring.

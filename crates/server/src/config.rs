@@ -36,6 +36,7 @@ pub struct HydrateConfig {
 #[serde(rename_all = "lowercase")]
 pub enum RuntimeKind {
     Auto,
+    Microvm,
     Namespace,
     Disabled,
 }
@@ -48,6 +49,19 @@ pub struct RuntimeConfig {
     pub template_definitions_dir: String,
     pub envd_path: String,
     pub build_templates_on_start: bool,
+    pub microvm: MicrovmSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct MicrovmSettings {
+    pub accel: sandbox_runtime::AccelChoice,
+    pub images_dir: String,
+    pub qemu: String,
+    pub qemu_img: String,
+    pub kernel_source: String,
+    pub snapshots: bool,
+    pub disk_gib: u64,
+    pub boot_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -149,6 +163,10 @@ impl Config {
 
     pub fn state_dir(&self) -> PathBuf {
         self.under_data_dir(&self.runtime.state_dir, "sandboxes")
+    }
+
+    pub fn images_dir(&self) -> PathBuf {
+        self.under_data_dir(&self.runtime.microvm.images_dir, "images")
     }
 
     pub fn blob_cache_dir(&self) -> PathBuf {

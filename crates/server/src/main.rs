@@ -33,6 +33,19 @@ enum Command {
         #[command(subcommand)]
         command: TemplatesCommand,
     },
+    /// Build what the configured runtime boots from: for microVMs the guest
+    /// kernel, each template's ext4 image and its snapshot (cached; rebuilt
+    /// only when an input changes).
+    Images {
+        #[command(subcommand)]
+        command: ImagesCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImagesCommand {
+    /// Build everything the named templates (default: all) need.
+    Build { templates: Vec<String> },
 }
 
 #[derive(Subcommand)]
@@ -65,6 +78,9 @@ fn main() -> anyhow::Result<()> {
     if args.get(1).map(String::as_str) == Some(node::LAUNCHER_SUBCOMMAND) {
         sandbox_runtime::launcher_main(&args[2..]);
     }
+    if args.get(1).map(String::as_str) == Some(node::RELAY_SUBCOMMAND) {
+        sandbox_runtime::microvm::relay::relay_main(&args[2..]);
+    }
     let cli = Cli::parse();
     let config = Config::load(cli.config.as_deref())?;
     telemetry::init(config.log.format);
@@ -86,6 +102,24 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             let (owner, key) = auth::create_key(store.as_ref(), &owner).await?;
             println!("owner {} ({})", owner.name, owner.id);
             println!("{key}");
+            Ok(())
+        }
+        Command::Images {
+            command: ImagesCommand::Build { templates },
+        } => {
+            let catalog = node::template_catalog(&config)?;
+            let runtime = node::runtime(&config).map_err(anyhow::Error::msg)?;
+            println!("runtime: {}", runtime.describe());
+            let names = if templates.is_empty() {
+                catalog.names()
+            } else {
+                templates
+            };
+            for name in names {
+                let started = std::time::Instant::now();
+                node::prepare_template(&catalog, runtime.as_ref(), &name).await?;
+                println!("{name}: ready ({:.1} s)", started.elapsed().as_secs_f64());
+            }
             Ok(())
         }
         Command::Templates { command } => {

@@ -6,13 +6,16 @@ use anyhow::Context;
 use sandbox_blobs::BlobStore;
 use sandbox_orchestrator::{BlobCache, Orchestrator, OrchestratorConfig};
 use sandbox_runtime::{
-    LauncherCommand, NamespaceConfig, NamespaceRuntime, Runtime, TemplateCatalog, TemplateDef,
+    LauncherCommand, MicrovmConfig, MicrovmRuntime, NamespaceConfig, NamespaceRuntime, Runtime,
+    TemplateCatalog, TemplateDef,
 };
 use sandbox_store::Store;
 use std::sync::Arc;
 
 /// The hidden subcommand the namespace runtime execs to set up a sandbox.
 pub const LAUNCHER_SUBCOMMAND: &str = "__sandbox-launcher";
+/// The hidden subcommand that relays host sessions to a microVM's envd.
+pub const RELAY_SUBCOMMAND: &str = "__vm-relay";
 
 const BUILT_IN_TEMPLATES: [(&str, &str); 2] = [
     ("base", include_str!("../../../config/templates/base.toml")),
@@ -44,10 +47,26 @@ pub fn template_catalog(config: &Config) -> anyhow::Result<TemplateCatalog> {
 
 /// The runtime this host can run, or why it cannot run any.
 pub fn runtime(config: &Config) -> Result<Arc<dyn Runtime>, String> {
-    if config.runtime.kind == RuntimeKind::Disabled {
-        return Err("sandboxes are disabled by runtime.kind = \"disabled\"".into());
+    match config.runtime.kind {
+        RuntimeKind::Disabled => {
+            Err("sandboxes are disabled by runtime.kind = \"disabled\"".into())
+        }
+        RuntimeKind::Namespace => namespace_runtime(config),
+        RuntimeKind::Microvm => microvm_runtime(config),
+        RuntimeKind::Auto => match sandbox_runtime::microvm::accel::hardware_kvm() {
+            Ok(()) => microvm_runtime(config).or_else(|why| {
+                tracing::warn!(reason = %why, "microvm runtime unusable; trying namespace");
+                namespace_runtime(config)
+            }),
+            Err(why) => {
+                tracing::info!(reason = %why, "no hardware KVM: runtime.kind = auto picks namespace");
+                namespace_runtime(config)
+            }
+        },
     }
-    NamespaceRuntime::probe().map_err(|e| e.to_string())?;
+}
+
+fn envd_binary(config: &Config) -> Result<std::path::PathBuf, String> {
     let envd = config.envd_path();
     if !envd.is_file() {
         return Err(format!(
@@ -55,6 +74,34 @@ pub fn runtime(config: &Config) -> Result<Arc<dyn Runtime>, String> {
             envd.display()
         ));
     }
+    Ok(envd)
+}
+
+fn microvm_runtime(config: &Config) -> Result<Arc<dyn Runtime>, String> {
+    let settings = &config.runtime.microvm;
+    let runtime = MicrovmRuntime::new(MicrovmConfig {
+        state_dir: config.state_dir(),
+        images_dir: config.images_dir(),
+        envd_binary: envd_binary(config)?,
+        qemu_binary: settings.qemu.clone().into(),
+        qemu_img_binary: settings.qemu_img.clone().into(),
+        kernel_source: settings.kernel_source.clone().into(),
+        accel: settings.accel,
+        snapshots: settings.snapshots,
+        disk_bytes: settings.disk_gib << 30,
+        boot_timeout: std::time::Duration::from_secs(settings.boot_timeout_secs),
+        relay: LauncherCommand {
+            program: std::env::current_exe().map_err(|e| format!("locating our own binary: {e}"))?,
+            args_prefix: vec![RELAY_SUBCOMMAND.into()],
+        },
+    })
+    .map_err(|e| e.to_string())?;
+    Ok(Arc::new(runtime))
+}
+
+fn namespace_runtime(config: &Config) -> Result<Arc<dyn Runtime>, String> {
+    NamespaceRuntime::probe().map_err(|e| e.to_string())?;
+    let envd = envd_binary(config)?;
     let program = std::env::current_exe().map_err(|e| format!("locating our own binary: {e}"))?;
     Ok(Arc::new(NamespaceRuntime::new(NamespaceConfig {
         state_dir: config.state_dir(),
@@ -77,7 +124,9 @@ pub async fn start(
     let templates = Arc::new(template_catalog(config)?);
     let runtime = runtime(config);
     match &runtime {
-        Ok(runtime) => tracing::info!(runtime = runtime.kind(), "sandbox runtime ready"),
+        Ok(runtime) => {
+            tracing::info!(runtime = %runtime.describe(), "sandbox runtime ready")
+        }
         Err(why) => {
             tracing::warn!(reason = %why, "no sandbox runtime: sandbox calls will answer 503")
         }
@@ -85,7 +134,7 @@ pub async fn start(
     let orchestrator = Orchestrator::new(
         store,
         Arc::new(blob_cache),
-        runtime,
+        runtime.clone(),
         templates.clone(),
         OrchestratorConfig {
             node_id: config.node_id(),
@@ -97,22 +146,35 @@ pub async fn start(
     if orchestrator.runtime_kind().is_ok() {
         orchestrator.reconcile().await?;
         if config.runtime.build_templates_on_start {
+            let runtime = runtime.clone().expect("runtime_kind() is Ok");
             for name in templates.names() {
-                let templates = templates.clone();
+                let (templates, runtime) = (templates.clone(), runtime.clone());
                 tokio::spawn(async move {
-                    tracing::info!(template = %name, "ensuring template is built");
-                    match templates.ensure_built(&name).await {
-                        Ok(path) => {
-                            tracing::info!(template = %name, rootfs = %path.display(), "template ready")
-                        }
-                        Err(e) => {
-                            tracing::error!(template = %name, error = %e, "template build failed")
-                        }
+                    if let Err(e) = prepare_template(&templates, runtime.as_ref(), &name).await {
+                        tracing::error!(template = %name, error = %e, "template build failed");
                     }
                 });
             }
         }
         orchestrator.start_pool_refill();
+        orchestrator.start_liveness_watch();
     }
     Ok(orchestrator)
+}
+
+/// Builds a template's root filesystem, then whatever the runtime boots it
+/// from (for microVMs: kernel, ext4 image, snapshot).
+pub async fn prepare_template(
+    templates: &TemplateCatalog,
+    runtime: &dyn Runtime,
+    name: &str,
+) -> anyhow::Result<std::path::PathBuf> {
+    tracing::info!(template = %name, "ensuring template is built");
+    let rootfs = templates.ensure_built(name).await?;
+    let definition = templates
+        .get(name)
+        .with_context(|| format!("unknown template {name}"))?;
+    runtime.prepare(&rootfs, definition.limits()).await?;
+    tracing::info!(template = %name, rootfs = %rootfs.display(), runtime = runtime.kind(), "template ready");
+    Ok(rootfs)
 }

@@ -67,8 +67,78 @@ pub fn ensure_templates(binary: &Path) {
     });
 }
 
-/// Whether this machine can run namespace sandboxes; prints why not.
+/// The sandbox runtime the black-box suites run on: `SANDBOX_TEST_RUNTIME`
+/// (`namespace`, the default, or `microvm`). scripts/test.sh runs the
+/// sandbox suites once per runtime.
+pub fn test_runtime() -> String {
+    std::env::var("SANDBOX_TEST_RUNTIME").unwrap_or_else(|_| "namespace".into())
+}
+
+pub fn is_microvm() -> bool {
+    test_runtime() == "microvm"
+}
+
+/// Kernel, images and snapshots shared by every microVM test server.
+pub fn shared_images_dir() -> PathBuf {
+    std::env::var("SANDBOX_IMAGES_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from("/var/tmp/sandbox-manager-images"))
+}
+
+/// Settings every microVM test server (and the image build) uses.
+fn microvm_settings() -> Vec<(String, String)> {
+    vec![
+        ("SANDBOX_MANAGER__RUNTIME__KIND".into(), "microvm".into()),
+        (
+            "SANDBOX_MANAGER__RUNTIME__MICROVM__IMAGES_DIR".into(),
+            shared_images_dir().display().to_string(),
+        ),
+        (
+            "SANDBOX_MANAGER__RUNTIME__TEMPLATES_DIR".into(),
+            shared_templates_dir().display().to_string(),
+        ),
+    ]
+}
+
+/// Builds the guest kernel, images and snapshots of the built-in templates
+/// (cached: a no-op when current).
+pub fn ensure_microvm_images(binary: &Path) {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let status = Command::new(binary)
+            .args(["images", "build"])
+            .envs(microvm_settings())
+            .env("RUST_LOG", "warn")
+            .status()
+            .expect("run images build");
+        assert!(status.success(), "building microVM images failed");
+    });
+}
+
+/// Whether this machine can run sandboxes on the test runtime; prints why not.
 pub fn sandboxes_supported(test: &str) -> bool {
+    if is_microvm() {
+        let missing = ["qemu-system-x86_64", "qemu-img", "mkfs.ext4", "debugfs"]
+            .into_iter()
+            .find(|tool| {
+                !Command::new("sh")
+                    .args(["-c", &format!("command -v {tool}")])
+                    .stdout(std::process::Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            });
+        let reason = match missing {
+            Some(tool) => format!("{tool} is not installed (scripts/microvm-deps.sh installs it)"),
+            None if !Path::new("/usr/src/linux-source-6.1.tar.xz").exists() => {
+                "no /usr/src/linux-source-6.1.tar.xz to build the guest kernel from".into()
+            }
+            None => String::new(),
+        };
+        if !reason.is_empty() {
+            eprintln!("SKIP {test} (microvm): {reason}");
+            return false;
+        }
+    }
     let root = std::fs::read_to_string("/proc/self/status")
         .map(|s| {
             s.lines()
@@ -222,13 +292,18 @@ impl ServerOptions {
         .with_setting("runtime.kind", "disabled")
     }
 
-    /// Namespace sandboxes from the shared, pre-built templates, with warm
+    /// Sandboxes on the test runtime ([`test_runtime`]) from the shared, pre-built templates, with warm
     /// pools of `base_pool` and `python_pool`.
-    pub fn with_sandboxes(self, base_pool: usize, python_pool: usize) -> Self {
+    pub fn with_sandboxes(mut self, base_pool: usize, python_pool: usize) -> Self {
         ensure_templates(&self.binary);
         let templates = shared_templates_dir().display().to_string();
-        self.with_setting("runtime.kind", "namespace")
-            .with_setting("runtime.templates_dir", &templates)
+        if is_microvm() {
+            ensure_microvm_images(&self.binary);
+            self.env.extend(microvm_settings());
+        } else {
+            self = self.with_setting("runtime.kind", "namespace");
+        }
+        self.with_setting("runtime.templates_dir", &templates)
             .with_setting("runtime.build_templates_on_start", "false")
             .with_setting("pool.sizes.base", &base_pool.to_string())
             .with_setting("pool.sizes.python", &python_pool.to_string())

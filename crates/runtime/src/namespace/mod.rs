@@ -427,6 +427,10 @@ impl Runtime for NamespaceRuntime {
         Ok(ids)
     }
 
+    fn is_running(&self, id: &str) -> bool {
+        validate_id(id).is_ok() && self.running_launcher(id).is_some()
+    }
+
     async fn is_alive(&self, id: &str) -> bool {
         if validate_id(id).is_err() || self.running_launcher(id).is_none() {
             return false;
@@ -445,14 +449,14 @@ impl Runtime for NamespaceRuntime {
 }
 
 /// The fields of `/proc/PID/stat` we need.
-struct ProcessInfo {
+pub(crate) struct ProcessInfo {
     state: char,
     /// Clock ticks since boot; with the pid, identifies a process uniquely.
-    start_time: u64,
+    pub(crate) start_time: u64,
 }
 
 impl ProcessInfo {
-    fn read(pid: i32) -> Option<Self> {
+    pub(crate) fn read(pid: i32) -> Option<Self> {
         let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
         // comm may contain spaces and parens: fields start after the last ')'.
         let rest = &stat[stat.rfind(')')? + 1..];
@@ -463,12 +467,12 @@ impl ProcessInfo {
         })
     }
 
-    fn is_zombie(&self) -> bool {
+    pub(crate) fn is_zombie(&self) -> bool {
         matches!(self.state, 'Z' | 'X')
     }
 }
 
-fn wait_until_gone(pid: i32, timeout: Duration) -> Result<(), ()> {
+pub(crate) fn wait_until_gone(pid: i32, timeout: Duration) -> Result<(), ()> {
     let deadline = Instant::now() + timeout;
     while ProcessInfo::read(pid).is_some_and(|p| !p.is_zombie()) {
         if Instant::now() > deadline {

@@ -17,8 +17,11 @@ pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
         "blobs": { "backend": state.blobs.describe(), "status": status_of(blobs.is_ok()) },
     });
     // Sandboxes are optional (volumes work without them): report, don't fail.
-    body["runtime"] = match state.orchestrator.runtime_kind() {
-        Ok(kind) => json!({ "kind": kind, "status": "ok" }),
+    body["runtime"] = match state.orchestrator.runtime_description() {
+        Ok(mut description) => {
+            description["status"] = json!("ok");
+            description
+        }
         Err(reason) => json!({ "status": "unavailable", "reason": reason }),
     };
     if let Err(e) = &store {

@@ -1,0 +1,197 @@
+//! The QEMU command line of one microVM. Template VMs (snapshotted) and
+//! their clones must use identical device lists in the same order, so both
+//! come from [`VmLaunch::args`].
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use super::accel::Accel;
+use super::images::GUEST_ENVD;
+use crate::runtime::Limits;
+
+/// Files of one running QEMU (a sandbox, or a template VM being snapshotted).
+#[derive(Debug, Clone)]
+pub struct VmFiles {
+    pub dir: PathBuf,
+}
+
+impl VmFiles {
+    pub fn new(dir: PathBuf) -> Self {
+        Self { dir }
+    }
+    pub fn disk(&self) -> PathBuf {
+        self.dir.join("disk.qcow2")
+    }
+    /// Where host clients connect (the relay's session socket).
+    pub fn agent_socket(&self) -> PathBuf {
+        self.dir.join("agent.sock")
+    }
+    /// Where QEMU connects the virtio-serial port to the relay.
+    pub fn serial_socket(&self) -> PathBuf {
+        self.dir.join("serial.sock")
+    }
+    /// `PID STARTTIME` of the relay.
+    pub fn relay_identity_file(&self) -> PathBuf {
+        self.dir.join("relay.pid")
+    }
+    pub fn qmp_socket(&self) -> PathBuf {
+        self.dir.join("qmp.sock")
+    }
+    pub fn console_log(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+    pub fn pid_file(&self) -> PathBuf {
+        self.dir.join("qemu.pid")
+    }
+    /// `PID STARTTIME`: the start time guards against pid reuse.
+    pub fn identity_file(&self) -> PathBuf {
+        self.dir.join("vm.pid")
+    }
+}
+
+/// Where guest RAM lives.
+#[derive(Debug, Clone)]
+pub enum Memory {
+    /// Plain anonymous memory (cold boot).
+    Anonymous,
+    /// A file the guest writes through to: the template VM, whose RAM
+    /// becomes the snapshot.
+    SharedFile(PathBuf),
+    /// The snapshot's RAM file mapped copy-on-write: a clone shares every
+    /// page it has not written with all other clones.
+    PrivateFile(PathBuf),
+}
+
+pub struct VmLaunch<'a> {
+    pub name: &'a str,
+    pub files: &'a VmFiles,
+    pub kernel: &'a Path,
+    pub limits: Limits,
+    pub memory: Memory,
+    /// Restore from a snapshot (`-incoming defer`, then QMP).
+    pub incoming: bool,
+}
+
+/// Kernel command line; envd is init.
+/// `pic=off` on the machine and these flags come from measurements: with
+/// the PIC on, half of the TCG boots panicked.
+fn kernel_cmdline() -> String {
+    // Without a PIT or HPET the guest cannot calibrate its TSC; under TCG
+    // the guest TSC ticks at the host's rate, so hand it the host's.
+    let khz = host_tsc_khz();
+    let timing = [
+        format!("tsc_early_khz={khz}"),
+        // loops_per_jiffy at the kernel's HZ=100.
+        format!("lpj={}", khz * 1000 / 100),
+    ];
+    [
+        timing[0].as_str(),
+        timing[1].as_str(),
+        "console=ttyS0",
+        "8250.nr_uarts=1",
+        "root=/dev/vda",
+        "rootfstype=ext4",
+        "rootflags=noinit_itable",
+        "rw",
+        "panic=-1",
+        "quiet",
+        "tsc=reliable",
+        "i8042.noaux",
+        "i8042.nokbd",
+        "cryptomgr.notests",
+        "mitigations=off",
+        "random.trust_cpu=on",
+        &format!("init={GUEST_ENVD}"),
+        // Unknown `KEY=value` parameters reach init as its environment.
+        // (Not `-- args`: QEMU appends its virtio_mmio.device= entries at
+        // the end, which would land in init's argv.)
+        "ENVD_LISTEN=virtio-port:envd",
+        "ENVD_GUEST_INIT=true",
+        "ENVD_AWAIT_INIT=true",
+    ]
+    .join(" ")
+}
+
+/// The host CPU's clock in kHz, from `/proc/cpuinfo`.
+fn host_tsc_khz() -> u64 {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    cpuinfo
+        .lines()
+        .find(|line| line.starts_with("cpu MHz"))
+        .and_then(|line| line.split(':').nth(1))
+        .and_then(|mhz| mhz.trim().parse::<f64>().ok())
+        .map(|mhz| (mhz * 1000.0) as u64)
+        .unwrap_or(2_000_000)
+}
+
+/// Machine type and options; part of [`fingerprint`].
+const MACHINE: &str = "microvm,acpi=off";
+
+/// What a snapshot depends on besides the kernel and image: a clone must be
+/// launched exactly like the VM that was snapshotted.
+pub fn fingerprint() -> String {
+    format!("{MACHINE} {}", kernel_cmdline())
+}
+
+impl VmLaunch<'_> {
+    pub fn args(&self, accel: Accel) -> Vec<OsString> {
+        let mut args: Vec<OsString> = Vec::new();
+        let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
+        let memory_mb = self.limits.memory_mb.max(128);
+        push(&["-name", self.name]);
+        push(&["-machine", MACHINE]);
+        push(&accel.qemu_args());
+        push(&["-smp", &self.limits.vcpus.max(1).to_string()]);
+        push(&["-m", &format!("{memory_mb}M")]);
+        let backend = |path: &Path, share: &str| {
+            format!(
+                "memory-backend-file,id=ram,size={memory_mb}M,mem-path={},share={share}",
+                path.display()
+            )
+        };
+        match &self.memory {
+            Memory::Anonymous => {}
+            Memory::SharedFile(path) => {
+                push(&["-object", &backend(path, "on"), "-machine", "memory-backend=ram"])
+            }
+            Memory::PrivateFile(path) => {
+                push(&["-object", &backend(path, "off"), "-machine", "memory-backend=ram"])
+            }
+        }
+        push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
+        push(&["-serial", &format!("file:{}", self.files.console_log().display())]);
+        push(&["-kernel", &self.kernel.display().to_string()]);
+        push(&["-append", &kernel_cmdline()]);
+        push(&[
+            "-drive",
+            &format!(
+                "id=root,file={},format=qcow2,if=none,cache=unsafe,discard=unmap",
+                self.files.disk().display()
+            ),
+            "-device",
+            "virtio-blk-device,drive=root",
+        ]);
+        // User-mode networking; the link is cut over QMP for a sandbox
+        // created without internet access.
+        push(&["-netdev", "user,id=net0", "-device", "virtio-net-device,netdev=net0"]);
+        push(&[
+            "-device",
+            "virtio-serial-device",
+            "-chardev",
+            // QEMU is the client: the relay is listening before QEMU starts,
+            // so the port's host side is connected before the guest opens it.
+            &format!("socket,id=agent,path={}", self.files.serial_socket().display()),
+            "-device",
+            "virtserialport,chardev=agent,name=envd",
+        ]);
+        push(&[
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", self.files.qmp_socket().display()),
+        ]);
+        push(&["-daemonize", "-pidfile", &self.files.pid_file().display().to_string()]);
+        if self.incoming {
+            push(&["-incoming", "defer"]);
+        }
+        args
+    }
+}
