@@ -9,6 +9,7 @@ import io
 import os
 import random
 import tarfile
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -54,6 +55,9 @@ def _fresh_database() -> str:
 
 
 TEMPLATES_DIR = os.environ.get("SANDBOX_TEMPLATES_DIR", "/var/tmp/sandbox-manager-templates")
+IMAGES_DIR = os.environ.get("SANDBOX_IMAGES_DIR", "/var/tmp/sandbox-manager-images")
+# The sandbox runtime under test; scripts/test.sh runs the SDK suite on both.
+RUNTIME = os.environ.get("SANDBOX_TEST_RUNTIME", "namespace")
 
 
 def _sandbox_settings() -> dict:
@@ -62,8 +66,21 @@ def _sandbox_settings() -> dict:
             [_binary(), "templates", "build", template],
             check=True, env=dict(os.environ, SANDBOX_MANAGER__RUNTIME__TEMPLATES_DIR=TEMPLATES_DIR, RUST_LOG="warn"),
         )
+    settings = {"runtime.kind": RUNTIME}
+    if RUNTIME == "microvm":
+        # Kernel, images and snapshots, shared with the Rust suites.
+        settings["runtime.microvm.images_dir"] = IMAGES_DIR
+        subprocess.run(
+            [_binary(), "images", "build"],
+            check=True,
+            env=dict(os.environ, RUST_LOG="warn", **{
+                "SANDBOX_MANAGER__RUNTIME__KIND": "microvm",
+                "SANDBOX_MANAGER__RUNTIME__TEMPLATES_DIR": TEMPLATES_DIR,
+                "SANDBOX_MANAGER__RUNTIME__MICROVM__IMAGES_DIR": IMAGES_DIR,
+            }),
+        )
     return {
-        "runtime.kind": "namespace",
+        **settings,
         "runtime.templates_dir": TEMPLATES_DIR,
         "runtime.build_templates_on_start": "false",
         "pool.sizes.base": "2",
@@ -76,7 +93,9 @@ class Server:
         settings = dict(settings)
         if settings.pop("sandboxes", False):
             if os.geteuid() != 0:
-                pytest.skip("SKIP: namespace sandboxes need root")
+                pytest.skip("SKIP: sandboxes need root")
+            if RUNTIME == "microvm" and not shutil.which("qemu-system-x86_64"):
+                pytest.skip("SKIP: microvm runtime needs qemu-system-x86_64 (scripts/microvm-deps.sh)")
             settings = {**_sandbox_settings(), **settings}
         else:
             settings.setdefault("runtime.kind", "disabled")

@@ -78,6 +78,15 @@ pub fn is_microvm() -> bool {
     test_runtime() == "microvm"
 }
 
+/// The file in a sandbox's state dir holding its machine's `PID STARTTIME`.
+pub fn machine_pid_file() -> &'static str {
+    if is_microvm() {
+        "vm.pid"
+    } else {
+        "launcher.pid"
+    }
+}
+
 /// Kernel, images and snapshots shared by every microVM test server.
 pub fn shared_images_dir() -> PathBuf {
     std::env::var("SANDBOX_IMAGES_DIR")

@@ -94,6 +94,7 @@ fn kernel_cmdline() -> String {
         "rootflags=noinit_itable",
         "rw",
         "panic=-1",
+        "reboot=t",
         "quiet",
         "tsc=reliable",
         "i8042.noaux",
