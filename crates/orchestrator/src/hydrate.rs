@@ -8,6 +8,8 @@ use crate::cache::{BlobCache, BlobRef};
 use envd_protocol::client::EnvdClient;
 use sandbox_store::Volume;
 use serde::Serialize;
+use futures::TryStreamExt;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// A volume attached to a create: copied into `mount_path` before the
@@ -74,11 +76,21 @@ pub async fn hydrate(
             key: volume.blob_key.clone(),
         };
         match cache.open(&blob).await {
-            Ok(stream) => agent
-                .unpack(mount_path, HYDRATE_USER, stream, true)
-                .await
-                .map(Some)
-                .map_err(|e| e.to_string()),
+            Ok(stream) => {
+                // A failing source shows up on the agent's side only as a
+                // cut-off stream (HTTP/2 says "stream reset"), so remember
+                // the source's own error and report that instead.
+                let source_error = Arc::new(Mutex::new(None::<String>));
+                let seen = source_error.clone();
+                let stream = stream.inspect_err(move |e| {
+                    seen.lock().unwrap().get_or_insert_with(|| e.to_string());
+                });
+                agent
+                    .unpack(mount_path, HYDRATE_USER, stream, true)
+                    .await
+                    .map(Some)
+                    .map_err(|e| source_error.lock().unwrap().take().unwrap_or_else(|| e.to_string()))
+            }
             Err(e) => Err(e.to_string()),
         }
     };
