@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks. Each prints figures as ratios against a baseline measured in
-# the same run. Usage: scripts/bench.sh [volume-upload|envd-unpack|all]
+# the same run. Usage:
+#   scripts/bench.sh [volume-upload|sandbox-create|hydrate|microvm|envd-unpack|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
@@ -15,6 +16,10 @@ for name in volume-upload sandbox-create hydrate; do
     echo; "$bench" "$name"
   fi
 done
+if [[ $what == microvm || $what == all ]]; then
+  scripts/microvm-deps.sh
+  echo; SANDBOX_TEST_RUNTIME=microvm "$bench" microvm
+fi
 if [[ $what == envd-unpack || $what == all ]]; then
   echo; ENVD_BIN=$CARGO_TARGET_DIR/release/envd cargo run --release -q -p envd --example unpack_bench
 fi

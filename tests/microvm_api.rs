@@ -52,7 +52,10 @@ fn vm_processes(server: &TestServer) -> Vec<String> {
         let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
         let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
         if cmdline.contains(&state) {
-            found.push(format!("{}: {cmdline}", entry.file_name().to_string_lossy()));
+            found.push(format!(
+                "{}: {cmdline}",
+                entry.file_name().to_string_lossy()
+            ));
         }
     }
     found
@@ -64,7 +67,14 @@ async fn sandboxes_are_real_isolated_vms() {
         return;
     }
     let server = server(0, 2).await;
-    let health: Value = server.get("/health").send().await.unwrap().json().await.unwrap();
+    let health: Value = server
+        .get("/health")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(health["runtime"]["kind"], "microvm", "{health}");
     assert!(health["runtime"]["accel"].is_string(), "{health}");
     eprintln!("accelerator: {}", health["runtime"]["accel"]);
@@ -83,7 +93,10 @@ async fn sandboxes_are_real_isolated_vms() {
     // 10.0.2.15; the same address inside A is A's own, where nothing listens.
     run(&server, &a, "echo secret > /tmp/only-in-a").await;
     let in_b = run(&server, &b, "cat /tmp/only-in-a 2>&1; true").await;
-    assert!(in_b["stdout"].as_str().unwrap().contains("No such file"), "{in_b}");
+    assert!(
+        in_b["stdout"].as_str().unwrap().contains("No such file"),
+        "{in_b}"
+    );
     let started = server
         .post(&format!("/sandboxes/{b}/commands"))
         .json(&json!({ "cmd": "python3 -m http.server 8123 --bind 0.0.0.0", "background": true }))
@@ -97,7 +110,10 @@ async fn sandboxes_are_real_isolated_vms() {
         "for i in $(seq 50); do curl -sf -o /dev/null http://127.0.0.1:8123/ && echo up && break; sleep 0.2; done",
     )
     .await;
-    assert_eq!(served["stdout"], "up\n", "B's own server should answer: {served}");
+    assert_eq!(
+        served["stdout"], "up\n",
+        "B's own server should answer: {served}"
+    );
     let from_a = run(
         &server,
         &a,
@@ -105,17 +121,33 @@ async fn sandboxes_are_real_isolated_vms() {
     )
     .await;
     assert_eq!(from_a["stdout"], "blocked\n", "{from_a}");
-    let ps = run(&server, &a, "cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' ' '").await;
-    assert!(!ps["stdout"].as_str().unwrap().contains("http.server"), "{ps}");
+    let ps = run(
+        &server,
+        &a,
+        "cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' ' '",
+    )
+    .await;
+    assert!(
+        !ps["stdout"].as_str().unwrap().contains("http.server"),
+        "{ps}"
+    );
 
     // Clones of one snapshot must not share random streams or clocks.
     let random_a = run(&server, &a, "head -c 16 /dev/urandom | od -An -tx1").await;
     let random_b = run(&server, &b, "head -c 16 /dev/urandom | od -An -tx1").await;
     assert_ne!(random_a["stdout"], random_b["stdout"]);
     let guest_time = run(&server, &a, "date +%s").await;
-    let guest_time: i64 = guest_time["stdout"].as_str().unwrap().trim().parse().unwrap();
+    let guest_time: i64 = guest_time["stdout"]
+        .as_str()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     let now = chrono::Utc::now().timestamp();
-    assert!((guest_time - now).abs() < 30, "guest clock {guest_time} vs host {now}");
+    assert!(
+        (guest_time - now).abs() < 30,
+        "guest clock {guest_time} vs host {now}"
+    );
 }
 
 #[tokio::test]
@@ -152,7 +184,11 @@ async fn a_crashed_vm_is_marked_killed() {
     let pid_file = server.sandbox_state_dir().join(&id).join("vm.pid");
     let pid = std::fs::read_to_string(pid_file).unwrap();
     let pid = pid.split_whitespace().next().unwrap().to_string();
-    assert!(std::process::Command::new("kill").args(["-9", &pid]).status().unwrap().success());
+    assert!(std::process::Command::new("kill")
+        .args(["-9", &pid])
+        .status()
+        .unwrap()
+        .success());
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let sandbox: Value = server
@@ -191,7 +227,11 @@ async fn twenty_create_kill_cycles_leave_nothing_behind() {
     for _ in 0..20 {
         let id = create(&server, json!({})).await;
         assert_eq!(run(&server, &id, "echo hi").await["stdout"], "hi\n");
-        let response = server.delete(&format!("/sandboxes/{id}")).send().await.unwrap();
+        let response = server
+            .delete(&format!("/sandboxes/{id}"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), StatusCode::OK);
     }
     server.stop_gracefully();

@@ -13,7 +13,7 @@ const FILES: usize = 2000;
 const TOTAL: usize = 256 << 20;
 
 /// Half noise, half text-like data, so gzip has some work to do.
-fn archive(work_dir: &Path) -> anyhow::Result<PathBuf> {
+pub(crate) fn archive(work_dir: &Path) -> anyhow::Result<PathBuf> {
     let path = work_dir.join("hydrate-256MiB-2000files.tar.gz");
     if path.exists() {
         return Ok(path);
@@ -47,7 +47,7 @@ fn archive(work_dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-fn tar_xzf(archive: &Path) -> anyhow::Result<Duration> {
+pub(crate) fn tar_xzf(archive: &Path) -> anyhow::Result<Duration> {
     let dest = tempfile::tempdir()?;
     let started = Instant::now();
     let status = std::process::Command::new("tar")
@@ -60,7 +60,7 @@ fn tar_xzf(archive: &Path) -> anyhow::Result<Duration> {
     Ok(started.elapsed())
 }
 
-async fn upload(server: &TestServer, archive: &Path) -> anyhow::Result<String> {
+pub(crate) async fn upload(server: &TestServer, archive: &Path) -> anyhow::Result<String> {
     let body = tokio::fs::read(archive).await?;
     let response = server.post("/volumes?name=bench").body(body).send().await?;
     anyhow::ensure!(response.status().as_u16() == 201);
@@ -68,7 +68,10 @@ async fn upload(server: &TestServer, archive: &Path) -> anyhow::Result<String> {
     Ok(volume["volume_id"].as_str().unwrap().to_string())
 }
 
-async fn create(server: &TestServer, volume: Option<&str>) -> anyhow::Result<(Duration, String)> {
+pub(crate) async fn create(
+    server: &TestServer,
+    volume: Option<&str>,
+) -> anyhow::Result<(Duration, String)> {
     let body = match volume {
         Some(id) => json!({ "volumes": [{ "volume_id": id, "mount_path": "/data" }] }),
         None => json!({}),

@@ -3,6 +3,7 @@
 //! `scripts/bench.sh`, which builds everything in release mode first.
 
 mod hydrate;
+mod microvm;
 mod sandbox_create;
 mod stats;
 mod volume_upload;
@@ -36,6 +37,9 @@ enum Bench {
     /// Hydrate cost vs `tar xzf` of the same archive, and fan-out of 1, 4
     /// and 16 creates over one volume (wall time, S3 GETs and bytes).
     Hydrate,
+    /// microVM runtime: cold boot and snapshot restore to envd-ready, warm
+    /// create, command round trip, idle PSS, hydrate vs tar xzf.
+    Microvm,
 }
 
 #[tokio::main]
@@ -48,5 +52,6 @@ async fn main() -> anyhow::Result<()> {
         }
         Bench::SandboxCreate => sandbox_create::run(&cli.server).await,
         Bench::Hydrate => hydrate::run(&cli.server, &cli.work_dir).await,
+        Bench::Microvm => microvm::run(&cli.server, &cli.work_dir).await,
     }
 }

@@ -121,7 +121,10 @@ mod tests {
         let wire: Vec<u8> = frames.iter().flat_map(|f| f.encode().to_vec()).collect();
         let mut reader = &wire[..];
         for expected in &frames {
-            assert_eq!(read_frame(&mut reader).await.unwrap().as_ref(), Some(expected));
+            assert_eq!(
+                read_frame(&mut reader).await.unwrap().as_ref(),
+                Some(expected)
+            );
         }
         assert_eq!(read_frame(&mut reader).await.unwrap(), None);
     }

@@ -41,10 +41,25 @@ pub fn init_system() -> anyhow::Result<()> {
     for (key, _) in std::env::vars_os() {
         std::env::remove_var(key);
     }
-    std::env::set_var("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    std::env::set_var(
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    );
     std::env::set_var("HOME", "/root");
-    mount_fs("proc", "/proc", "proc", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, "")?;
-    mount_fs("sysfs", "/sys", "sysfs", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, "")?;
+    mount_fs(
+        "proc",
+        "/proc",
+        "proc",
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        "",
+    )?;
+    mount_fs(
+        "sysfs",
+        "/sys",
+        "sysfs",
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        "",
+    )?;
     // CONFIG_DEVTMPFS_MOUNT may have mounted it already.
     if !Path::new("/dev/null").exists() {
         mount_fs("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755")?;
@@ -52,9 +67,27 @@ pub fn init_system() -> anyhow::Result<()> {
     for dir in ["/dev/pts", "/dev/shm", "/run", "/tmp"] {
         let _ = std::fs::create_dir_all(dir);
     }
-    mount_fs("devpts", "/dev/pts", "devpts", libc::MS_NOSUID | libc::MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620")?;
-    mount_fs("tmpfs", "/dev/shm", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=1777")?;
-    mount_fs("tmpfs", "/run", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=0755")?;
+    mount_fs(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        "newinstance,ptmxmode=0666,mode=0620",
+    )?;
+    mount_fs(
+        "tmpfs",
+        "/dev/shm",
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        "mode=1777",
+    )?;
+    mount_fs(
+        "tmpfs",
+        "/run",
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        "mode=0755",
+    )?;
     set_mode("/tmp", 0o1777)?;
     for (link, target) in [
         ("/dev/fd", "/proc/self/fd"),
@@ -76,12 +109,24 @@ pub fn init_system() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn mount_fs(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) -> anyhow::Result<()> {
+fn mount_fs(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> anyhow::Result<()> {
     let c = |s: &str| CString::new(s).expect("no NUL");
     let (source_c, target_c, fstype_c, data_c) = (c(source), c(target), c(fstype), c(data));
     // SAFETY: valid NUL-terminated strings.
     let result = unsafe {
-        libc::mount(source_c.as_ptr(), target_c.as_ptr(), fstype_c.as_ptr(), flags, data_c.as_ptr().cast())
+        libc::mount(
+            source_c.as_ptr(),
+            target_c.as_ptr(),
+            fstype_c.as_ptr(),
+            flags,
+            data_c.as_ptr().cast(),
+        )
     };
     if result != 0 {
         let error = io::Error::last_os_error();
@@ -110,7 +155,9 @@ fn sockaddr_in(address: [u8; 4]) -> libc::sockaddr {
     let inet = libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: 0,
-        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(address) },
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(address),
+        },
         sin_zero: [0; 8],
     };
     // SAFETY: sockaddr_in and sockaddr have the same size on Linux.
@@ -140,16 +187,36 @@ fn interface_up(name: &str, address: Option<([u8; 4], [u8; 4])>) -> io::Result<(
     if let Some((address, netmask)) = address {
         let mut request = ifreq(name);
         request.ifr_ifru.ifru_addr = sockaddr_in(address);
-        ioctl(&socket, libc::SIOCSIFADDR, &mut request, "setting the address")?;
+        ioctl(
+            &socket,
+            libc::SIOCSIFADDR,
+            &mut request,
+            "setting the address",
+        )?;
         let mut request = ifreq(name);
         request.ifr_ifru.ifru_netmask = sockaddr_in(netmask);
-        ioctl(&socket, libc::SIOCSIFNETMASK, &mut request, "setting the netmask")?;
+        ioctl(
+            &socket,
+            libc::SIOCSIFNETMASK,
+            &mut request,
+            "setting the netmask",
+        )?;
     }
     let mut request = ifreq(name);
-    ioctl(&socket, libc::SIOCGIFFLAGS, &mut request, "reading interface flags")?;
+    ioctl(
+        &socket,
+        libc::SIOCGIFFLAGS,
+        &mut request,
+        "reading interface flags",
+    )?;
     // SAFETY: SIOCGIFFLAGS filled the flags member.
     unsafe { request.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short };
-    ioctl(&socket, libc::SIOCSIFFLAGS, &mut request, "bringing the interface up")
+    ioctl(
+        &socket,
+        libc::SIOCSIFFLAGS,
+        &mut request,
+        "bringing the interface up",
+    )
 }
 
 fn default_route(gateway: [u8; 4]) -> io::Result<()> {
@@ -160,7 +227,12 @@ fn default_route(gateway: [u8; 4]) -> io::Result<()> {
     route.rt_genmask = sockaddr_in([0; 4]);
     route.rt_gateway = sockaddr_in(gateway);
     route.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
-    ioctl(&socket, libc::SIOCADDRT, &mut route, "adding the default route")
+    ioctl(
+        &socket,
+        libc::SIOCADDRT,
+        &mut route,
+        "adding the default route",
+    )
 }
 
 /// `/dev/vportNpM` of the virtio-serial port named `name`.
@@ -172,7 +244,10 @@ pub fn find_virtio_port(name: &str) -> io::Result<PathBuf> {
             return Ok(Path::new("/dev").join(entry.file_name()));
         }
     }
-    Err(io::Error::new(io::ErrorKind::NotFound, format!("no virtio-serial port named {name:?}")))
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("no virtio-serial port named {name:?}"),
+    ))
 }
 
 /// One virtio-serial port, non-blocking, as a tokio byte stream. Clones
@@ -191,7 +266,12 @@ impl VirtioPort {
     pub fn open(path: &Path) -> io::Result<Self> {
         let path_c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
         // SAFETY: valid path; the fd is owned right away.
-        let fd = unsafe { libc::open(path_c.as_ptr(), libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC) };
+        let fd = unsafe {
+            libc::open(
+                path_c.as_ptr(),
+                libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
+            )
+        };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -214,7 +294,11 @@ fn read_fd(fd: &AsyncFd<OwnedFd>, buffer: &mut [u8]) -> io::Result<usize> {
 }
 
 impl AsyncRead for VirtioPort {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         loop {
             let mut guard = ready!(self.fd.poll_read_ready(cx))?;
             let unfilled = buf.initialize_unfilled();
@@ -231,7 +315,11 @@ impl AsyncRead for VirtioPort {
 }
 
 impl AsyncWrite for VirtioPort {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
         loop {
             let mut guard = ready!(self.fd.poll_write_ready(cx))?;
             let result = guard.try_io(|fd| {
@@ -346,7 +434,9 @@ pub fn set_clock(unix_time_ns: u64) -> io::Result<()> {
 pub fn add_entropy(seed: &[u8]) -> io::Result<()> {
     const RNDADDENTROPY: libc::Ioctl = 0x4008_5203;
     const RNDRESEEDCRNG: libc::Ioctl = 0x5207;
-    let urandom = std::fs::OpenOptions::new().write(true).open("/dev/urandom")?;
+    let urandom = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")?;
     // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
     let mut info = Vec::with_capacity(8 + seed.len());
     info.extend_from_slice(&((seed.len() * 8) as i32).to_ne_bytes());

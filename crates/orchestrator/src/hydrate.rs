@@ -6,9 +6,9 @@
 
 use crate::cache::{BlobCache, BlobRef};
 use envd_protocol::client::EnvdClient;
+use futures::TryStreamExt;
 use sandbox_store::Volume;
 use serde::Serialize;
-use futures::TryStreamExt;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -89,7 +89,13 @@ pub async fn hydrate(
                     .unpack(mount_path, HYDRATE_USER, stream, true)
                     .await
                     .map(Some)
-                    .map_err(|e| source_error.lock().unwrap().take().unwrap_or_else(|| e.to_string()))
+                    .map_err(|e| {
+                        source_error
+                            .lock()
+                            .unwrap()
+                            .take()
+                            .unwrap_or_else(|| e.to_string())
+                    })
             }
             Err(e) => Err(e.to_string()),
         }

@@ -189,7 +189,9 @@ impl Orchestrator {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(LIVENESS_INTERVAL).await;
-                let Some(orchestrator) = me.upgrade() else { return };
+                let Some(orchestrator) = me.upgrade() else {
+                    return;
+                };
                 orchestrator.check_liveness().await;
             }
         });

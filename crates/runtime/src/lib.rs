@@ -43,8 +43,8 @@ pub mod namespace;
 pub mod runtime;
 pub mod templates;
 
-pub use namespace::launcher::launcher_main;
 pub use microvm::{Accel, AccelChoice, MicrovmConfig, MicrovmRuntime};
+pub use namespace::launcher::launcher_main;
 pub use namespace::{LauncherCommand, NamespaceConfig, NamespaceRuntime};
 pub use runtime::{BootSpec, Booted, Limits, Runtime, RuntimeError};
 pub use templates::{TemplateCatalog, TemplateDef, TemplateError, TemplateStatus};

@@ -91,7 +91,8 @@ fn microvm_runtime(config: &Config) -> Result<Arc<dyn Runtime>, String> {
         disk_bytes: settings.disk_gib << 30,
         boot_timeout: std::time::Duration::from_secs(settings.boot_timeout_secs),
         relay: LauncherCommand {
-            program: std::env::current_exe().map_err(|e| format!("locating our own binary: {e}"))?,
+            program: std::env::current_exe()
+                .map_err(|e| format!("locating our own binary: {e}"))?,
             args_prefix: vec![RELAY_SUBCOMMAND.into()],
         },
     })

@@ -67,7 +67,9 @@ pub fn hardware_kvm() -> Result<(), String> {
     // SAFETY: ioctls without arguments on a /dev/kvm fd we own.
     let version = unsafe { libc::ioctl(kvm.as_raw_fd(), KVM_GET_API_VERSION, 0) };
     if version != 12 {
-        return Err(format!("/dev/kvm reports API version {version}, expected 12"));
+        return Err(format!(
+            "/dev/kvm reports API version {version}, expected 12"
+        ));
     }
     // SAFETY: as above; the returned fd is closed right away.
     let vm = unsafe { libc::ioctl(kvm.as_raw_fd(), KVM_CREATE_VM, 0) };

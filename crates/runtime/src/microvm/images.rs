@@ -48,7 +48,12 @@ pub fn short_hash(bytes: &[u8]) -> String {
 }
 
 impl Images {
-    pub fn new(dir: PathBuf, kernel_source: PathBuf, envd_binary: PathBuf, disk_bytes: u64) -> Self {
+    pub fn new(
+        dir: PathBuf,
+        kernel_source: PathBuf,
+        envd_binary: PathBuf,
+        disk_bytes: u64,
+    ) -> Self {
         Self {
             dir,
             kernel_source,
@@ -63,7 +68,9 @@ impl Images {
     }
 
     pub fn kernel_key(&self) -> String {
-        let source = fs::metadata(&self.kernel_source).map(|m| m.len()).unwrap_or(0);
+        let source = fs::metadata(&self.kernel_source)
+            .map(|m| m.len())
+            .unwrap_or(0);
         sha256_hex(&[
             KERNEL_FRAGMENT.as_bytes(),
             self.kernel_source.as_os_str().as_encoded_bytes(),
@@ -72,7 +79,10 @@ impl Images {
     }
 
     pub fn kernel_path(&self) -> PathBuf {
-        self.dir.join("kernel").join(self.kernel_key()).join("vmlinux")
+        self.dir
+            .join("kernel")
+            .join(self.kernel_key())
+            .join("vmlinux")
     }
 
     /// Builds the kernel unless it is cached. Blocking (minutes).
@@ -88,7 +98,8 @@ impl Images {
             ));
         }
         let kernel_dir = self.dir.join("kernel");
-        fs::create_dir_all(&kernel_dir).map_err(|e| format!("creating {}: {e}", kernel_dir.display()))?;
+        fs::create_dir_all(&kernel_dir)
+            .map_err(|e| format!("creating {}: {e}", kernel_dir.display()))?;
         let _lock = lock_exclusive(&self.dir.join("kernel.lock"))?;
         if out.is_file() {
             return Ok(out); // built by whoever held the lock
@@ -99,7 +110,8 @@ impl Images {
         let _ = fs::remove_dir_all(&work);
         fs::create_dir_all(&work).map_err(|e| format!("creating {}: {e}", work.display()))?;
         let log_path = kernel_dir.join("build.log");
-        let log = File::create(&log_path).map_err(|e| format!("creating {}: {e}", log_path.display()))?;
+        let log =
+            File::create(&log_path).map_err(|e| format!("creating {}: {e}", log_path.display()))?;
         let step = |what: &str, command: &mut Command| run_logged(what, command, &log, &log_path);
         step(
             "unpacking the kernel source",
@@ -111,14 +123,20 @@ impl Images {
                 .arg("--strip-components=1"),
         )?;
         fs::write(work.join("sandbox.config"), KERNEL_FRAGMENT).map_err(|e| e.to_string())?;
-        step("make tinyconfig", Command::new("make").current_dir(&work).arg("tinyconfig"))?;
+        step(
+            "make tinyconfig",
+            Command::new("make").current_dir(&work).arg("tinyconfig"),
+        )?;
         step(
             "merging config/microvm/kernel.config",
             Command::new("scripts/kconfig/merge_config.sh")
                 .current_dir(&work)
                 .args(["-m", ".config", "sandbox.config"]),
         )?;
-        step("make olddefconfig", Command::new("make").current_dir(&work).arg("olddefconfig"))?;
+        step(
+            "make olddefconfig",
+            Command::new("make").current_dir(&work).arg("olddefconfig"),
+        )?;
         let config = fs::read_to_string(work.join(".config")).map_err(|e| e.to_string())?;
         let missing: Vec<&str> = KERNEL_FRAGMENT
             .lines()
@@ -132,7 +150,9 @@ impl Images {
                 missing.join(" ")
             ));
         }
-        let jobs = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        let jobs = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
         step(
             "make vmlinux",
             Command::new("make")
@@ -217,7 +237,12 @@ impl Images {
                 .args(["-q", "-F", "-L", "sandbox-root"])
                 // No journal: a sandbox disk never outlives its VM, so crash
                 // consistency buys nothing and the journal costs writes.
-                .args(["-O", "^has_journal", "-E", "lazy_itable_init=1,root_owner=0:0"])
+                .args([
+                    "-O",
+                    "^has_journal",
+                    "-E",
+                    "lazy_itable_init=1,root_owner=0:0",
+                ])
                 .arg("-d")
                 .arg(rootfs)
                 .arg(&tmp),
@@ -236,7 +261,11 @@ impl Images {
         .map_err(|e| e.to_string())?;
         run_logged(
             "debugfs (installing envd)",
-            Command::new("debugfs").arg("-w").arg("-f").arg(&script).arg(&tmp),
+            Command::new("debugfs")
+                .arg("-w")
+                .arg("-f")
+                .arg(&script)
+                .arg(&tmp),
             &log,
             &log_path,
         )?;
@@ -246,7 +275,11 @@ impl Images {
             .output()
             .map_err(|e| format!("running debugfs: {e}"))?;
         if !String::from_utf8_lossy(&listing.stdout).contains("Mode:  0755") {
-            return Err(format!("envd did not land in {} (see {})", tmp.display(), log_path.display()));
+            return Err(format!(
+                "envd did not land in {} (see {})",
+                tmp.display(),
+                log_path.display()
+            ));
         }
         fs::rename(&tmp, &image).map_err(|e| format!("installing {}: {e}", image.display()))?;
         info!(image = %image.display(), elapsed = ?started.elapsed(), "template image built");
@@ -256,7 +289,12 @@ impl Images {
 
 /// Runs a build step with its output appended to `log`; on failure the
 /// error carries the log's last lines.
-fn run_logged(what: &str, command: &mut Command, log: &File, log_path: &Path) -> Result<(), String> {
+fn run_logged(
+    what: &str,
+    command: &mut Command,
+    log: &File,
+    log_path: &Path,
+) -> Result<(), String> {
     let stdout = log.try_clone().map_err(|e| e.to_string())?;
     let stderr = log.try_clone().map_err(|e| e.to_string())?;
     let status = command

@@ -188,14 +188,16 @@ impl Inner {
             .map_err(|e| e.to_string())??;
         let this = self.clone();
         let rootfs_owned = rootfs.to_path_buf();
-        let image = tokio::task::spawn_blocking(move || this.images.build_template_image(&rootfs_owned))
-            .await
-            .map_err(|e| e.to_string())??;
+        let image =
+            tokio::task::spawn_blocking(move || this.images.build_template_image(&rootfs_owned))
+                .await
+                .map_err(|e| e.to_string())??;
         if self.config.snapshots {
             let template_dir = image.parent().expect("image in a dir").to_path_buf();
             let snapshot = self.snapshot(&template_dir, limits);
             if !snapshot.is_complete() {
-                self.build_snapshot(&kernel, &image, &snapshot, limits).await?;
+                self.build_snapshot(&kernel, &image, &snapshot, limits)
+                    .await?;
             }
         }
         Ok(())
@@ -220,7 +222,10 @@ impl Inner {
                 }
                 Err(e) => {
                     warn!(rootfs = %key.display(), error = %e, "preparing microVM images failed");
-                    this.build_failures.lock().unwrap().insert(key.clone(), e.clone());
+                    this.build_failures
+                        .lock()
+                        .unwrap()
+                        .insert(key.clone(), e.clone());
                 }
             }
             this.building.lock().unwrap().remove(&key);
@@ -269,30 +274,41 @@ impl Inner {
                 incoming: false,
             };
             self.spawn_qemu(&launch).await?;
-            self.wait_for_console(&files, crate::microvm::READY_MARKER, self.config.boot_timeout)
-                .await?;
+            self.wait_for_console(
+                &files,
+                crate::microvm::READY_MARKER,
+                self.config.boot_timeout,
+            )
+            .await?;
             let mut qmp = Qmp::connect(&files.qmp_socket(), QMP_TIMEOUT)
                 .await
                 .map_err(|e| e.to_string())?;
             let step = |e: qmp::QmpError| e.to_string();
             qmp.execute("stop", json!({})).await.map_err(step)?;
-            qmp.execute("migrate-set-capabilities", ignore_shared()).await.map_err(step)?;
+            qmp.execute("migrate-set-capabilities", ignore_shared())
+                .await
+                .map_err(step)?;
             let uri = format!("file:{}", snapshot.state().display());
-            qmp.execute("migrate", json!({ "uri": uri })).await.map_err(step)?;
-            qmp.wait_for_migration(self.config.boot_timeout).await.map_err(step)?;
+            qmp.execute("migrate", json!({ "uri": uri }))
+                .await
+                .map_err(step)?;
+            qmp.wait_for_migration(self.config.boot_timeout)
+                .await
+                .map_err(step)?;
             let _ = qmp.execute("quit", json!({})).await;
             if let Some(pid) = read_pid(&files) {
-                let _ = tokio::task::spawn_blocking(move || wait_until_gone(pid, DESTROY_TIMEOUT)).await;
+                let _ = tokio::task::spawn_blocking(move || wait_until_gone(pid, DESTROY_TIMEOUT))
+                    .await;
             }
             Ok::<(), String>(())
         }
         .await;
-        if result.is_err() {
+        if let Err(error) = result {
             kill_vm_processes(&files);
             let log = tail(&files.console_log());
             let _ = fs::remove_dir_all(&run_dir);
             let _ = fs::remove_dir_all(&snapshot.dir);
-            return Err(format!("{}; console: {log}", result.unwrap_err()));
+            return Err(format!("{error}; console: {log}"));
         }
         let _ = fs::remove_dir_all(&run_dir);
         fs::write(snapshot.complete_marker(), "").map_err(|e| e.to_string())?;
@@ -300,7 +316,12 @@ impl Inner {
         Ok(())
     }
 
-    async fn create_overlay(&self, backing: &Path, format: &str, overlay: &Path) -> Result<(), String> {
+    async fn create_overlay(
+        &self,
+        backing: &Path,
+        format: &str,
+        overlay: &Path,
+    ) -> Result<(), String> {
         let output = tokio::process::Command::new(&self.config.qemu_img_binary)
             .args(["create", "-q", "-f", "qcow2", "-F", format, "-b"])
             .arg(backing)
@@ -337,13 +358,23 @@ impl Inner {
             .ok()
             .and_then(|text| text.trim().parse::<i32>().ok())
             .ok_or("QEMU wrote no pid file")?;
-        let start_time = ProcessInfo::read(pid).map(|p| p.start_time).ok_or("QEMU exited right after starting")?;
-        fs::write(launch.files.identity_file(), format!("{pid} {start_time}\n"))
-            .map_err(|e| format!("writing vm.pid: {e}"))?;
+        let start_time = ProcessInfo::read(pid)
+            .map(|p| p.start_time)
+            .ok_or("QEMU exited right after starting")?;
+        fs::write(
+            launch.files.identity_file(),
+            format!("{pid} {start_time}\n"),
+        )
+        .map_err(|e| format!("writing vm.pid: {e}"))?;
         Ok(pid)
     }
 
-    async fn wait_for_console(&self, files: &VmFiles, marker: &str, timeout: Duration) -> Result<(), String> {
+    async fn wait_for_console(
+        &self,
+        files: &VmFiles,
+        marker: &str,
+        timeout: Duration,
+    ) -> Result<(), String> {
         let deadline = Instant::now() + timeout;
         loop {
             let console = fs::read(files.console_log()).unwrap_or_default();
@@ -366,13 +397,20 @@ impl Inner {
             .entry(id.to_string())
             .or_insert_with(|| {
                 let socket = self.config.state_dir.join(id).join("agent.sock");
-                EnvdClient::builder(Target::Unix(socket), token).http2(true).build()
+                EnvdClient::builder(Target::Unix(socket), token)
+                    .http2(true)
+                    .build()
             })
             .clone()
     }
 
     /// Waits for envd over the agent channel, then hands it its token.
-    async fn initialise(&self, spec: &BootSpec, files: &VmFiles, timeout: Duration) -> Result<(), String> {
+    async fn initialise(
+        &self,
+        spec: &BootSpec,
+        files: &VmFiles,
+        timeout: Duration,
+    ) -> Result<(), String> {
         let client = self.agent(&spec.id, &spec.token);
         let deadline = Instant::now() + timeout;
         loop {
@@ -393,7 +431,9 @@ impl Inner {
         fs::File::open("/dev/urandom")
             .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut seed))
             .map_err(|e| format!("reading /dev/urandom: {e}"))?;
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
         client
             .init(&InitRequest {
                 token: spec.token.clone(),
@@ -405,11 +445,18 @@ impl Inner {
             .map_err(|e| format!("envd init: {e}"))
     }
 
-    async fn boot_vm(&self, spec: &BootSpec, kernel: &Path, image: &Path, snapshot: Option<&Snapshot>) -> Result<(), String> {
+    async fn boot_vm(
+        &self,
+        spec: &BootSpec,
+        kernel: &Path,
+        image: &Path,
+        snapshot: Option<&Snapshot>,
+    ) -> Result<(), String> {
         let files = VmFiles::new(self.config.state_dir.join(&spec.id));
         match snapshot {
             Some(snapshot) => {
-                self.create_overlay(&snapshot.disk(), "qcow2", &files.disk()).await?;
+                self.create_overlay(&snapshot.disk(), "qcow2", &files.disk())
+                    .await?;
                 spawn_relay(&self.config.relay, &files).await?;
                 let launch = VmLaunch {
                     name: &spec.id,
@@ -420,12 +467,20 @@ impl Inner {
                     incoming: true,
                 };
                 self.spawn_qemu(&launch).await?;
-                let mut qmp = Qmp::connect(&files.qmp_socket(), QMP_TIMEOUT).await.map_err(|e| e.to_string())?;
+                let mut qmp = Qmp::connect(&files.qmp_socket(), QMP_TIMEOUT)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 let step = |e: qmp::QmpError| e.to_string();
-                qmp.execute("migrate-set-capabilities", ignore_shared()).await.map_err(step)?;
+                qmp.execute("migrate-set-capabilities", ignore_shared())
+                    .await
+                    .map_err(step)?;
                 let uri = format!("file:{}", snapshot.state().display());
-                qmp.execute("migrate-incoming", json!({ "uri": uri })).await.map_err(step)?;
-                qmp.wait_for_migration(self.config.boot_timeout).await.map_err(step)?;
+                qmp.execute("migrate-incoming", json!({ "uri": uri }))
+                    .await
+                    .map_err(step)?;
+                qmp.wait_for_migration(self.config.boot_timeout)
+                    .await
+                    .map_err(step)?;
                 qmp.execute("cont", json!({})).await.map_err(step)?;
                 self.initialise(spec, &files, Duration::from_secs(10)).await
             }
@@ -441,7 +496,8 @@ impl Inner {
                     incoming: false,
                 };
                 self.spawn_qemu(&launch).await?;
-                self.initialise(spec, &files, self.config.boot_timeout).await
+                self.initialise(spec, &files, self.config.boot_timeout)
+                    .await
             }
         }
     }
@@ -470,7 +526,9 @@ async fn spawn_relay(relay: &crate::LauncherCommand, files: &VmFiles) -> Result<
             Ok(())
         });
     }
-    let mut child = command.spawn().map_err(|e| format!("starting the relay: {e}"))?;
+    let mut child = command
+        .spawn()
+        .map_err(|e| format!("starting the relay: {e}"))?;
     let pid = child.id().ok_or("the relay exited at once")? as i32;
     let stdout = child.stdout.take().expect("piped");
     let mut line = String::new();
@@ -558,7 +616,10 @@ impl Runtime for MicrovmRuntime {
         self.inner
             .prepare(rootfs, limits)
             .await
-            .map_err(|message| RuntimeError::BootFailed { id: "(template)".into(), message })
+            .map_err(|message| RuntimeError::BootFailed {
+                id: "(template)".into(),
+                message,
+            })
     }
 
     async fn boot(&self, spec: BootSpec) -> Result<Booted, RuntimeError> {
@@ -585,12 +646,18 @@ impl Runtime for MicrovmRuntime {
         if !kernel.is_file() {
             return Err(not_ready("the guest kernel is not built yet"));
         }
-        let template_dir = inner.images.template_dir(&spec.rootfs).map_err(RuntimeError::InvalidSpec)?;
+        let template_dir = inner
+            .images
+            .template_dir(&spec.rootfs)
+            .map_err(RuntimeError::InvalidSpec)?;
         let image = template_dir.join("base.ext4");
         if !image.is_file() {
             return Err(not_ready("the template's VM image is not built yet"));
         }
-        let snapshot = inner.config.snapshots.then(|| inner.snapshot(&template_dir, spec.limits));
+        let snapshot = inner
+            .config
+            .snapshots
+            .then(|| inner.snapshot(&template_dir, spec.limits));
         if snapshot.as_ref().is_some_and(|s| !s.is_complete()) {
             return Err(not_ready("the template's VM snapshot is not taken yet"));
         }
@@ -601,11 +668,16 @@ impl Runtime for MicrovmRuntime {
             }
             Err(e) => {
                 let _ = fs::create_dir_all(&inner.config.state_dir);
-                fs::create_dir(&files.dir).map_err(|_| RuntimeError::io(format!("creating {}", files.dir.display()), e))?;
+                fs::create_dir(&files.dir).map_err(|_| {
+                    RuntimeError::io(format!("creating {}", files.dir.display()), e)
+                })?;
             }
         }
         let _ = fs::set_permissions(&files.dir, fs::Permissions::from_mode(0o700));
-        match inner.boot_vm(&spec, &kernel, &image, snapshot.as_ref()).await {
+        match inner
+            .boot_vm(&spec, &kernel, &image, snapshot.as_ref())
+            .await
+        {
             Ok(()) => {
                 info!(sandbox = %spec.id, elapsed = ?started.elapsed(), restored = snapshot.is_some(), "microVM booted");
                 Ok(Booted {
@@ -617,7 +689,10 @@ impl Runtime for MicrovmRuntime {
                 let message = format!("{message}; console: {}", tail(&files.console_log()));
                 warn!(sandbox = %spec.id, error = %message, "microVM boot failed; cleaning up");
                 let _ = self.destroy(&spec.id).await;
-                Err(RuntimeError::BootFailed { id: spec.id, message })
+                Err(RuntimeError::BootFailed {
+                    id: spec.id,
+                    message,
+                })
             }
         }
     }
@@ -674,7 +749,9 @@ impl Runtime for MicrovmRuntime {
         }
         let client = self.inner.agents.lock().unwrap().get(id).cloned();
         let client = client.unwrap_or_else(|| {
-            EnvdClient::builder(Target::Unix(self.files(id).agent_socket()), "").http2(true).build()
+            EnvdClient::builder(Target::Unix(self.files(id).agent_socket()), "")
+                .http2(true)
+                .build()
         });
         matches!(
             tokio::time::timeout(Duration::from_secs(5), client.health()).await,
@@ -694,7 +771,9 @@ impl Runtime for MicrovmRuntime {
         let files = self.files(id);
         let mut qmp = Qmp::connect(&files.qmp_socket(), QMP_TIMEOUT)
             .await
-            .map_err(|e| RuntimeError::io("connecting to QMP", std::io::Error::other(e.to_string())))?;
+            .map_err(|e| {
+                RuntimeError::io("connecting to QMP", std::io::Error::other(e.to_string()))
+            })?;
         qmp.execute("set_link", json!({ "name": "net0", "up": enabled }))
             .await
             .map_err(|e| RuntimeError::io("set_link", std::io::Error::other(e.to_string())))?;

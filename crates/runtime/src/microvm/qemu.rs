@@ -152,15 +152,30 @@ impl VmLaunch<'_> {
         };
         match &self.memory {
             Memory::Anonymous => {}
-            Memory::SharedFile(path) => {
-                push(&["-object", &backend(path, "on"), "-machine", "memory-backend=ram"])
-            }
-            Memory::PrivateFile(path) => {
-                push(&["-object", &backend(path, "off"), "-machine", "memory-backend=ram"])
-            }
+            Memory::SharedFile(path) => push(&[
+                "-object",
+                &backend(path, "on"),
+                "-machine",
+                "memory-backend=ram",
+            ]),
+            Memory::PrivateFile(path) => push(&[
+                "-object",
+                &backend(path, "off"),
+                "-machine",
+                "memory-backend=ram",
+            ]),
         }
-        push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
-        push(&["-serial", &format!("file:{}", self.files.console_log().display())]);
+        push(&[
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ]);
+        push(&[
+            "-serial",
+            &format!("file:{}", self.files.console_log().display()),
+        ]);
         push(&["-kernel", &self.kernel.display().to_string()]);
         push(&["-append", &kernel_cmdline()]);
         push(&[
@@ -174,22 +189,37 @@ impl VmLaunch<'_> {
         ]);
         // User-mode networking; the link is cut over QMP for a sandbox
         // created without internet access.
-        push(&["-netdev", "user,id=net0", "-device", "virtio-net-device,netdev=net0"]);
+        push(&[
+            "-netdev",
+            "user,id=net0",
+            "-device",
+            "virtio-net-device,netdev=net0",
+        ]);
         push(&[
             "-device",
             "virtio-serial-device",
             "-chardev",
             // QEMU is the client: the relay is listening before QEMU starts,
             // so the port's host side is connected before the guest opens it.
-            &format!("socket,id=agent,path={}", self.files.serial_socket().display()),
+            &format!(
+                "socket,id=agent,path={}",
+                self.files.serial_socket().display()
+            ),
             "-device",
             "virtserialport,chardev=agent,name=envd",
         ]);
         push(&[
             "-qmp",
-            &format!("unix:{},server=on,wait=off", self.files.qmp_socket().display()),
+            &format!(
+                "unix:{},server=on,wait=off",
+                self.files.qmp_socket().display()
+            ),
         ]);
-        push(&["-daemonize", "-pidfile", &self.files.pid_file().display().to_string()]);
+        push(&[
+            "-daemonize",
+            "-pidfile",
+            &self.files.pid_file().display().to_string(),
+        ]);
         if self.incoming {
             push(&["-incoming", "defer"]);
         }

@@ -1,0 +1,140 @@
+//! The microVM runtime's figures: cold boot and snapshot restore to an
+//! answering envd, warm-pool create, the `commands.run("true")` round trip,
+//! idle memory per pooled VM, and hydration against `tar xzf` measured in
+//! the same run. Run with `SANDBOX_TEST_RUNTIME=microvm` (scripts/bench.sh
+//! sets it).
+
+use crate::hydrate;
+use crate::stats::summarize;
+use serde_json::{json, Value};
+use std::path::Path;
+use std::time::{Duration, Instant};
+use testkit::{ServerOptions, TestServer};
+
+async fn create(server: &TestServer) -> anyhow::Result<(Duration, String)> {
+    let started = Instant::now();
+    let response = server.post("/sandboxes").json(&json!({})).send().await?;
+    let elapsed = started.elapsed();
+    let status = response.status();
+    let body: Value = response.json().await?;
+    anyhow::ensure!(status.as_u16() == 201, "create failed: {body}");
+    Ok((elapsed, body["sandbox_id"].as_str().unwrap().to_string()))
+}
+
+async fn kill(server: &TestServer, id: &str) -> anyhow::Result<()> {
+    server.delete(&format!("/sandboxes/{id}")).send().await?;
+    Ok(())
+}
+
+/// Creates on the request path (pool size 0): each is one boot.
+async fn unpooled_creates(
+    binary: &Path,
+    snapshots: bool,
+    n: usize,
+) -> anyhow::Result<Vec<Duration>> {
+    let server = TestServer::start(
+        ServerOptions::production(binary)
+            .with_sandboxes(0, 0)
+            .with_setting("runtime.microvm.snapshots", &snapshots.to_string()),
+    )
+    .await;
+    let mut samples = Vec::new();
+    for _ in 0..n {
+        let (elapsed, id) = create(&server).await?;
+        samples.push(elapsed);
+        kill(&server, &id).await?;
+    }
+    Ok(samples)
+}
+
+pub async fn run(binary: &Path, work_dir: &Path) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        testkit::is_microvm(),
+        "set SANDBOX_TEST_RUNTIME=microvm (scripts/bench.sh microvm does)"
+    );
+    const POOL: usize = 4;
+    let server = TestServer::start(ServerOptions::production(binary).with_sandboxes(POOL, 0)).await;
+    server.wait_for_pool(POOL).await;
+    let health: Value = server.get("/health").send().await?.json().await?;
+    println!(
+        "microVM runtime (template base, 1 vCPU, 512 MiB; release build, over HTTP)\n  accelerator              : {} ({})",
+        health["runtime"]["accel"].as_str().unwrap_or("?"),
+        health["runtime"]["accel_reason"].as_str().unwrap_or("")
+    );
+
+    // Idle memory of the pooled VMs, as the server publishes it.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let pss = server
+        .metric_where("pool_idle_pss_bytes", "template=\"base\"")
+        .await;
+    println!(
+        "  idle PSS per pooled VM   : {:.1} MiB",
+        pss / (1 << 20) as f64
+    );
+
+    let mut warm = Vec::new();
+    for _ in 0..50 {
+        let (elapsed, id) = create(&server).await?;
+        warm.push(elapsed);
+        kill(&server, &id).await?;
+        server.wait_for_pool(POOL).await;
+    }
+    println!("  warm create              : {}", summarize(&warm));
+
+    let (_, target) = create(&server).await?;
+    let mut round_trips = Vec::new();
+    for _ in 0..100 {
+        let started = Instant::now();
+        let response = server
+            .post(&format!("/sandboxes/{target}/commands"))
+            .json(&json!({ "cmd": "true", "background": false, "timeout": 60 }))
+            .send()
+            .await?;
+        anyhow::ensure!(response.status().is_success());
+        response.bytes().await?;
+        round_trips.push(started.elapsed());
+    }
+    println!("  commands.run(\"true\")     : {}", summarize(&round_trips));
+    kill(&server, &target).await?;
+
+    // Hydration: create with the volume minus create without, against
+    // tar xzf of the same archive on the host; best of 2 each.
+    let archive = hydrate::archive(work_dir)?;
+    let mut extra = Vec::new();
+    let mut tar_runs = Vec::new();
+    for _ in 0..2 {
+        tar_runs.push(hydrate::tar_xzf(&archive)?);
+        let volume = hydrate::upload(&server, &archive).await?;
+        server.wait_for_pool(POOL).await;
+        let (plain, a) = hydrate::create(&server, None).await?;
+        let (with_volume, b) = hydrate::create(&server, Some(&volume)).await?;
+        extra.push(with_volume.saturating_sub(plain));
+        kill(&server, &a).await?;
+        kill(&server, &b).await?;
+    }
+    let best = |d: &[Duration]| d.iter().min().copied().unwrap().as_secs_f64();
+    println!(
+        "  hydrate 256 MiB / tar xzf: {:.2} ({:.0} ms vs {:.0} ms; target <= 1.5 under KVM)",
+        best(&extra) / best(&tar_runs),
+        best(&extra) * 1000.0,
+        best(&tar_runs) * 1000.0
+    );
+    drop(server);
+
+    let restored = unpooled_creates(binary, true, 20).await?;
+    println!(
+        "  restore to ready (create, pool 0)  : {}",
+        summarize(&restored)
+    );
+    let cold = unpooled_creates(binary, false, 5).await?;
+    println!(
+        "  cold boot to ready (create, pool 0): {}",
+        summarize(&cold)
+    );
+    println!(
+        "  cold boot p50 / restore p50        : {:.1}x",
+        summarize(&cold).p50 / summarize(&restored).p50
+    );
+    println!("  targets: warm create p50 <= 30 ms; restore to ready <= 250 ms under TCG");
+    Ok(())
+}
