@@ -150,28 +150,130 @@ async fn sandboxes_are_real_isolated_vms() {
     );
 }
 
+/// A "remote" host for outbound tests: a network namespace behind a veth
+/// pair, listening on TCP. Removed on drop.
+struct RemoteHost {
+    namespace: String,
+    host_link: String,
+    listener: std::process::Child,
+    address: String,
+    port: u16,
+}
+
+impl RemoteHost {
+    fn start() -> RemoteHost {
+        let tag = std::process::id() % 10_000;
+        let namespace = format!("smt-{tag}");
+        let host_link = format!("smh{tag}");
+        let peer_link = format!("smp{tag}");
+        let subnet = 100 + tag % 150;
+        let address = format!("10.213.{subnet}.2");
+        let ip = |args: &[&str]| {
+            let status = std::process::Command::new("ip")
+                .args(args)
+                .status()
+                .unwrap();
+            assert!(status.success(), "ip {args:?}");
+        };
+        ip(&["netns", "add", &namespace]);
+        ip(&[
+            "link", "add", &host_link, "type", "veth", "peer", "name", &peer_link,
+        ]);
+        ip(&["link", "set", &peer_link, "netns", &namespace]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("10.213.{subnet}.1/30"),
+            "dev",
+            &host_link,
+        ]);
+        ip(&["link", "set", &host_link, "up"]);
+        ip(&[
+            "-n",
+            &namespace,
+            "addr",
+            "add",
+            &format!("{address}/30"),
+            "dev",
+            &peer_link,
+        ]);
+        ip(&["-n", &namespace, "link", "set", &peer_link, "up"]);
+        let port = 18_000 + (tag % 1000) as u16;
+        let server = format!(
+            "import socket\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+             s.bind(('{address}', {port})); s.listen(16)\nwhile True: s.accept()[0].close()"
+        );
+        let listener = std::process::Command::new("ip")
+            .args(["netns", "exec", &namespace, "python3", "-c", &server])
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        RemoteHost {
+            namespace,
+            host_link,
+            listener,
+            address,
+            port,
+        }
+    }
+}
+
+impl Drop for RemoteHost {
+    fn drop(&mut self) {
+        let _ = self.listener.kill();
+        let _ = self.listener.wait();
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.host_link])
+            .status();
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.namespace])
+            .status();
+    }
+}
+
 #[tokio::test]
-async fn denied_outbound_network_is_cut() {
-    if !microvm_enabled("denied_outbound_network_is_cut") {
+async fn outbound_network_reaches_other_hosts_but_never_this_one() {
+    if !microvm_enabled("outbound_network_reaches_other_hosts_but_never_this_one") {
         return;
     }
     let server = server(2, 0).await;
-    // A host service the guests can reach through user-mode networking's
-    // gateway (10.0.2.2 is the host).
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
+    let remote = RemoteHost::start();
+    let probe = |address: &str, port: u16| {
+        format!(
+            "timeout 5 bash -c 'echo > /dev/tcp/{address}/{port}' && echo reached || echo blocked"
+        )
+    };
+    // A service on this host: through the gateway alias (10.0.2.2 is the
+    // host's loopback in user-mode networking) and through an address the
+    // host owns. Both must stay out of reach.
+    let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let local_port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
         while let Ok((socket, _)) = listener.accept().await {
             drop(socket);
         }
     });
-    let probe = format!(
-        "timeout 5 bash -c 'echo > /dev/tcp/10.0.2.2/{port}' && echo reached || echo blocked"
-    );
+    let host_side = remote.address.replace(".2", ".1");
+
     let open = create(&server, json!({})).await;
-    assert_eq!(run(&server, &open, &probe).await["stdout"], "reached\n");
+    assert_eq!(
+        run(&server, &open, &probe(&remote.address, remote.port)).await["stdout"],
+        "reached\n"
+    );
+    assert_eq!(
+        run(&server, &open, &probe("10.0.2.2", local_port)).await["stdout"],
+        "blocked\n"
+    );
+    assert_eq!(
+        run(&server, &open, &probe(&host_side, local_port)).await["stdout"],
+        "blocked\n"
+    );
+
     let closed = create(&server, json!({ "network": { "deny_out": ["0.0.0.0/0"] } })).await;
-    assert_eq!(run(&server, &closed, &probe).await["stdout"], "blocked\n");
+    assert_eq!(
+        run(&server, &closed, &probe(&remote.address, remote.port)).await["stdout"],
+        "blocked\n"
+    );
 }
 
 #[tokio::test]

@@ -62,6 +62,7 @@ pub struct MicrovmSettings {
     pub snapshots: bool,
     pub disk_gib: u64,
     pub boot_timeout_secs: u64,
+    pub vm_user: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]

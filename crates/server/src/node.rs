@@ -90,6 +90,7 @@ fn microvm_runtime(config: &Config) -> Result<Arc<dyn Runtime>, String> {
         snapshots: settings.snapshots,
         disk_bytes: settings.disk_gib << 30,
         boot_timeout: std::time::Duration::from_secs(settings.boot_timeout_secs),
+        vm_user: settings.vm_user.clone(),
         relay: LauncherCommand {
             program: std::env::current_exe()
                 .map_err(|e| format!("locating our own binary: {e}"))?,

@@ -14,6 +14,7 @@
 //! `qmp.sock`, `console.log`, `qemu.pid` and `vm.pid` (`PID STARTTIME`).
 
 pub mod accel;
+mod hostguard;
 pub mod images;
 mod qemu;
 pub mod qmp;
@@ -65,6 +66,10 @@ pub struct MicrovmConfig {
     /// How to exec the relay ([`relay::relay_main`]): the server passes its
     /// own binary and `["__vm-relay"]`.
     pub relay: crate::LauncherCommand,
+    /// System user whose group QEMU runs with; that group's connections to
+    /// the host's own addresses are rejected (see [`hostguard`]). Empty: no
+    /// guard, guests can reach host services (only for trusted workloads).
+    pub vm_user: String,
 }
 
 #[derive(Clone)]
@@ -76,6 +81,8 @@ struct Inner {
     config: MicrovmConfig,
     accel: AccelDecision,
     images: Images,
+    /// The gid QEMU runs with, if guarded (see [`hostguard`]).
+    vm_gid: Option<u32>,
     /// One client (one HTTP/2 connection) per VM: QEMU's chardev socket
     /// takes a single connection, so every caller must share it.
     agents: Mutex<HashMap<String, EnvdClient>>,
@@ -134,6 +141,17 @@ impl MicrovmRuntime {
             )));
         }
         let accel = accel::decide(config.accel).map_err(RuntimeError::Unsupported)?;
+        let vm_gid = if config.vm_user.is_empty() {
+            warn!("runtime.microvm.vm_user is empty: guests can reach services on the host");
+            None
+        } else {
+            let gid = hostguard::install(&config.vm_user).map_err(|e| {
+                RuntimeError::Unsupported(format!(
+                    "cannot keep VMs off host services: {e} (or set runtime.microvm.vm_user = \"\")"
+                ))
+            })?;
+            Some(gid)
+        };
         if accel.accel == Accel::Tcg {
             warn!(reason = %accel.reason, "microVMs run under TCG software emulation");
         }
@@ -148,6 +166,7 @@ impl MicrovmRuntime {
                 config,
                 accel,
                 images,
+                vm_gid,
                 agents: Mutex::new(HashMap::new()),
                 building: Mutex::new(HashSet::new()),
                 build_failures: Mutex::new(HashMap::new()),
@@ -341,7 +360,21 @@ impl Inner {
     /// Runs QEMU, which daemonizes once the VM is set up (so it outlives a
     /// server restart and is never our zombie); records `PID STARTTIME`.
     async fn spawn_qemu(&self, launch: &VmLaunch<'_>) -> Result<i32, String> {
-        let output = tokio::process::Command::new(&self.config.qemu_binary)
+        let mut command = tokio::process::Command::new(&self.config.qemu_binary);
+        if let Some(gid) = self.vm_gid {
+            command.gid(gid);
+            // SAFETY: setgroups is async-signal-safe; drops root's
+            // supplementary groups so the guard's gid is the only one.
+            unsafe {
+                command.pre_exec(|| {
+                    if libc::setgroups(0, std::ptr::null()) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let output = command
             .args(launch.args(self.accel.accel))
             .stdin(std::process::Stdio::null())
             .output()

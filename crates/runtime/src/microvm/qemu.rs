@@ -131,7 +131,9 @@ const MACHINE: &str = "microvm,acpi=off";
 /// What a snapshot depends on besides the kernel and image: a clone must be
 /// launched exactly like the VM that was snapshotted.
 pub fn fingerprint() -> String {
-    format!("{MACHINE} {}", kernel_cmdline())
+    // Bump SNAPSHOT_FORMAT when how snapshots are saved changes.
+    const SNAPSHOT_FORMAT: u32 = 2;
+    format!("{SNAPSHOT_FORMAT} {MACHINE} {}", kernel_cmdline())
 }
 
 impl VmLaunch<'_> {
