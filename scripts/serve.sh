@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the server on the embedded default (SQLite + a local blob directory
 # under ./data; no external services). Builds the release binaries, and
-# installs mmdebstrap (used to build the sandbox templates) when missing.
+# installs mmdebstrap (used to build the sandbox templates) when missing, and
+# QEMU when the microVM runtime is asked for.
 # Extra arguments go to `sandbox-manager serve`, e.g. --config FILE.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +14,11 @@ if ! command -v mmdebstrap >/dev/null && ! command -v debootstrap >/dev/null; th
   else
     echo "serve.sh: install mmdebstrap to build sandbox templates (volumes work without it)" >&2
   fi
+fi
+# microVMs need QEMU and the kernel source (the guest kernel is built once,
+# in the background, on first start): SANDBOX_MANAGER__RUNTIME__KIND=microvm.
+if [ "${SANDBOX_MANAGER__RUNTIME__KIND:-}" = microvm ] && [ "$(id -u)" = 0 ]; then
+  scripts/microvm-deps.sh
 fi
 cargo build --release -q -p sandbox-manager -p envd
 exec "$CARGO_TARGET_DIR/release/sandbox-manager" serve "$@"
