@@ -55,6 +55,9 @@ pub enum RuntimeError {
     /// snapshot) is not there yet; try again later.
     #[error("not ready: {0}")]
     NotReady(String),
+    /// Building what a template boots from (kernel, image, snapshot) failed.
+    #[error("preparing the template failed: {0}")]
+    Prepare(String),
     #[error("sandbox {id} did not become healthy: {message}")]
     BootFailed { id: String, message: String },
     #[error("failed to destroy sandbox {id}: {message}")]

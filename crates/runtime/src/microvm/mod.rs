@@ -649,10 +649,7 @@ impl Runtime for MicrovmRuntime {
         self.inner
             .prepare(rootfs, limits)
             .await
-            .map_err(|message| RuntimeError::BootFailed {
-                id: "(template)".into(),
-                message,
-            })
+            .map_err(RuntimeError::Prepare)
     }
 
     async fn boot(&self, spec: BootSpec) -> Result<Booted, RuntimeError> {
