@@ -1,8 +1,9 @@
 //! What only the microVM runtime promises: a real VM (its own kernel), VM
 //! isolation, no leftovers after many create/kill cycles, a crashed QEMU
-//! noticed, outbound network cut on request. Runs when
-//! `SANDBOX_TEST_RUNTIME=microvm` (scripts/test.sh sets it for its microVM
-//! pass); otherwise each test prints why it did not run.
+//! noticed, outbound network cut on request. Ignored by a plain
+//! `cargo test` (shown as such); scripts/test.sh's microVM pass runs them with
+//! `SANDBOX_TEST_RUNTIME=microvm ... -- --include-ignored`, and a test that
+//! still cannot run prints why.
 
 mod common;
 
@@ -62,6 +63,7 @@ fn vm_processes(server: &TestServer) -> Vec<String> {
 }
 
 #[tokio::test]
+#[ignore = "microVM pass: SANDBOX_TEST_RUNTIME=microvm ... -- --include-ignored"]
 async fn sandboxes_are_real_isolated_vms() {
     if !microvm_enabled("sandboxes_are_real_isolated_vms") {
         return;
@@ -232,6 +234,7 @@ impl Drop for RemoteHost {
 }
 
 #[tokio::test]
+#[ignore = "microVM pass: SANDBOX_TEST_RUNTIME=microvm ... -- --include-ignored"]
 async fn outbound_network_reaches_other_hosts_but_never_this_one() {
     if !microvm_enabled("outbound_network_reaches_other_hosts_but_never_this_one") {
         return;
@@ -277,6 +280,7 @@ async fn outbound_network_reaches_other_hosts_but_never_this_one() {
 }
 
 #[tokio::test]
+#[ignore = "microVM pass: SANDBOX_TEST_RUNTIME=microvm ... -- --include-ignored"]
 async fn a_crashed_vm_is_marked_killed() {
     if !microvm_enabled("a_crashed_vm_is_marked_killed") {
         return;
@@ -321,6 +325,7 @@ async fn a_crashed_vm_is_marked_killed() {
 }
 
 #[tokio::test]
+#[ignore = "microVM pass: SANDBOX_TEST_RUNTIME=microvm ... -- --include-ignored"]
 async fn twenty_create_kill_cycles_leave_nothing_behind() {
     if !microvm_enabled("twenty_create_kill_cycles_leave_nothing_behind") {
         return;

@@ -118,7 +118,12 @@ impl Snapshot {
 impl MicrovmRuntime {
     /// Checks QEMU and the accelerator; the kernel and images are built on
     /// demand ([`Runtime::prepare`]).
-    pub fn new(config: MicrovmConfig) -> Result<Self, RuntimeError> {
+    pub fn new(mut config: MicrovmConfig) -> Result<Self, RuntimeError> {
+        // QEMU daemonizes into `/`, so every path it is given must be absolute.
+        for dir in [&mut config.state_dir, &mut config.images_dir] {
+            *dir = std::path::absolute(&*dir)
+                .map_err(|e| RuntimeError::io(format!("resolving {}", dir.display()), e))?;
+        }
         let version = std::process::Command::new(&config.qemu_binary)
             .arg("--version")
             .output()
