@@ -277,10 +277,11 @@ impl Inner {
         let _ = fs::remove_dir_all(&snapshot.dir);
         fs::create_dir_all(&snapshot.dir).map_err(|e| e.to_string())?;
         // Sockets need short paths: the template VM's live in the state dir.
-        let run_dir = self
-            .config
-            .state_dir
-            .join(format!(".snapshot-{}", std::process::id()));
+        let run_dir = self.config.state_dir.join(format!(
+            ".snapshot-{}-{}",
+            std::process::id(),
+            next_run_number()
+        ));
         let _ = fs::remove_dir_all(&run_dir);
         fs::create_dir_all(&run_dir).map_err(|e| e.to_string())?;
         let files = VmFiles::new(run_dir.clone());
@@ -597,6 +598,12 @@ fn kill_vm_processes(files: &VmFiles) {
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     }
+}
+
+/// Distinguishes template VMs snapshotted at once by one process.
+fn next_run_number() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 fn ignore_shared() -> serde_json::Value {
