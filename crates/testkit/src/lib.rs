@@ -530,6 +530,26 @@ impl TestServer {
 impl Drop for TestServer {
     fn drop(&mut self) {
         self.crash();
+        // Sandboxes outlive a crashed server by design (it re-adopts them);
+        // a test's server never comes back, so its machines go with it.
+        kill_processes_mentioning(&self.sandbox_state_dir());
+    }
+}
+
+/// SIGKILLs every process whose command line names `dir` (QEMU, the VM
+/// relays, namespace launchers of this server's sandboxes).
+fn kill_processes_mentioning(dir: &Path) {
+    let needle = dir.display().to_string();
+    let me = std::process::id().to_string();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let pid = entry.file_name().to_string_lossy().to_string();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) || pid == me {
+            continue;
+        }
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(&needle) {
+            let _ = Command::new("kill").args(["-9", &pid]).status();
+        }
     }
 }
 
