@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -139,8 +140,28 @@ class Server:
     def stop(self):
         self.proc.kill()
         self.proc.wait()
+        # Sandboxes outlive a killed server by design (it re-adopts them);
+        # this one never comes back, so its machines (QEMU, relays,
+        # launchers) go with it.
+        _kill_processes_mentioning(self.data_dir.name)
         self.log.close()
         self.data_dir.cleanup()
+
+
+def _kill_processes_mentioning(path: str) -> None:
+    for _ in range(2):  # a second pass catches a QEMU that was daemonizing
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmdline = f.read().decode(errors="replace")
+            except OSError:
+                continue
+            if path in cmdline and int(pid) != os.getpid():
+                try:
+                    os.kill(int(pid), 9)
+                except OSError:
+                    pass
+        time.sleep(0.2)
 
 
 @pytest.fixture

@@ -541,15 +541,19 @@ impl Drop for TestServer {
 fn kill_processes_mentioning(dir: &Path) {
     let needle = dir.display().to_string();
     let me = std::process::id().to_string();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let pid = entry.file_name().to_string_lossy().to_string();
-        if !pid.bytes().all(|b| b.is_ascii_digit()) || pid == me {
-            continue;
+    // A second pass catches a QEMU that was daemonizing during the first.
+    for _ in 0..2 {
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let pid = entry.file_name().to_string_lossy().to_string();
+            if !pid.bytes().all(|b| b.is_ascii_digit()) || pid == me {
+                continue;
+            }
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&needle) {
+                let _ = Command::new("kill").args(["-9", &pid]).status();
+            }
         }
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        if String::from_utf8_lossy(&cmdline).contains(&needle) {
-            let _ = Command::new("kill").args(["-9", &pid]).status();
-        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }
 
