@@ -310,14 +310,7 @@ impl Inner {
                 .map_err(|e| e.to_string())?;
             let step = |e: qmp::QmpError| e.to_string();
             qmp.execute("stop", json!({})).await.map_err(step)?;
-            qmp.execute("migrate-set-capabilities", ignore_shared())
-                .await
-                .map_err(step)?;
-            let uri = format!("file:{}", snapshot.state().display());
-            qmp.execute("migrate", json!({ "uri": uri }))
-                .await
-                .map_err(step)?;
-            qmp.wait_for_migration(self.config.boot_timeout)
+            qmp.migrate_file("migrate", &snapshot.state(), self.config.boot_timeout)
                 .await
                 .map_err(step)?;
             let _ = qmp.execute("quit", json!({})).await;
@@ -510,16 +503,13 @@ impl Inner {
                     .await
                     .map_err(|e| e.to_string())?;
                 let step = |e: qmp::QmpError| e.to_string();
-                qmp.execute("migrate-set-capabilities", ignore_shared())
-                    .await
-                    .map_err(step)?;
-                let uri = format!("file:{}", snapshot.state().display());
-                qmp.execute("migrate-incoming", json!({ "uri": uri }))
-                    .await
-                    .map_err(step)?;
-                qmp.wait_for_migration(self.config.boot_timeout)
-                    .await
-                    .map_err(step)?;
+                qmp.migrate_file(
+                    "migrate-incoming",
+                    &snapshot.state(),
+                    self.config.boot_timeout,
+                )
+                .await
+                .map_err(step)?;
                 qmp.execute("cont", json!({})).await.map_err(step)?;
                 self.initialise(spec, &files, Duration::from_secs(10)).await
             }
@@ -604,10 +594,6 @@ fn kill_vm_processes(files: &VmFiles) {
 fn next_run_number() -> u64 {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-}
-
-fn ignore_shared() -> serde_json::Value {
-    json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] })
 }
 
 /// The VM's QEMU, if it is still that same process.

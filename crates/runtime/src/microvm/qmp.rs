@@ -83,9 +83,27 @@ impl Qmp {
         }
     }
 
+    /// Saves (`migrate`) or loads (`migrate-incoming`) the VM state through
+    /// `path`, leaving shared RAM (the snapshot's memory file) out of it, and
+    /// waits until that is done.
+    pub async fn migrate_file(
+        &mut self,
+        command: &str,
+        path: &Path,
+        timeout: Duration,
+    ) -> Result<(), QmpError> {
+        let ignore_shared =
+            json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] });
+        self.execute("migrate-set-capabilities", ignore_shared)
+            .await?;
+        let uri = format!("file:{}", path.display());
+        self.execute(command, json!({ "uri": uri })).await?;
+        self.wait_for_migration(timeout).await
+    }
+
     /// Polls `query-migrate` until the migration (outgoing or incoming) is
     /// over; fails on `failed`/`cancelled`.
-    pub async fn wait_for_migration(&mut self, timeout: Duration) -> Result<(), QmpError> {
+    async fn wait_for_migration(&mut self, timeout: Duration) -> Result<(), QmpError> {
         let deadline = Instant::now() + timeout;
         loop {
             let state = self.execute("query-migrate", json!({})).await?;
@@ -107,11 +125,5 @@ impl Qmp {
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-    }
-
-    /// Whether the guest CPUs are running.
-    pub async fn is_running(&mut self) -> Result<bool, QmpError> {
-        let status = self.execute("query-status", json!({})).await?;
-        Ok(status["running"].as_bool().unwrap_or(false))
     }
 }
