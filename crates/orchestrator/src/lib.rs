@@ -3,6 +3,7 @@
 //! hydration, and hands out envd clients for running sandboxes.
 
 mod cache;
+mod egress;
 mod error;
 mod hydrate;
 mod ids;

@@ -8,6 +8,7 @@ use crate::pool::{WarmPool, WarmSandbox};
 use crate::timers::Deadlines;
 use chrono::{DateTime, Utc};
 use envd_protocol::client::EnvdClient;
+use sandbox_runtime::EgressPolicy;
 use sandbox_runtime::{BootSpec, Runtime, RuntimeError, TemplateCatalog, TemplateStatus};
 use sandbox_store::{Sandbox, SandboxState, Store, Volume};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -71,14 +72,14 @@ fn volume_forbidden(volume_id: &str) -> OrchestratorError {
     ))
 }
 
-/// `network.deny_out` with `0.0.0.0/0`: how the SDKs say
-/// `allow_internet_access=False`.
-fn denies_all_outbound(extra: &serde_json::Map<String, serde_json::Value>) -> bool {
-    extra
-        .get("network")
-        .and_then(|network| network.get("deny_out"))
-        .and_then(|deny| deny.as_array())
-        .is_some_and(|deny| deny.iter().any(|entry| entry == "0.0.0.0/0"))
+/// `network.deny_out` with `0.0.0.0/0` and nothing allowed: how the SDKs
+/// say `allow_internet_access=False`.
+fn denies_all_outbound(egress: &EgressPolicy) -> bool {
+    egress.allow_out.is_empty()
+        && egress
+            .deny_out
+            .iter()
+            .any(|cidr| cidr.is_ipv4() && cidr.prefix == 0)
 }
 
 const LIVENESS_INTERVAL: Duration = Duration::from_secs(2);
@@ -321,10 +322,14 @@ impl Orchestrator {
     pub async fn create(&self, owner_id: &str, request: CreateSandbox) -> Result<Sandbox> {
         self.runtime()?;
         self.template_rootfs(&request.template)?;
+        let egress = crate::egress::policy(&request.extra).await?;
         let volumes = self.attached_volumes(owner_id, &request.volumes).await?;
         let warm = self.claim_or_boot(&request.template).await?;
         let id = warm.booted.id.clone();
-        match self.finish_create(owner_id, request, volumes, &warm).await {
+        match self
+            .finish_create(owner_id, request, egress, volumes, &warm)
+            .await
+        {
             Ok(sandbox) => Ok(sandbox),
             Err(e) => {
                 self.destroy_quietly(&id).await;
@@ -337,16 +342,26 @@ impl Orchestrator {
         &self,
         owner_id: &str,
         request: CreateSandbox,
+        egress: EgressPolicy,
         volumes: Vec<Volume>,
         warm: &WarmSandbox,
     ) -> Result<Sandbox> {
         let runtime = self.runtime()?;
         let client = runtime.agent(&warm.booted.id, &warm.token);
-        if denies_all_outbound(&request.extra) {
+        // "No internet at all" is cheapest as a cut link; anything finer
+        // goes to the driver's firewall.
+        if denies_all_outbound(&egress) {
             runtime
                 .set_network(&warm.booted.id, false)
                 .await
                 .map_err(|e| OrchestratorError::Internal(format!("cutting the network: {e}")))?;
+        } else if !egress.is_empty() {
+            runtime
+                .set_egress(&warm.booted.id, &egress)
+                .await
+                .map_err(|e| {
+                    OrchestratorError::Internal(format!("applying network policy: {e}"))
+                })?;
         }
         if !request.envs.is_empty() {
             client.set_env(request.envs.clone()).await?;

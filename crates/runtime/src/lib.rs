@@ -38,11 +38,13 @@
 //! [`Runtime::list`] + [`Runtime::is_alive`] re-adopt running sandboxes;
 //! destroy the ones that are not alive.
 
+pub mod egress;
 pub mod microvm;
 pub mod namespace;
 pub mod runtime;
 pub mod templates;
 
+pub use egress::{Cidr, EgressPolicy};
 pub use microvm::{Accel, AccelChoice, MicrovmConfig, MicrovmRuntime};
 pub use namespace::launcher::launcher_main;
 pub use namespace::{LauncherCommand, NamespaceConfig, NamespaceRuntime};

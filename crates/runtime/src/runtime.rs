@@ -12,6 +12,8 @@ pub struct Limits {
     pub vcpus: u32,
     pub memory_mb: u64,
     pub pids_max: u64,
+    /// The sandbox's disk: writes past it fail with `ENOSPC` inside.
+    pub disk_mib: u64,
 }
 
 /// Everything a driver needs to boot one sandbox.
@@ -130,6 +132,16 @@ pub trait Runtime: Send + Sync {
     /// Cuts (or restores) the sandbox's outbound network. Drivers without
     /// outbound networking accept both.
     async fn set_network(&self, _id: &str, _enabled: bool) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+
+    /// Enforces the sandbox's own outbound rules (on top of the operator's).
+    /// Drivers without outbound networking have nothing to open or close.
+    async fn set_egress(
+        &self,
+        _id: &str,
+        _policy: &crate::egress::EgressPolicy,
+    ) -> Result<(), RuntimeError> {
         Ok(())
     }
 }

@@ -44,6 +44,9 @@ pub struct TemplateDef {
     pub memory_mb: u64,
     #[serde(default = "default_pids_max")]
     pub pids_max: u64,
+    /// Disk quota of each sandbox (namespace runtime: a sparse image).
+    #[serde(default = "default_disk_gib")]
+    pub disk_gib: u64,
 }
 
 fn default_vcpus() -> u32 {
@@ -54,6 +57,9 @@ fn default_memory_mb() -> u64 {
 }
 fn default_pids_max() -> u64 {
     512
+}
+fn default_disk_gib() -> u64 {
+    16
 }
 
 impl TemplateDef {
@@ -86,6 +92,7 @@ impl TemplateDef {
             vcpus: self.vcpus,
             memory_mb: self.memory_mb,
             pids_max: self.pids_max,
+            disk_mib: self.disk_gib.saturating_mul(1024),
         }
     }
 }
@@ -467,6 +474,7 @@ mod tests {
             vcpus: 1,
             memory_mb: 256,
             pids_max: 128,
+            disk_gib: 1,
         }
     }
 

@@ -49,7 +49,14 @@ pub struct RuntimeConfig {
     pub template_definitions_dir: String,
     pub envd_path: String,
     pub build_templates_on_start: bool,
+    pub namespace: NamespaceSettings,
     pub microvm: MicrovmSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct NamespaceSettings {
+    pub uid_base: u32,
+    pub uid_slots: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -63,6 +70,10 @@ pub struct MicrovmSettings {
     pub disk_gib: u64,
     pub boot_timeout_secs: u64,
     pub vm_user: String,
+    pub vm_gid_base: u32,
+    pub vm_gid_slots: u32,
+    /// CIDRs in the blocked ranges that every guest may still reach.
+    pub egress_allow: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

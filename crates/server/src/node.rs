@@ -53,14 +53,23 @@ pub fn runtime(config: &Config) -> Result<Arc<dyn Runtime>, String> {
         }
         RuntimeKind::Namespace => namespace_runtime(config),
         RuntimeKind::Microvm => microvm_runtime(config),
+        // With hardware KVM, auto means microVMs and nothing weaker: if they
+        // cannot run, no sandboxes until the operator says otherwise.
         RuntimeKind::Auto => match sandbox_runtime::microvm::accel::hardware_kvm() {
-            Ok(()) => microvm_runtime(config).or_else(|why| {
-                tracing::warn!(reason = %why, "microvm runtime unusable; trying namespace");
-                namespace_runtime(config)
+            Ok(()) => microvm_runtime(config).map_err(|why| {
+                format!(
+                    "runtime.kind = \"auto\" found hardware KVM but microVMs cannot run ({why}); \
+                     not falling back to the shared-kernel namespace runtime: fix the microVM \
+                     setup or set runtime.kind = \"namespace\" explicitly"
+                )
             }),
             Err(why) => {
-                tracing::info!(reason = %why, "no hardware KVM: runtime.kind = auto picks namespace");
-                namespace_runtime(config)
+                tracing::warn!(
+                    reason = %why,
+                    "no hardware KVM: runtime.kind = auto picks the namespace runtime (shared kernel, \
+                     user namespace + seccomp); set runtime.kind = \"microvm\" for VMs under TCG"
+                );
+                namespace_runtime_with(config, Some(format!("auto: no hardware KVM ({why})")))
             }
         },
     }
@@ -91,6 +100,17 @@ fn microvm_runtime(config: &Config) -> Result<Arc<dyn Runtime>, String> {
         disk_bytes: settings.disk_gib << 30,
         boot_timeout: std::time::Duration::from_secs(settings.boot_timeout_secs),
         vm_user: settings.vm_user.clone(),
+        vm_gid_base: settings.vm_gid_base,
+        vm_gid_slots: settings.vm_gid_slots,
+        egress_allow: settings
+            .egress_allow
+            .iter()
+            .map(|entry| {
+                entry
+                    .parse()
+                    .map_err(|e| format!("runtime.microvm.egress_allow: {e}"))
+            })
+            .collect::<Result<_, _>>()?,
         relay: LauncherCommand {
             program: std::env::current_exe()
                 .map_err(|e| format!("locating our own binary: {e}"))?,
@@ -102,17 +122,32 @@ fn microvm_runtime(config: &Config) -> Result<Arc<dyn Runtime>, String> {
 }
 
 fn namespace_runtime(config: &Config) -> Result<Arc<dyn Runtime>, String> {
-    NamespaceRuntime::probe().map_err(|e| e.to_string())?;
+    namespace_runtime_with(config, None)
+}
+
+/// `selected_by`: why `auto` chose this runtime, shown in `/health`.
+fn namespace_runtime_with(
+    config: &Config,
+    selected_by: Option<String>,
+) -> Result<Arc<dyn Runtime>, String> {
     let envd = envd_binary(config)?;
     let program = std::env::current_exe().map_err(|e| format!("locating our own binary: {e}"))?;
-    Ok(Arc::new(NamespaceRuntime::new(NamespaceConfig {
+    let runtime = NamespaceRuntime::new(NamespaceConfig {
         state_dir: config.state_dir(),
         envd_binary: envd,
         launcher: LauncherCommand {
             program,
             args_prefix: vec![LAUNCHER_SUBCOMMAND.into()],
         },
-    })))
+        uid_base: config.runtime.namespace.uid_base,
+        uid_slots: config.runtime.namespace.uid_slots,
+    })
+    .with_selection_note(selected_by);
+    let protections = runtime.probe().map_err(|e| e.to_string())?;
+    if let Err(missing) = &protections.device_cgroup {
+        tracing::warn!(reason = %missing, "namespace runtime: no device cgroup");
+    }
+    Ok(Arc::new(runtime))
 }
 
 pub async fn start(

@@ -34,6 +34,8 @@ use envd_protocol::InitRequest;
 use serde_json::json;
 use tracing::{debug, info, warn};
 
+use crate::egress::EgressPolicy;
+use crate::namespace::userns::SlotAllocator;
 use crate::namespace::{wait_until_gone, ProcessInfo};
 use crate::runtime::{validate_id, BootSpec, Booted, Limits, Runtime, RuntimeError};
 pub use accel::{Accel, AccelChoice, AccelDecision};
@@ -66,10 +68,16 @@ pub struct MicrovmConfig {
     /// How to exec the relay ([`relay::relay_main`]): the server passes its
     /// own binary and `["__vm-relay"]`.
     pub relay: crate::LauncherCommand,
-    /// System user whose group QEMU runs with; that group's connections to
-    /// the host's own addresses are rejected (see [`hostguard`]). Empty: no
-    /// guard, guests can reach host services (only for trusted workloads).
+    /// System user whose group the template VMs' QEMU runs with (see
+    /// [`hostguard`]). Empty: no egress guard at all, guests reach host
+    /// services and private networks (only for trusted workloads).
     pub vm_user: String,
+    /// Per-VM gids `[vm_gid_base, + vm_gid_slots)`: the egress policy's
+    /// handle on each sandbox's traffic.
+    pub vm_gid_base: u32,
+    pub vm_gid_slots: u32,
+    /// Private destinations every guest may reach (e.g. a package mirror).
+    pub egress_allow: Vec<crate::egress::Cidr>,
 }
 
 #[derive(Clone)]
@@ -81,8 +89,10 @@ struct Inner {
     config: MicrovmConfig,
     accel: AccelDecision,
     images: Images,
-    /// The gid QEMU runs with, if guarded (see [`hostguard`]).
+    /// The gid template VMs' QEMU runs with, if guarded (see [`hostguard`]).
     vm_gid: Option<u32>,
+    /// Per-sandbox gids, if guarded.
+    vm_gids: Option<SlotAllocator>,
     /// One client (one HTTP/2 connection) per VM: QEMU's chardev socket
     /// takes a single connection, so every caller must share it.
     agents: Mutex<HashMap<String, EnvdClient>>,
@@ -147,16 +157,33 @@ impl MicrovmRuntime {
         }
         let accel = accel::decide(config.accel).map_err(RuntimeError::Unsupported)?;
         let vm_gid = if config.vm_user.is_empty() {
-            warn!("runtime.microvm.vm_user is empty: guests can reach services on the host");
+            warn!("runtime.microvm.vm_user is empty: guests can reach services on the host and private networks");
             None
         } else {
-            let gid = hostguard::install(&config.vm_user).map_err(|e| {
+            let unguarded = |e: String| {
                 RuntimeError::Unsupported(format!(
-                    "cannot keep VMs off host services: {e} (or set runtime.microvm.vm_user = \"\")"
+                    "cannot enforce the VMs' egress policy: {e} (or set runtime.microvm.vm_user = \"\")"
                 ))
-            })?;
+            };
+            let gid = hostguard::ensure_group(&config.vm_user).map_err(unguarded)?;
+            hostguard::install(&hostguard::GuardSettings {
+                guard_gid: gid,
+                first_vm_gid: config.vm_gid_base,
+                vm_gids: config.vm_gid_slots,
+                allow: config.egress_allow.clone(),
+            })
+            .map_err(unguarded)?;
             Some(gid)
         };
+        let vm_gids = vm_gid.map(|_| {
+            SlotAllocator::new(
+                &config.state_dir,
+                "gid",
+                config.vm_gid_base,
+                1,
+                config.vm_gid_slots,
+            )
+        });
         if accel.accel == Accel::Tcg {
             warn!(reason = %accel.reason, "microVMs run under TCG software emulation");
         }
@@ -172,6 +199,7 @@ impl MicrovmRuntime {
                 accel,
                 images,
                 vm_gid,
+                vm_gids,
                 agents: Mutex::new(HashMap::new()),
                 building: Mutex::new(HashSet::new()),
                 build_failures: Mutex::new(HashMap::new()),
@@ -298,7 +326,7 @@ impl Inner {
                 memory: Memory::SharedFile(snapshot.memory()),
                 incoming: false,
             };
-            self.spawn_qemu(&launch).await?;
+            self.spawn_qemu(&launch, self.vm_gid).await?;
             self.wait_for_console(
                 &files,
                 crate::microvm::READY_MARKER,
@@ -358,9 +386,9 @@ impl Inner {
 
     /// Runs QEMU, which daemonizes once the VM is set up (so it outlives a
     /// server restart and is never our zombie); records `PID STARTTIME`.
-    async fn spawn_qemu(&self, launch: &VmLaunch<'_>) -> Result<i32, String> {
+    async fn spawn_qemu(&self, launch: &VmLaunch<'_>, gid: Option<u32>) -> Result<i32, String> {
         let mut command = tokio::process::Command::new(&self.config.qemu_binary);
-        if let Some(gid) = self.vm_gid {
+        if let Some(gid) = gid {
             command.gid(gid);
             // SAFETY: setgroups is async-signal-safe; drops root's
             // supplementary groups so the guard's gid is the only one.
@@ -477,6 +505,28 @@ impl Inner {
             .map_err(|e| format!("envd init: {e}"))
     }
 
+    /// The sandbox's own gid (recorded in its dir), when guarded.
+    fn claim_gid(&self, id: &str) -> Result<Option<u32>, String> {
+        let Some(slots) = &self.vm_gids else {
+            return Ok(None);
+        };
+        let gid = slots
+            .claim(id)
+            .map_err(|e| format!("claiming a VM gid: {e}"))?
+            .base;
+        fs::write(self.config.state_dir.join(id).join("gid"), gid.to_string())
+            .map_err(|e| format!("recording the VM gid: {e}"))?;
+        Ok(Some(gid))
+    }
+
+    fn recorded_gid(&self, id: &str) -> Option<u32> {
+        fs::read_to_string(self.config.state_dir.join(id).join("gid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
     async fn boot_vm(
         &self,
         spec: &BootSpec,
@@ -485,6 +535,7 @@ impl Inner {
         snapshot: Option<&Snapshot>,
     ) -> Result<(), String> {
         let files = VmFiles::new(self.config.state_dir.join(&spec.id));
+        let gid = self.claim_gid(&spec.id)?;
         match snapshot {
             Some(snapshot) => {
                 self.create_overlay(&snapshot.disk(), "qcow2", &files.disk())
@@ -498,7 +549,7 @@ impl Inner {
                     memory: Memory::PrivateFile(snapshot.memory()),
                     incoming: true,
                 };
-                self.spawn_qemu(&launch).await?;
+                self.spawn_qemu(&launch, gid).await?;
                 let mut qmp = Qmp::connect(&files.qmp_socket(), QMP_TIMEOUT)
                     .await
                     .map_err(|e| e.to_string())?;
@@ -524,7 +575,7 @@ impl Inner {
                     memory: Memory::Anonymous,
                     incoming: false,
                 };
-                self.spawn_qemu(&launch).await?;
+                self.spawn_qemu(&launch, gid).await?;
                 self.initialise(spec, &files, self.config.boot_timeout)
                     .await
             }
@@ -640,6 +691,15 @@ impl Runtime for MicrovmRuntime {
             "accel": self.inner.accel.accel.name(),
             "accel_reason": self.inner.accel.reason,
             "snapshots": self.inner.config.snapshots,
+            "egress": if self.inner.vm_gid.is_some() {
+                json!({
+                    "default": "public internet only: host addresses, loopback, link-local (cloud metadata), private, shared and reserved ranges rejected",
+                    "operator_allow": self.inner.config.egress_allow.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "per_sandbox": "network.allow_out / deny_out enforced per VM (nftables, by QEMU's per-VM gid)",
+                })
+            } else {
+                json!({ "missing": "runtime.microvm.vm_user is empty: no egress guard" })
+            },
         })
     }
 
@@ -729,6 +789,7 @@ impl Runtime for MicrovmRuntime {
         validate_id(id)?;
         self.inner.agents.lock().unwrap().remove(id);
         let files = self.files(id);
+        let gid = self.inner.recorded_gid(id);
         let pids: Vec<i32> = [files.identity_file(), files.relay_identity_file()]
             .iter()
             .filter_map(|path| read_identity(path))
@@ -745,13 +806,37 @@ impl Runtime for MicrovmRuntime {
                 })?;
         }
         match fs::remove_dir_all(&files.dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(RuntimeError::Destroy {
-                id: id.to_string(),
-                message: format!("removing {}: {e}", files.dir.display()),
-            }),
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(RuntimeError::Destroy {
+                    id: id.to_string(),
+                    message: format!("removing {}: {e}", files.dir.display()),
+                })
+            }
         }
+        if let (Some(gid), Some(slots)) = (gid, &self.inner.vm_gids) {
+            tokio::task::spawn_blocking(move || hostguard::clear(gid))
+                .await
+                .ok();
+            slots.release(id);
+        }
+        Ok(())
+    }
+
+    async fn set_egress(&self, id: &str, policy: &EgressPolicy) -> Result<(), RuntimeError> {
+        let Some(gid) = self.inner.recorded_gid(id) else {
+            return Err(RuntimeError::Unsupported(
+                "this node runs microVMs without an egress guard (runtime.microvm.vm_user = \"\"); \
+                 network.allow_out/deny_out cannot be enforced"
+                    .into(),
+            ));
+        };
+        let policy = policy.clone();
+        tokio::task::spawn_blocking(move || hostguard::apply(gid, &policy))
+            .await
+            .map_err(|e| RuntimeError::io("egress task", std::io::Error::other(e.to_string())))?
+            .map_err(|e| RuntimeError::io("applying the egress policy", std::io::Error::other(e)))
     }
 
     async fn list(&self) -> Result<Vec<String>, RuntimeError> {

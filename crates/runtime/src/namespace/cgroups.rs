@@ -46,12 +46,51 @@ impl CgroupVersion {
     }
 }
 
+/// Device cgroup (v1) rules: deny everything, then allow the character
+/// devices the sandbox's /dev holds and its own ptys. Block devices (the
+/// host's disks), /dev/mem, /dev/kmsg, /dev/kvm and friends stay denied even
+/// if a node for them were to appear.
+const DEVICE_ALLOW: [&str; 8] = [
+    "c 1:3 rwm",   // null
+    "c 1:5 rwm",   // zero
+    "c 1:7 rwm",   // full
+    "c 1:8 rwm",   // random
+    "c 1:9 rwm",   // urandom
+    "c 5:0 rwm",   // tty
+    "c 5:2 rwm",   // ptmx
+    "c 136:* rwm", // pts
+];
+
 /// The cgroup directories of one sandbox.
 #[derive(Debug, Clone)]
 pub struct SandboxCgroup {
     version: CgroupVersion,
     /// v1: `[memory, pids, cpu]` dirs; v2: the single unified dir.
     dirs: Vec<PathBuf>,
+    /// v1 only, when the devices controller is mounted: joined by the
+    /// sandbox's PID 1 after it has mounted its disk.
+    devices: Option<PathBuf>,
+}
+
+/// Whether device access is restricted by a device cgroup on this host.
+pub fn device_cgroup_available() -> Result<(), String> {
+    match CgroupVersion::detect() {
+        Ok(CgroupVersion::V1)
+            if Path::new(CGROUP_MOUNT)
+                .join("devices/devices.deny")
+                .exists() =>
+        {
+            Ok(())
+        }
+        Ok(CgroupVersion::V1) => Err("the cgroup v1 devices controller is not mounted".into()),
+        Ok(CgroupVersion::V2) => Err(
+            "cgroup v2 host: the eBPF device program is not implemented; devices stay \
+             unreachable because the user namespace cannot mknod and /dev is a nodev tmpfs \
+             holding only null, zero, full, random, urandom, tty and the sandbox's own ptys"
+                .into(),
+        ),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 impl SandboxCgroup {
@@ -65,7 +104,13 @@ impl SandboxCgroup {
                 .map(|c| root.join(c).join(PARENT).join(id))
                 .collect(),
         };
-        Ok(Self { version, dirs })
+        let devices = (version == CgroupVersion::V1 && device_cgroup_available().is_ok())
+            .then(|| root.join("devices").join(PARENT).join(id));
+        Ok(Self {
+            version,
+            dirs,
+            devices,
+        })
     }
 
     pub fn version(&self) -> CgroupVersion {
@@ -107,9 +152,28 @@ impl SandboxCgroup {
                 write(pids, "pids.max", &limits.pids_max.to_string())?;
                 write(cpu, "cpu.cfs_period_us", &CPU_PERIOD_US.to_string())?;
                 write(cpu, "cpu.cfs_quota_us", &cpu_quota.to_string())?;
+                if let Some(devices) = &self.devices {
+                    create_fresh_dir(devices)?;
+                    write(devices, "devices.deny", "a")?;
+                    for rule in DEVICE_ALLOW {
+                        write(devices, "devices.allow", rule)?;
+                    }
+                }
             }
         }
         Ok(())
+    }
+
+    /// Moves `pid` (0 = the caller) into the device cgroup, where there is one.
+    pub fn join_devices(&self, pid: u32) -> io::Result<()> {
+        match &self.devices {
+            Some(dir) => write(dir, "cgroup.procs", &pid.to_string()),
+            None => Ok(()),
+        }
+    }
+
+    fn all_dirs(&self) -> impl Iterator<Item = &PathBuf> {
+        self.dirs.iter().chain(self.devices.iter())
     }
 
     /// Moves `pid` (0 = the calling process) into the group(s).
@@ -123,8 +187,7 @@ impl SandboxCgroup {
     /// Host pids of every process in the group(s).
     pub fn pids(&self) -> Vec<i32> {
         let mut pids: Vec<i32> = self
-            .dirs
-            .iter()
+            .all_dirs()
             .filter_map(|dir| fs::read_to_string(dir.join("cgroup.procs")).ok())
             .flat_map(|text| {
                 text.lines()
@@ -138,7 +201,7 @@ impl SandboxCgroup {
     }
 
     pub fn exists(&self) -> bool {
-        self.dirs.iter().any(|d| d.exists())
+        self.all_dirs().any(|d| d.exists())
     }
 
     /// SIGKILLs every member until the group is empty, then removes it.
@@ -167,7 +230,7 @@ impl SandboxCgroup {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        for dir in &self.dirs {
+        for dir in self.all_dirs() {
             // An emptied cgroup can be briefly busy while exiting tasks are
             // released; retry rmdir until the deadline.
             loop {

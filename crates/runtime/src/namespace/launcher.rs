@@ -3,11 +3,21 @@
 //!
 //! ```text
 //! server ──spawn──▶ launcher (host pid ns, own session, in the sandbox cgroup)
+//!                     │ user namespace (0.. → the sandbox's host id range)
 //!                     │ unshare(NEWNS|NEWPID|NEWUTS|NEWIPC|NEWNET); fork
 //!                     ▼
-//!                   sandbox PID 1: mounts, hostname, lo up, pivot_root,
+//!                   sandbox PID 1, still host root: disk, idmapped template,
+//!                   overlay, /proc /sys /dev with masks, hostname, lo up,
+//!                   device cgroup, cgroup namespace, pivot_root; then
+//!                   enters the user namespace as its root, keeps only the
+//!                   OCI default capabilities, no_new_privs, seccomp,
 //!                   exec /.envd/envd (envd stays PID 1 and reaps orphans)
 //! ```
+//!
+//! Every namespace but the user namespace is owned by the host's user
+//! namespace, so the sandbox's root holds capabilities only over its own
+//! files and processes: it cannot mount, unmount, remount, set the hostname
+//! or reconfigure the network it was given.
 //!
 //! The launcher waits for PID 1 and exits with its status. PID 1 has
 //! `PR_SET_PDEATHSIG=SIGKILL`, so killing the launcher takes the whole pid
@@ -19,8 +29,12 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
+use std::os::fd::OwnedFd;
+
 use super::cgroups::SandboxCgroup;
 use super::mounts::{self, RootLayout, AGENT_MOUNT};
+use super::userns::{self, IdRange};
+use super::{caps, seccomp};
 
 /// Parsed command line of the launcher (see [`LaunchArgs::to_args`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +45,8 @@ pub struct LaunchArgs {
     pub rootfs: PathBuf,
     pub envd_binary: PathBuf,
     pub hostname: String,
+    /// Host ids the sandbox's 0..count map to.
+    pub ids: IdRange,
 }
 
 impl LaunchArgs {
@@ -46,6 +62,10 @@ impl LaunchArgs {
             self.envd_binary.display().to_string(),
             "--hostname".into(),
             self.hostname.clone(),
+            "--uid-base".into(),
+            self.ids.base.to_string(),
+            "--uid-count".into(),
+            self.ids.count.to_string(),
         ]
     }
 
@@ -55,6 +75,8 @@ impl LaunchArgs {
         let mut rootfs = None;
         let mut envd_binary = None;
         let mut hostname = None;
+        let mut uid_base = None;
+        let mut uid_count = None;
         let mut it = args.iter();
         while let Some(flag) = it.next() {
             let value = it
@@ -67,6 +89,8 @@ impl LaunchArgs {
                 "--rootfs" => rootfs = Some(PathBuf::from(value)),
                 "--envd" => envd_binary = Some(PathBuf::from(value)),
                 "--hostname" => hostname = Some(value),
+                "--uid-base" => uid_base = Some(parse_id(flag, &value)?),
+                "--uid-count" => uid_count = Some(parse_id(flag, &value)?),
                 other => return Err(format!("unknown launcher flag {other}")),
             }
         }
@@ -76,25 +100,49 @@ impl LaunchArgs {
             rootfs: rootfs.ok_or("--rootfs is required")?,
             envd_binary: envd_binary.ok_or("--envd is required")?,
             hostname: hostname.ok_or("--hostname is required")?,
+            ids: IdRange {
+                base: uid_base.ok_or("--uid-base is required")?,
+                count: uid_count.ok_or("--uid-count is required")?,
+            },
         })
     }
 
     fn layout(&self) -> RootLayout {
         RootLayout {
-            lower: self.rootfs.clone(),
-            upper: self.sandbox_dir.join("upper"),
-            work: self.sandbox_dir.join("work"),
+            template: self.rootfs.clone(),
+            lower: self.sandbox_dir.join("lower"),
+            disk_image: self.sandbox_dir.join(DISK_IMAGE),
+            disk: self.sandbox_dir.join("disk"),
             merged: self.sandbox_dir.join("merged"),
             agent: self.sandbox_dir.join("agent"),
             envd_binary: self.envd_binary.clone(),
+            ids: self.ids,
         }
     }
+}
+
+/// The sandbox's disk image inside its state dir.
+pub const DISK_IMAGE: &str = "disk.img";
+
+fn parse_id(flag: &str, value: &str) -> Result<u32, String> {
+    value
+        .parse()
+        .map_err(|_| format!("{flag} wants a number, got {value:?}"))
 }
 
 /// Entry point of the launcher process. Call it from `main` before any
 /// threads (tokio) exist, with the arguments after the subcommand name.
 /// Its stderr is the sandbox's `launcher.log`.
 pub fn launcher_main(args: &[String]) -> ! {
+    if args.first().map(String::as_str) == Some(super::protections::PROBE_IDMAP_FLAG) {
+        match probe_idmap(&args[1..]) {
+            Ok(()) => std::process::exit(0),
+            Err(e) => {
+                eprintln!("{e}");
+                std::process::exit(1);
+            }
+        }
+    }
     let args = match LaunchArgs::parse(args) {
         Ok(args) => args,
         Err(message) => {
@@ -117,9 +165,11 @@ fn run_launcher(args: &LaunchArgs) -> io::Result<i32> {
     // SAFETY: plain syscall; failure (already a group leader) is harmless.
     unsafe { libc::setsid() };
 
-    SandboxCgroup::for_sandbox(&args.id)
-        .and_then(|cgroup| cgroup.join(0))
+    let cgroup = SandboxCgroup::for_sandbox(&args.id)?;
+    cgroup
+        .join(0)
         .map_err(|e| io::Error::new(e.kind(), format!("joining the sandbox cgroup: {e}")))?;
+    let userns = userns::create(args.ids)?;
 
     let namespaces = libc::CLONE_NEWNS
         | libc::CLONE_NEWPID
@@ -149,7 +199,7 @@ fn run_launcher(args: &LaunchArgs) -> io::Result<i32> {
     if child == 0 {
         // SAFETY: closing our copy of the write end.
         unsafe { libc::close(liveness_write) };
-        let err = sandbox_init(args, liveness_read);
+        let err = sandbox_init(args, liveness_read, &userns, &cgroup);
         eprintln!("sandbox-init[{}]: {err}", args.id);
         // SAFETY: exit without running the parent's atexit handlers.
         unsafe { libc::_exit(127) };
@@ -157,6 +207,20 @@ fn run_launcher(args: &LaunchArgs) -> io::Result<i32> {
     // SAFETY: the read end belongs to the child.
     unsafe { libc::close(liveness_read) };
     wait_for(child)
+}
+
+/// `--probe-idmap PATH UID_BASE`: a user namespace and an idmapped (never
+/// attached) mount of PATH, as a boot would make them.
+fn probe_idmap(args: &[String]) -> io::Result<()> {
+    let (Some(path), Some(base)) = (args.first(), args.get(1)) else {
+        return Err(io::Error::other("usage: --probe-idmap PATH UID_BASE"));
+    };
+    let base = parse_id("UID_BASE", base).map_err(io::Error::other)?;
+    let userns = userns::create(IdRange {
+        base,
+        count: userns::IDS_PER_SANDBOX,
+    })?;
+    mounts::idmapped_tree(std::path::Path::new(path), &userns).map(drop)
 }
 
 /// Waits for the sandbox's PID 1; returns a shell-style exit code.
@@ -183,7 +247,12 @@ fn wait_for(child: libc::pid_t) -> io::Result<i32> {
 
 /// Runs as PID 1 of the new pid namespace; only returns on failure.
 /// `launcher_liveness` is the read end of a pipe only the launcher writes.
-fn sandbox_init(args: &LaunchArgs, launcher_liveness: libc::c_int) -> io::Error {
+fn sandbox_init(
+    args: &LaunchArgs,
+    launcher_liveness: libc::c_int,
+    userns: &OwnedFd,
+    cgroup: &SandboxCgroup,
+) -> io::Error {
     // SAFETY: plain prctl.
     if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) } != 0 {
         return os_error("PR_SET_PDEATHSIG");
@@ -201,16 +270,47 @@ fn sandbox_init(args: &LaunchArgs, launcher_liveness: libc::c_int) -> io::Error 
         // SAFETY: exiting the child.
         unsafe { libc::_exit(1) };
     }
-    if let Err(e) = mounts::assemble_and_pivot(&args.layout()) {
-        return e;
+    match confine(args, userns, cgroup) {
+        Ok(()) => exec_envd(),
+        Err(e) => e,
     }
-    if let Err(e) = set_hostname(&args.hostname) {
-        return e;
+}
+
+/// Everything between a fresh PID 1 (host root) and a confined one that
+/// may exec the agent. Order matters: mounts and network need host root;
+/// the device cgroup is joined after the loop disk is mounted (it denies
+/// block devices); seccomp comes last so the steps before may use what it
+/// forbids.
+fn confine(args: &LaunchArgs, userns: &OwnedFd, cgroup: &SandboxCgroup) -> io::Result<()> {
+    mounts::assemble(&args.layout(), userns)?;
+    set_hostname(&args.hostname)?;
+    bring_loopback_up()?;
+    set_network_sysctls()?;
+    cgroup
+        .join_devices(0)
+        .map_err(|e| io::Error::new(e.kind(), format!("joining the device cgroup: {e}")))?;
+    // SAFETY: plain syscall; the sandbox sees its own cgroup as the root.
+    if unsafe { libc::unshare(libc::CLONE_NEWCGROUP) } != 0 {
+        return Err(os_error("unshare(CLONE_NEWCGROUP)"));
     }
-    if let Err(e) = bring_loopback_up() {
-        return e;
+    mounts::pivot_into(&args.layout().merged)?;
+    userns::enter_as_root(userns)?;
+    caps::restrict_to_default()?;
+    seccomp::install()
+}
+
+/// Per-network-namespace sysctls (this process is in the sandbox's netns,
+/// so these touch only it): root in the sandbox has no capability over the
+/// netns, so let it bind low ports and ping the unprivileged way.
+fn set_network_sysctls() -> io::Result<()> {
+    for (path, value) in [
+        ("/proc/sys/net/ipv4/ip_unprivileged_port_start", "0"),
+        ("/proc/sys/net/ipv4/ping_group_range", "0 2147483647"),
+    ] {
+        std::fs::write(path, value)
+            .map_err(|e| io::Error::new(e.kind(), format!("{path}: {e}")))?;
     }
-    exec_envd()
+    Ok(())
 }
 
 fn set_hostname(hostname: &str) -> io::Result<()> {
@@ -303,6 +403,10 @@ mod tests {
             rootfs: "/t/base/rootfs".into(),
             envd_binary: "/usr/bin/envd".into(),
             hostname: "sbx-1".into(),
+            ids: IdRange {
+                base: 1_000_000_000,
+                count: 65_536,
+            },
         };
         assert_eq!(LaunchArgs::parse(&args.to_args()).unwrap(), args);
         assert!(LaunchArgs::parse(&["--id".into()]).is_err());

@@ -3,7 +3,11 @@
 //! reached over a unix socket in the sandbox's `agent/` directory.
 //!
 //! Per sandbox, `state_dir/ID/` holds:
-//! - `upper/`, `work/`: the overlay's writable layer;
+//! - `disk.img`: a sparse ext4 image of the template's `disk_gib`, the
+//!   sandbox's disk quota; mounted (inside the sandbox only) on `disk/`,
+//!   which holds the overlay's `upper/` and `work/`;
+//! - `lower/`: mount point of the template seen through the sandbox's id
+//!   mapping (an idmapped mount);
 //! - `merged/`: the overlay mount point (mounted only inside the sandbox);
 //! - `agent/`: seen as `/.envd` inside; envd's socket `envd.sock`, the
 //!   one-shot `token` file, and `envd` (mount point for the binary);
@@ -11,9 +15,14 @@
 //!   against pid reuse when re-adopting after a server restart);
 //! - `launcher.log`: stderr of the launcher and of envd.
 
+pub mod caps;
 pub mod cgroups;
+pub mod disk;
 pub mod launcher;
 pub mod mounts;
+pub mod protections;
+pub mod seccomp;
+pub mod userns;
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
@@ -24,12 +33,15 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use envd_protocol::client::EnvdClient;
+use std::sync::{Arc, Mutex, OnceLock};
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
 use crate::runtime::{validate_id, BootSpec, Booted, Runtime, RuntimeError};
 use cgroups::SandboxCgroup;
-use launcher::LaunchArgs;
+use launcher::{LaunchArgs, DISK_IMAGE};
+use protections::Protections;
+use userns::{IdRange, SlotAllocator};
 
 /// Unix socket paths are limited to 108 bytes including the NUL.
 const MAX_SOCKET_PATH: usize = 107;
@@ -55,19 +67,55 @@ pub struct NamespaceConfig {
     /// no newer than the templates'.
     pub envd_binary: PathBuf,
     pub launcher: LauncherCommand,
+    /// First host id of the per-sandbox ranges (each 65,536 ids).
+    pub uid_base: u32,
+    /// How many sandboxes may hold a range at once.
+    pub uid_slots: u32,
 }
 
+impl NamespaceConfig {
+    /// Defaults for the id ranges: 4,096 slots from 1,000,000,000, far above
+    /// the ranges distributions hand out in /etc/subuid.
+    pub const DEFAULT_UID_BASE: u32 = 1_000_000_000;
+    pub const DEFAULT_UID_SLOTS: u32 = 4_096;
+}
+
+#[derive(Clone)]
 pub struct NamespaceRuntime {
     config: NamespaceConfig,
     boot_timeout: Duration,
+    slots: SlotAllocator,
+    /// Serialises slot claims within this process.
+    slot_lock: Arc<Mutex<()>>,
+    /// The private envd copy sandboxes get (made on first boot).
+    envd_copy: Arc<OnceLock<PathBuf>>,
+    protections: Arc<OnceLock<Protections>>,
+    /// Why this runtime was chosen, when not by name (shown in `/health`).
+    selected_by: Option<String>,
 }
 
 impl NamespaceRuntime {
     pub fn new(config: NamespaceConfig) -> Self {
         Self {
+            slots: SlotAllocator::new(
+                &config.state_dir,
+                "uid",
+                config.uid_base,
+                userns::IDS_PER_SANDBOX,
+                config.uid_slots,
+            ),
             config,
             boot_timeout: DEFAULT_BOOT_TIMEOUT,
+            slot_lock: Arc::new(Mutex::new(())),
+            envd_copy: Arc::new(OnceLock::new()),
+            protections: Arc::new(OnceLock::new()),
+            selected_by: None,
         }
+    }
+
+    pub fn with_selection_note(mut self, note: Option<String>) -> Self {
+        self.selected_by = note;
+        self
     }
 
     pub fn with_boot_timeout(mut self, timeout: Duration) -> Self {
@@ -75,26 +123,15 @@ impl NamespaceRuntime {
         self
     }
 
-    /// Checks that this host can run the namespace driver: root (rootless
-    /// user-namespace mode is not implemented), overlayfs, cgroups.
-    pub fn probe() -> Result<(), RuntimeError> {
-        // SAFETY: plain syscall.
-        if unsafe { libc::geteuid() } != 0 {
-            return Err(RuntimeError::Unsupported(
-                "the namespace runtime needs root (it mounts overlayfs, creates cgroups and \
-                 namespaces); rootless operation via user namespaces is not implemented"
-                    .into(),
-            ));
-        }
-        let filesystems = fs::read_to_string("/proc/filesystems")
-            .map_err(|e| RuntimeError::io("reading /proc/filesystems", e))?;
-        if !filesystems.lines().any(|l| l.ends_with("\toverlay")) {
-            return Err(RuntimeError::Unsupported(
-                "the kernel has no overlayfs (try `modprobe overlay`)".into(),
-            ));
-        }
-        cgroups::CgroupVersion::detect().map_err(|e| RuntimeError::Unsupported(e.to_string()))?;
-        Ok(())
+    /// Checks that this host can run the namespace driver with every
+    /// protection it promises (root, overlayfs, cgroups, user namespaces
+    /// with idmapped mounts, seccomp, loop devices); returns what is
+    /// enforced. A missing required protection is an error: the driver
+    /// never runs sandboxes weaker than it says.
+    pub fn probe(&self) -> Result<Protections, RuntimeError> {
+        let found = protections::probe(&self.config)?;
+        let _ = self.protections.set(found.clone());
+        Ok(found)
     }
 
     pub fn config(&self) -> &NamespaceConfig {
@@ -132,11 +169,25 @@ impl NamespaceRuntime {
             }
             Err(e) => return Err(RuntimeError::io(format!("creating {}", dir.display()), e)),
         }
-        for sub in ["upper", "work", "merged", "agent"] {
+        // Nothing in here is for other host users (the disk image holds
+        // the tenant's files).
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
+            .map_err(|e| RuntimeError::io("chmod sandbox dir", e))?;
+        for sub in ["lower", "disk", "merged", "agent"] {
             let path = dir.join(sub);
             fs::create_dir(&path)
                 .map_err(|e| RuntimeError::io(format!("creating {}", path.display()), e))?;
         }
+        disk::create_image(&dir.join(DISK_IMAGE), spec.limits.disk_mib << 20)
+            .map_err(|e| RuntimeError::io("creating the sandbox disk", e))?;
+        let ids = {
+            let _guard = self.slot_lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.slots
+                .claim(&spec.id)
+                .map_err(|e| RuntimeError::io("claiming a user-id range", e))?
+        };
+        fs::write(dir.join("ids"), format!("{} {}\n", ids.base, ids.count))
+            .map_err(|e| RuntimeError::io("recording the id range", e))?;
         // Only root (envd) inside the sandbox may touch the agent dir: the
         // token is in there until envd has read it.
         let agent = dir.join("agent");
@@ -153,6 +204,11 @@ impl NamespaceRuntime {
             .map_err(|e| RuntimeError::io("writing the token file", e))?;
         fs::File::create(agent.join("envd"))
             .map_err(|e| RuntimeError::io("creating the envd mount point", e))?;
+        let root = ids.host_id(0);
+        for path in [agent.clone(), agent.join("token")] {
+            std::os::unix::fs::chown(&path, Some(root), Some(root))
+                .map_err(|e| RuntimeError::io(format!("chown {}", path.display()), e))?;
+        }
 
         let cgroup = SandboxCgroup::for_sandbox(&spec.id).map_err(|e| RuntimeError::Cgroup {
             id: spec.id.clone(),
@@ -167,6 +223,46 @@ impl NamespaceRuntime {
         Ok(cgroup)
     }
 
+    /// The sandbox's recorded id range.
+    fn ids(&self, id: &str) -> Result<IdRange, RuntimeError> {
+        let text = fs::read_to_string(self.sandbox_dir(id).join("ids"))
+            .map_err(|e| RuntimeError::io("reading the id range", e))?;
+        let mut fields = text.split_whitespace().map(str::parse::<u32>);
+        match (fields.next(), fields.next()) {
+            (Some(Ok(base)), Some(Ok(count))) => Ok(IdRange { base, count }),
+            _ => Err(RuntimeError::InvalidSpec(format!(
+                "corrupt id range {text:?}"
+            ))),
+        }
+    }
+
+    /// A root-owned, read-only copy of the envd binary under the state dir,
+    /// named by its content hash: sandboxes never see the build tree or an
+    /// install path an operator might later replace while they run.
+    fn envd_copy(&self) -> Result<PathBuf, RuntimeError> {
+        if let Some(path) = self.envd_copy.get() {
+            return Ok(path.clone());
+        }
+        use sha2::Digest;
+        let bytes = fs::read(&self.config.envd_binary)
+            .map_err(|e| RuntimeError::io("reading the envd binary", e))?;
+        let hash = hex::encode(sha2::Sha256::digest(&bytes));
+        let dir = self.config.state_dir.join(".envd");
+        fs::create_dir_all(&dir).map_err(|e| RuntimeError::io("creating .envd", e))?;
+        let path = dir.join(format!("envd-{}", &hash[..16]));
+        if !path.exists() {
+            // Concurrent boots may race here: each writes its own partial.
+            static COPIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = COPIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let partial = dir.join(format!(".envd-{}.{}.{n}", &hash[..16], std::process::id()));
+            fs::write(&partial, &bytes).map_err(|e| RuntimeError::io("copying envd", e))?;
+            fs::set_permissions(&partial, fs::Permissions::from_mode(0o555))
+                .map_err(|e| RuntimeError::io("chmod envd copy", e))?;
+            fs::rename(&partial, &path).map_err(|e| RuntimeError::io("placing envd copy", e))?;
+        }
+        Ok(self.envd_copy.get_or_init(|| path).clone())
+    }
+
     /// Spawns the launcher; the returned receiver fires when it exits.
     fn spawn_launcher(
         &self,
@@ -177,8 +273,9 @@ impl NamespaceRuntime {
             id: spec.id.clone(),
             sandbox_dir: dir.clone(),
             rootfs: spec.rootfs.clone(),
-            envd_binary: self.config.envd_binary.clone(),
+            envd_binary: self.envd_copy()?,
             hostname: spec.hostname.clone(),
+            ids: self.ids(&spec.id)?,
         };
         let log = fs::File::create(dir.join("launcher.log"))
             .map_err(|e| RuntimeError::io("creating launcher.log", e))?;
@@ -346,10 +443,12 @@ impl NamespaceRuntime {
             return Err(fail("mounts remain under the sandbox dir".into()));
         }
         match fs::remove_dir_all(&dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(fail(format!("removing {}: {e}", dir.display()))),
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(fail(format!("removing {}: {e}", dir.display()))),
         }
+        self.slots.release(id);
+        Ok(())
     }
 }
 
@@ -357,6 +456,17 @@ impl NamespaceRuntime {
 impl Runtime for NamespaceRuntime {
     fn kind(&self) -> &'static str {
         "namespace"
+    }
+
+    fn describe(&self) -> serde_json::Value {
+        let mut description = serde_json::json!({ "kind": "namespace" });
+        if let Some(protections) = self.protections.get() {
+            description["isolation"] = protections.to_json();
+        }
+        if let Some(note) = &self.selected_by {
+            description["selected_by"] = note.clone().into();
+        }
+        description
     }
 
     async fn boot(&self, spec: BootSpec) -> Result<Booted, RuntimeError> {
@@ -391,10 +501,7 @@ impl Runtime for NamespaceRuntime {
     async fn destroy(&self, id: &str) -> Result<(), RuntimeError> {
         validate_id(id)?;
         let started = Instant::now();
-        let this = NamespaceRuntime {
-            config: self.config.clone(),
-            boot_timeout: self.boot_timeout,
-        };
+        let this = self.clone();
         let owned_id = id.to_string();
         tokio::task::spawn_blocking(move || this.destroy_blocking(&owned_id))
             .await

@@ -26,7 +26,8 @@ pub fn init_tracing() {
 
 /// Why this host cannot run the namespace tests, if it cannot.
 pub fn skip_reason() -> Option<String> {
-    if let Err(e) = NamespaceRuntime::probe() {
+    let probe_dir = state_dir();
+    if let Err(e) = runtime(probe_dir.path()).probe() {
         return Some(e.to_string());
     }
     let has_tool = ["mmdebstrap", "debootstrap"].iter().any(|tool| {
@@ -99,6 +100,8 @@ pub fn runtime(state_dir: &Path) -> NamespaceRuntime {
             program: env!("CARGO_BIN_EXE_sandbox-launcher").into(),
             args_prefix: vec![],
         },
+        uid_base: NamespaceConfig::DEFAULT_UID_BASE,
+        uid_slots: 64,
     })
     .with_boot_timeout(Duration::from_secs(15))
 }
@@ -125,6 +128,7 @@ pub fn spec(id: &str, rootfs: &Path) -> BootSpec {
             vcpus: 1,
             memory_mb: 256,
             pids_max: 100,
+            disk_mib: 1024,
         },
     }
 }

@@ -1,0 +1,467 @@
+//! The escape suite: what a hostile tenant would try, run as root inside a
+//! real sandbox through the public API, each attempt asserted to fail with
+//! the host unchanged. Runs on the runtime `SANDBOX_TEST_RUNTIME` names.
+//!
+//! On the namespace runtime the sandbox shares the host kernel, so every
+//! kernel-facing attempt matters. On a microVM the guest's root is root of
+//! its own kernel (it may mount and mknod inside its VM); there the suite
+//! checks what must hold at the VM boundary: the host, its services and its
+//! private networks stay out of reach.
+
+mod common;
+
+use common::{sandboxes_supported, TestServer};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+/// Template definitions for this suite: `base` with a 1 GiB disk, so the
+/// quota test fills it in seconds (the rootfs is shared: limits are not
+/// part of a template's content hash).
+fn small_disk_definitions() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let base = include_str!("../config/templates/base.toml");
+    std::fs::write(
+        dir.path().join("base.toml"),
+        format!("{base}\ndisk_gib = 1\n"),
+    )
+    .unwrap();
+    dir
+}
+
+async fn server(definitions: &tempfile::TempDir) -> TestServer {
+    TestServer::start(common::production().with_sandboxes(1, 0).with_setting(
+        "runtime.template_definitions_dir",
+        &definitions.path().display().to_string(),
+    ))
+    .await
+}
+
+async fn create(server: &TestServer, body: Value) -> String {
+    let response = server.post("/sandboxes").json(&body).send().await.unwrap();
+    let status = response.status();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    body["sandbox_id"].as_str().unwrap().to_string()
+}
+
+/// Runs `cmd` as `user`; returns (exit code, stdout + stderr).
+async fn run_as(server: &TestServer, id: &str, user: &str, cmd: &str) -> (i64, String) {
+    let response = server
+        .post(&format!("/sandboxes/{id}/commands"))
+        .json(&json!({ "cmd": cmd, "user": user, "timeout": 120 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.unwrap();
+    let output = format!(
+        "{}{}",
+        body["stdout"].as_str().unwrap_or(""),
+        body["stderr"].as_str().unwrap_or("")
+    );
+    (body["exit_code"].as_i64().unwrap_or(-1), output)
+}
+
+async fn root(server: &TestServer, id: &str, cmd: &str) -> (i64, String) {
+    run_as(server, id, "root", cmd).await
+}
+
+/// Asserts the attempt fails (non-zero exit) and returns its output.
+async fn refused(server: &TestServer, id: &str, what: &str, cmd: &str) -> String {
+    let (code, output) = root(server, id, cmd).await;
+    assert_ne!(code, 0, "{what} succeeded as root in the sandbox: {output}");
+    eprintln!(
+        "refused: {what}: {}",
+        output.trim().lines().next().unwrap_or("")
+    );
+    output
+}
+
+fn host_read(path: &str) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+async fn health_within(server: &TestServer, limit: Duration) {
+    let started = Instant::now();
+    let response = tokio::time::timeout(limit, server.get("/health").send())
+        .await
+        .unwrap_or_else(|_| panic!("/health did not answer within {limit:?}"))
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    eprintln!("/health answered in {:?}", started.elapsed());
+}
+
+/// Kernel-facing escapes; the namespace runtime's whole boundary.
+#[tokio::test]
+async fn root_in_a_namespace_sandbox_holds_nothing_of_the_host() {
+    if !sandboxes_supported("root_in_a_namespace_sandbox_holds_nothing_of_the_host") {
+        return;
+    }
+    if common::is_microvm() {
+        eprintln!(
+            "SKIP root_in_a_namespace_sandbox_holds_nothing_of_the_host (microvm): the guest's \
+             root is root of its own kernel; the VM boundary tests below cover microVMs"
+        );
+        return;
+    }
+    let definitions = small_disk_definitions();
+    let server = server(&definitions).await;
+    let health: Value = server
+        .get("/health")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let isolation = &health["runtime"]["isolation"];
+    assert!(isolation["user_namespace"].is_string(), "{health}");
+    assert_eq!(isolation["no_new_privs"], true, "{health}");
+    let id = create(&server, json!({ "template": "base" })).await;
+
+    // Identity: uid 0 inside is an unprivileged host id; only the OCI
+    // default capabilities.
+    let (_, status) = root(&server, &id, "grep -E '^Cap(Eff|Bnd|Prm|Inh|Amb)' /proc/self/status; cat /proc/self/uid_map /proc/self/gid_map; grep NoNewPrivs /proc/self/status; grep Seccomp: /proc/self/status").await;
+    assert!(status.contains("CapEff:\t00000000a80425fb"), "{status}");
+    assert!(status.contains("CapBnd:\t00000000a80425fb"), "{status}");
+    assert!(status.contains("CapAmb:\t0000000000000000"), "{status}");
+    assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+    assert!(status.contains("Seccomp:\t2"), "{status}");
+    let map_line = status
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some("0"))
+        .unwrap_or_else(|| panic!("no uid_map line: {status}"));
+    let fields: Vec<u64> = map_line
+        .split_whitespace()
+        .map(|f| f.parse().unwrap())
+        .collect();
+    assert!(
+        fields[1] >= 100_000,
+        "root maps to host id {}: {status}",
+        fields[1]
+    );
+    assert_eq!(fields[2], 65_536, "{status}");
+
+    // The agent binary and every mount the host made are fixed.
+    let envd_before = root(&server, &id, "sha256sum /.envd/envd").await.1;
+    refused(
+        &server,
+        &id,
+        "remount the agent binary writable",
+        "mount -o remount,rw,bind /.envd/envd",
+    )
+    .await;
+    refused(
+        &server,
+        &id,
+        "write the agent binary",
+        "echo backdoor >> /.envd/envd",
+    )
+    .await;
+    refused(
+        &server,
+        &id,
+        "replace the agent binary",
+        "cp /bin/true /.envd/envd",
+    )
+    .await;
+    refused(
+        &server,
+        &id,
+        "unmount the agent binary",
+        "umount -l /.envd/envd",
+    )
+    .await;
+    refused(
+        &server,
+        &id,
+        "remount / writable elsewhere",
+        "mount -o remount,rw /proc/sys",
+    )
+    .await;
+    assert_eq!(
+        root(&server, &id, "sha256sum /.envd/envd").await.1,
+        envd_before
+    );
+
+    // Devices: no node for the host's disk can be made or used.
+    let host_dev = {
+        use std::os::unix::fs::MetadataExt;
+        let dev = std::fs::metadata("/").unwrap().dev();
+        (libc::major(dev), libc::minor(dev))
+    };
+    refused(
+        &server,
+        &id,
+        "mknod the host's root disk",
+        &format!("mknod /tmp/hostdisk b {} {}", host_dev.0, host_dev.1),
+    )
+    .await;
+    refused(
+        &server,
+        &id,
+        "mount the host's root disk",
+        "mkdir -p /mnt/h && mount /dev/vda /mnt/h || mount -t ext4 /tmp/hostdisk /mnt/h",
+    )
+    .await;
+    let (_, devices) = root(&server, &id, "ls -A /dev | sort | tr '\\n' ' '").await;
+    assert_eq!(
+        devices.trim(),
+        "fd full null ptmx pts random shm stderr stdin stdout tty urandom zero",
+        "unexpected /dev"
+    );
+
+    // New filesystems, procfs and sysfs.
+    refused(
+        &server,
+        &id,
+        "mount a new proc",
+        "mkdir -p /mnt/p && mount -t proc proc /mnt/p",
+    )
+    .await;
+    refused(
+        &server,
+        &id,
+        "mount sysfs",
+        "mkdir -p /mnt/s && mount -t sysfs sys /mnt/s",
+    )
+    .await;
+    refused(&server, &id, "mount a tmpfs", "mount -t tmpfs t /mnt").await;
+    refused(
+        &server,
+        &id,
+        "remount /sys writable",
+        "mount -o remount,rw /sys",
+    )
+    .await;
+
+    // Host-global kernel state.
+    let core_pattern = host_read("/proc/sys/kernel/core_pattern");
+    let burst = host_read("/proc/sys/kernel/printk_ratelimit_burst");
+    refused(
+        &server,
+        &id,
+        "write core_pattern",
+        "echo '|/tmp/x' > /proc/sys/kernel/core_pattern",
+    )
+    .await;
+    refused(
+        &server,
+        &id,
+        "set a host sysctl",
+        "sysctl -w kernel.printk_ratelimit_burst=97",
+    )
+    .await;
+    refused(
+        &server,
+        &id,
+        "write sysrq-trigger",
+        "echo h > /proc/sysrq-trigger",
+    )
+    .await;
+    refused(
+        &server,
+        &id,
+        "read kcore",
+        "head -c 16 /proc/kcore | od | grep -q '[1-9]'",
+    )
+    .await;
+    refused(&server, &id, "read the kernel log", "dmesg").await;
+    assert_eq!(host_read("/proc/sys/kernel/core_pattern"), core_pattern);
+    assert_eq!(host_read("/proc/sys/kernel/printk_ratelimit_burst"), burst);
+
+    // Syscalls behind the seccomp filter (numbers: x86_64; pointers NULL:
+    // the filter answers before the kernel would look). perl-base is in
+    // every Debian root filesystem and can make raw syscalls.
+    for (what, nr, args) in [
+        ("init_module", 175, "0, 0, 0"),
+        ("finit_module", 313, "0, 0, 0"),
+        ("kexec_load", 246, "0, 0, 0, 0"),
+        ("keyctl", 250, "0, -1, 0"),
+        ("add_key", 248, "0, 0, 0, 0, 0"),
+        ("bpf", 321, "0, 0, 0"),
+        ("perf_event_open", 298, "0, 0, -1, -1, 0"),
+        ("userfaultfd", 323, "0"),
+        ("open_by_handle_at", 304, "0, 0, 0"),
+        ("unshare(CLONE_NEWUSER)", 272, "0x10000000"),
+        ("setns", 308, "0, 0"),
+        ("swapon", 167, "0, 0"),
+        ("reboot", 169, "0xfee1dead, 672274793, 0x4321fedc, 0"),
+    ] {
+        let (_, output) = root(
+            &server,
+            &id,
+            &format!("perl -e '$r = syscall({nr}, {args}); print \"$r $!\\n\"'"),
+        )
+        .await;
+        assert!(
+            output.starts_with("-1 Operation not permitted"),
+            "{what} was not refused with EPERM: {output}"
+        );
+    }
+
+    // New namespaces would re-grant a full capability set.
+    refused(
+        &server,
+        &id,
+        "unshare -U (regain capabilities)",
+        "unshare -U -r id",
+    )
+    .await;
+    refused(&server, &id, "unshare -m", "unshare -m true").await;
+
+    // Host processes are neither visible nor signalable.
+    let mut host_sleeper = std::process::Command::new("sleep")
+        .arg("300")
+        .spawn()
+        .unwrap();
+    let server_pid = server.pid().unwrap();
+    for pid in [host_sleeper.id(), server_pid] {
+        refused(
+            &server,
+            &id,
+            "kill a host process",
+            &format!("kill -9 {pid}"),
+        )
+        .await;
+        refused(
+            &server,
+            &id,
+            "ptrace a host process",
+            &format!("perl -e '$r = syscall(101, 16, {pid}, 0, 0); exit($r == 0 ? 0 : 1)'"),
+        )
+        .await;
+    }
+    assert!(
+        host_sleeper.try_wait().unwrap().is_none(),
+        "host process died"
+    );
+    host_sleeper.kill().unwrap();
+    health_within(&server, Duration::from_secs(1)).await;
+
+    // set-id bits: a setuid-root copy made by root does not lift `user`.
+    root(
+        &server,
+        &id,
+        "cp /bin/cat /home/user/suidcat && chmod 4755 /home/user/suidcat",
+    )
+    .await;
+    let (code, output) = run_as(&server, &id, "user", "/home/user/suidcat /etc/shadow").await;
+    assert_ne!(code, 0, "setuid binary read /etc/shadow as user: {output}");
+
+    // A volume carrying a setuid file: the bits never arrive.
+    let archive = common::targz(&[("suid-tool", b"#!/bin/sh\nid\n".to_vec())]);
+    let archive = set_mode(&archive, "suid-tool", 0o4755);
+    let response = server
+        .post("/volumes?name=suid")
+        .body(archive)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let volume: Value = response.json().await.unwrap();
+    let with_volume = create(
+        &server,
+        json!({ "template": "base", "volumes": [{ "volume_id": volume["volume_id"], "mount_path": "/data" }] }),
+    )
+    .await;
+    let (_, mode) = root(&server, &with_volume, "stat -c %a /data/suid-tool").await;
+    assert!(
+        !mode.trim().starts_with('4'),
+        "setuid bit survived hydration: {mode}"
+    );
+
+    // Disk quota: filling the 1 GiB disk ends in ENOSPC, and the host's
+    // free space drops by at most the quota.
+    let free_before = host_free_bytes();
+    let (code, output) = root(
+        &server,
+        &id,
+        "dd if=/dev/zero of=/home/user/fill bs=1M count=1400 2>&1",
+    )
+    .await;
+    assert_ne!(code, 0, "wrote 1.4 GiB into a 1 GiB disk: {output}");
+    assert!(output.contains("No space left on device"), "{output}");
+    let used = free_before.saturating_sub(host_free_bytes());
+    assert!(
+        used < (1 << 30) + (128 << 20),
+        "host lost {used} bytes to a 1 GiB quota"
+    );
+    // The sandbox keeps working and its disk can be freed again.
+    root(&server, &id, "rm /home/user/fill").await;
+    assert_eq!(root(&server, &id, "echo ok > /home/user/after").await.0, 0);
+}
+
+/// The fork bomb stops at the pids limit; the host keeps answering and the
+/// sandbox stays killable. Both runtimes.
+#[tokio::test]
+async fn a_fork_bomb_stays_inside() {
+    if !sandboxes_supported("a_fork_bomb_stays_inside") {
+        return;
+    }
+    let definitions = small_disk_definitions();
+    let server = server(&definitions).await;
+    let id = create(&server, json!({ "template": "base" })).await;
+    let response = server
+        .post(&format!("/sandboxes/{id}/commands"))
+        .json(
+            &json!({ "cmd": "bomb() { bomb | bomb & }; bomb", "user": "user", "background": true }),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for _ in 0..3 {
+        health_within(&server, Duration::from_secs(1)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let started = Instant::now();
+    let response = server
+        .delete(&format!("/sandboxes/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success(), "{}", response.status());
+    eprintln!("fork-bombed sandbox killed in {:?}", started.elapsed());
+    let response = server
+        .get(&format!("/sandboxes/{id}"))
+        .send()
+        .await
+        .unwrap();
+    let state: Value = response.json().await.unwrap_or(Value::Null);
+    assert_ne!(state["state"], "running", "{state}");
+}
+
+fn host_free_bytes() -> u64 {
+    let path = std::ffi::CString::new("/var/tmp").unwrap();
+    // SAFETY: statvfs into a zeroed struct.
+    unsafe {
+        let mut stat: libc::statvfs = std::mem::zeroed();
+        assert_eq!(libc::statvfs(path.as_ptr(), &mut stat), 0);
+        stat.f_bavail * stat.f_frsize
+    }
+}
+
+/// Rewrites the mode of `name` in a gzip tarball.
+fn set_mode(archive: &[u8], name: &str, mode: u32) -> Vec<u8> {
+    use std::io::Read;
+    let mut tar_bytes = Vec::new();
+    flate2::read::GzDecoder::new(archive)
+        .read_to_end(&mut tar_bytes)
+        .unwrap();
+    let mut out = tar::Builder::new(Vec::new());
+    for entry in tar::Archive::new(&tar_bytes[..]).entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let mut header = entry.header().clone();
+        if entry.path().unwrap().to_str() == Some(name) {
+            header.set_mode(mode);
+            header.set_cksum();
+        }
+        let mut data = Vec::new();
+        entry.read_to_end(&mut data).unwrap();
+        out.append(&header, &data[..]).unwrap();
+    }
+    common::gzip(&out.into_inner().unwrap())
+}
