@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Installs what the microVM runtime needs on a Debian bookworm host:
 # QEMU 10 from bookworm-backports (bookworm's own 7.2 conflicts with the
-# preinstalled backports qemu-utils) and what the guest kernel build needs.
-# Idempotent: a second run only checks.
+# preinstalled backports qemu-utils), nftables (the guests' egress policy),
+# iproute2 (the egress tests' network-namespace hosts) and what the guest
+# kernel build needs. Idempotent: a second run only checks.
 set -euo pipefail
 
 want=(qemu-system-x86 qemu-system-common qemu-system-data seabios)
-build=(linux-source-6.1 bc flex bison libelf-dev xz-utils e2fsprogs make gcc)
+build=(linux-source-6.1 bc flex bison libelf-dev xz-utils e2fsprogs make gcc nftables iproute2)
 
 missing=()
 command -v qemu-system-x86_64 >/dev/null || missing+=("${want[@]}")

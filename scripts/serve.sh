@@ -8,12 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
-if ! command -v mmdebstrap >/dev/null && ! command -v debootstrap >/dev/null; then
-  if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mmdebstrap >/dev/null
-  else
-    echo "serve.sh: install mmdebstrap to build sandbox templates (volumes work without it)" >&2
-  fi
+if [ "$(id -u)" = 0 ]; then
+  scripts/namespace-deps.sh
+elif ! command -v mmdebstrap >/dev/null; then
+  echo "serve.sh: sandboxes need root and mmdebstrap (volumes work without them)" >&2
 fi
 # microVMs need QEMU and the kernel source (the guest kernel is built once,
 # in the background, on first start): SANDBOX_MANAGER__RUNTIME__KIND=microvm.

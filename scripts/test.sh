@@ -18,17 +18,17 @@ step "Python venv with the Declaw SDK ($VENV)"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/pip" install -q --disable-pip-version-check -r tests/python/requirements.txt
 
-step "mmdebstrap (builds the sandbox templates)"
-if ! command -v mmdebstrap >/dev/null; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mmdebstrap >/dev/null
-fi
+step "namespace runtime prerequisites: mmdebstrap (templates), e2fsprogs (disk quotas)"
+scripts/namespace-deps.sh
 
 step "microVM prerequisites: QEMU from bookworm-backports, kernel source"
 scripts/microvm-deps.sh
 
 step "docker-compose.yml is valid"
+# --no-install-recommends: the validator only, not a Docker engine,
+# containerd, runc and criu (recommends) that nothing here uses.
 if ! command -v docker-compose >/dev/null; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose >/dev/null
 fi
 docker-compose -f docker-compose.yml config -q
 

@@ -373,9 +373,7 @@ async fn object_store_outage_during_create() {
     // refill settles; a leaked strict sandbox would make it three for good.
     let mut dirs = 0;
     for _ in 0..100 {
-        dirs = std::fs::read_dir(server.sandbox_state_dir())
-            .unwrap()
-            .count();
+        dirs = server.sandbox_dirs().len();
         if dirs == 2 {
             break;
         }

@@ -345,11 +345,6 @@ async fn twenty_create_kill_cycles_leave_nothing_behind() {
     // No QEMU or relay process, overlay, socket or RAM file remains.
     let processes = vm_processes(&server);
     assert!(processes.is_empty(), "left running: {processes:#?}");
-    let leftovers: Vec<_> = std::fs::read_dir(server.sandbox_state_dir())
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|entry| entry.path())
-        .collect();
+    let leftovers = server.sandbox_leftovers();
     assert!(leftovers.is_empty(), "left behind: {leftovers:#?}");
 }

@@ -752,10 +752,11 @@ async fn sandboxes_are_isolated() {
 /// launcher processes.
 fn host_leftovers(server: &TestServer) -> Vec<String> {
     let state = server.sandbox_state_dir();
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir(&state).into_iter().flatten().flatten() {
-        found.push(format!("state dir {}", entry.path().display()));
-    }
+    let mut found: Vec<String> = server
+        .sandbox_leftovers()
+        .iter()
+        .map(|path| format!("state dir {}", path.display()))
+        .collect();
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     found.extend(
         mounts
@@ -763,7 +764,15 @@ fn host_leftovers(server: &TestServer) -> Vec<String> {
             .filter(|l| l.contains(&*state.to_string_lossy()))
             .map(|l| format!("mount {l}")),
     );
-    for controller in ["memory", "pids", "cpu", ""] {
+    // Loop devices still backed by a sandbox's disk image.
+    for entry in std::fs::read_dir("/sys/block").into_iter().flatten().flatten() {
+        let backing = std::fs::read_to_string(entry.path().join("loop/backing_file"))
+            .unwrap_or_default();
+        if backing.contains(&*state.to_string_lossy()) {
+            found.push(format!("loop device {} on {}", entry.path().display(), backing.trim()));
+        }
+    }
+    for controller in ["memory", "pids", "cpu", "devices", ""] {
         let dir = std::path::Path::new("/sys/fs/cgroup")
             .join(controller)
             .join("sandbox-manager");

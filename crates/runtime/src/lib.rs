@@ -27,6 +27,8 @@
 //!             program: std::env::current_exe().unwrap(),
 //!             args_prefix: vec!["__sandbox-launcher".into()],
 //!         },
+//!         uid_base: sandbox_runtime::NamespaceConfig::DEFAULT_UID_BASE,
+//!         uid_slots: sandbox_runtime::NamespaceConfig::DEFAULT_UID_SLOTS,
 //!     });
 //! #   let _ = runtime;
 //! }
@@ -34,7 +36,9 @@
 //! ```
 //!
 //! Call [`NamespaceRuntime::probe`] at startup for a clear error on hosts
-//! that cannot run it (not root, no overlayfs, no cgroups). On restart,
+//! that cannot run it with every protection (not root, no overlayfs, no
+//! cgroups, no user namespaces or idmapped mounts, no seccomp, no loop
+//! devices). On restart,
 //! [`Runtime::list`] + [`Runtime::is_alive`] re-adopt running sandboxes;
 //! destroy the ones that are not alive.
 

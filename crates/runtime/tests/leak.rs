@@ -48,7 +48,21 @@ async fn boot_destroy_cycles_leave_nothing_behind() {
         assert!(left.is_empty(), "cycle {cycle}: {left:#?}");
     }
     assert!(runtime.list().await.unwrap().is_empty());
-    assert!(std::fs::read_dir(state.path()).unwrap().next().is_none());
+    // Only the runtime's bookkeeping stays: the envd copy and no id claim.
+    let mut remaining: Vec<String> = std::fs::read_dir(state.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    remaining.sort();
+    assert_eq!(remaining, [".envd", ".uid-slots"]);
+    assert!(
+        std::fs::read_dir(state.path().join(".uid-slots"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "an id slot is still claimed"
+    );
     println!("boot    {}", summary(&boots));
     println!("destroy {}", summary(&destroys));
 }

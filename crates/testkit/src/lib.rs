@@ -498,6 +498,35 @@ impl TestServer {
         self.data_dir.path().join("sandboxes")
     }
 
+    /// The per-sandbox directories in the state dir (dot-entries hold the
+    /// runtime's own bookkeeping).
+    pub fn sandbox_dirs(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.sandbox_state_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .map(|e| e.path())
+            .collect()
+    }
+
+    /// What destroyed sandboxes must not leave in the state dir: their
+    /// directories and their claims on user/group id slots.
+    pub fn sandbox_leftovers(&self) -> Vec<PathBuf> {
+        let mut found = self.sandbox_dirs();
+        for slots in [".uid-slots", ".gid-slots"] {
+            let dir = self.sandbox_state_dir().join(slots);
+            found.extend(
+                std::fs::read_dir(dir)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| e.path()),
+            );
+        }
+        found
+    }
+
     /// A counter's value in `/metrics` (0 when absent).
     pub async fn metric(&self, name: &str) -> f64 {
         self.metric_where(name, "").await
