@@ -465,3 +465,272 @@ fn set_mode(archive: &[u8], name: &str, mode: u32) -> Vec<u8> {
     }
     common::gzip(&out.into_inner().unwrap())
 }
+
+/// A host on a private network, in a network namespace of its own: a veth
+/// pair, several addresses on the far side (one of them the cloud metadata
+/// address) and an HTTP listener answering on all of them.
+struct PrivateHost {
+    netns: String,
+    host_if: String,
+    listener: std::process::Child,
+    port: u16,
+}
+
+const NET: &str = "10.231.7";
+
+impl PrivateHost {
+    fn start() -> Option<PrivateHost> {
+        let tag = std::process::id() % 100_000;
+        let netns = format!("smesc{tag}");
+        let host_if = format!("smesc{tag}h");
+        let peer_if = format!("smesc{tag}n");
+        let port = 18_000 + (tag % 1000) as u16;
+        let ip = |args: &str| {
+            std::process::Command::new("ip")
+                .args(args.split_whitespace())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        let setup = [
+            format!("netns add {netns}"),
+            format!("link add {host_if} type veth peer name {peer_if}"),
+            format!("link set {peer_if} netns {netns}"),
+            format!("addr add {NET}.1/24 dev {host_if}"),
+            format!("link set {host_if} up"),
+            format!("-n {netns} addr add {NET}.2/24 dev {peer_if}"),
+            format!("-n {netns} addr add {NET}.3/24 dev {peer_if}"),
+            format!("-n {netns} addr add {NET}.5/24 dev {peer_if}"),
+            format!("-n {netns} addr add 169.254.169.254/32 dev {peer_if}"),
+            format!("-n {netns} link set {peer_if} up"),
+            format!("-n {netns} link set lo up"),
+            format!("-n {netns} route add default dev {peer_if}"),
+            format!("route replace 169.254.169.254/32 via {NET}.2"),
+        ];
+        for step in &setup {
+            if !ip(step) {
+                eprintln!(
+                    "SKIP microVM egress test: `ip {step}` failed (iproute2 and netns needed)"
+                );
+                let _ = ip(&format!("netns del {netns}"));
+                return None;
+            }
+        }
+        let listener = std::process::Command::new("ip")
+            .args(["netns", "exec", &netns, "python3", "-c"])
+            .arg(format!(
+                "import http.server as h\n\
+                 class H(h.BaseHTTPRequestHandler):\n\
+                 \x20   def do_GET(s):\n\
+                 \x20       s.send_response(200); s.end_headers(); s.wfile.write(b'reached')\n\
+                 \x20   def log_message(s, *a): pass\n\
+                 h.ThreadingHTTPServer(('0.0.0.0', {port}), H).serve_forever()\n"
+            ))
+            .spawn()
+            .unwrap();
+        let host = PrivateHost {
+            netns,
+            host_if,
+            listener,
+            port,
+        };
+        // The destinations are live: the host itself reaches each of them.
+        for addr in [
+            format!("{NET}.2"),
+            format!("{NET}.5"),
+            "169.254.169.254".into(),
+        ] {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while std::net::TcpStream::connect_timeout(
+                &format!("{addr}:{}", host.port).parse().unwrap(),
+                Duration::from_millis(500),
+            )
+            .is_err()
+            {
+                assert!(Instant::now() < deadline, "test host {addr} never listened");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Some(host)
+    }
+}
+
+impl Drop for PrivateHost {
+    fn drop(&mut self) {
+        let _ = self.listener.kill();
+        let _ = self.listener.wait();
+        let _ = std::process::Command::new("ip")
+            .args([
+                "route",
+                "del",
+                "169.254.169.254/32",
+                "via",
+                &format!("{NET}.2"),
+            ])
+            .status();
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .status();
+    }
+}
+
+/// What an HTTP GET from inside the sandbox got: the body, or "blocked".
+async fn probe(server: &TestServer, id: &str, port: u16, addr: impl std::fmt::Display) -> String {
+    let cmd = format!("curl -s -m 10 http://{addr}:{port}/ || echo blocked");
+    root(server, id, &cmd).await.1.trim().to_string()
+}
+
+/// A guest reaches the public internet and nothing else: not the metadata
+/// service, not private ranges, not the host; a sandbox's deny_out closes
+/// more and its allow_out reopens within what the operator allows.
+#[tokio::test]
+async fn microvm_egress_policy_is_enforced() {
+    if !sandboxes_supported("microvm_egress_policy_is_enforced") {
+        return;
+    }
+    if !common::is_microvm() {
+        eprintln!(
+            "SKIP microvm_egress_policy_is_enforced (namespace): namespace sandboxes have no \
+             outbound network at all (sandboxes_api checks it)"
+        );
+        return;
+    }
+    let Some(host) = PrivateHost::start() else {
+        return;
+    };
+    let definitions = small_disk_definitions();
+    // The operator opens two private addresses (think: a package mirror).
+    let server = TestServer::start(
+        common::production()
+            .with_sandboxes(2, 0)
+            .with_setting(
+                "runtime.template_definitions_dir",
+                &definitions.path().display().to_string(),
+            )
+            .with_setting(
+                "runtime.microvm.egress_allow",
+                &format!("[\"{NET}.2/32\", \"{NET}.3/32\"]"),
+            ),
+    )
+    .await;
+    let port = host.port;
+    let open = create(&server, json!({ "template": "base" })).await;
+    assert_eq!(
+        probe(&server, &open, port, format!("{NET}.2")).await,
+        "reached",
+        "operator-allowed address"
+    );
+    for (what, addr) in [
+        ("the cloud metadata service", "169.254.169.254".to_string()),
+        ("a private address", format!("{NET}.5")),
+        ("the host's own address", format!("{NET}.1")),
+        (
+            "the host's loopback via the gateway",
+            "10.0.2.2".to_string(),
+        ),
+    ] {
+        assert_eq!(
+            probe(&server, &open, port, addr).await,
+            "blocked",
+            "{what} reached"
+        );
+    }
+
+    let denied = create(
+        &server,
+        json!({ "template": "base", "network": { "deny_out": [format!("{NET}.2/32")] } }),
+    )
+    .await;
+    assert_eq!(
+        probe(&server, &denied, port, format!("{NET}.2")).await,
+        "blocked",
+        "deny_out ignored"
+    );
+    assert_eq!(
+        probe(&server, &denied, port, format!("{NET}.3")).await,
+        "reached"
+    );
+
+    let only = create(
+        &server,
+        json!({ "template": "base", "network": {
+            "deny_out": [format!("{NET}.0/24")], "allow_out": [format!("{NET}.3")] } }),
+    )
+    .await;
+    assert_eq!(
+        probe(&server, &only, port, format!("{NET}.3")).await,
+        "reached",
+        "allow_out ignored"
+    );
+    assert_eq!(
+        probe(&server, &only, port, format!("{NET}.2")).await,
+        "blocked"
+    );
+
+    // A sandbox cannot open what the operator keeps closed.
+    let greedy = create(
+        &server,
+        json!({ "template": "base", "network": { "allow_out": ["169.254.169.254", format!("{NET}.5")] } }),
+    )
+    .await;
+    assert_eq!(
+        probe(&server, &greedy, port, "169.254.169.254").await,
+        "blocked"
+    );
+    assert_eq!(
+        probe(&server, &greedy, port, format!("{NET}.5")).await,
+        "blocked"
+    );
+
+    // Bad entries are the client's error.
+    let response = server
+        .post("/sandboxes")
+        .json(&json!({ "template": "base", "network": { "deny_out": ["10.0.0.0/99"] } }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    drop(host);
+}
+
+/// QEMU of a sandbox runs as its own unprivileged uid, without
+/// capabilities, under its seccomp filter.
+#[tokio::test]
+async fn microvm_qemu_runs_unprivileged() {
+    if !sandboxes_supported("microvm_qemu_runs_unprivileged") {
+        return;
+    }
+    if !common::is_microvm() {
+        eprintln!("SKIP microvm_qemu_runs_unprivileged (namespace): no QEMU");
+        return;
+    }
+    let definitions = small_disk_definitions();
+    let server = server(&definitions).await;
+    let id = create(&server, json!({ "template": "base" })).await;
+    let pid_file = server.sandbox_state_dir().join(&id).join("vm.pid");
+    let pid = std::fs::read_to_string(pid_file).unwrap();
+    let pid = pid.split_whitespace().next().unwrap();
+    let status = host_read(&format!("/proc/{pid}/status"));
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let uid: u64 = field("Uid:")
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(uid >= 1_000_000, "QEMU runs as uid {uid}");
+    assert_eq!(field("CapEff:"), "CapEff:\t0000000000000000");
+    assert_eq!(field("CapPrm:"), "CapPrm:\t0000000000000000");
+    assert_eq!(field("NoNewPrivs:"), "NoNewPrivs:\t1");
+    assert_eq!(field("Seccomp:"), "Seccomp:\t2");
+    // The sandbox still works after a restore under that uid.
+    assert_eq!(root(&server, &id, "echo ok").await, (0, "ok\n".into()));
+}

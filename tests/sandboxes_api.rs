@@ -765,11 +765,19 @@ fn host_leftovers(server: &TestServer) -> Vec<String> {
             .map(|l| format!("mount {l}")),
     );
     // Loop devices still backed by a sandbox's disk image.
-    for entry in std::fs::read_dir("/sys/block").into_iter().flatten().flatten() {
-        let backing = std::fs::read_to_string(entry.path().join("loop/backing_file"))
-            .unwrap_or_default();
+    for entry in std::fs::read_dir("/sys/block")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let backing =
+            std::fs::read_to_string(entry.path().join("loop/backing_file")).unwrap_or_default();
         if backing.contains(&*state.to_string_lossy()) {
-            found.push(format!("loop device {} on {}", entry.path().display(), backing.trim()));
+            found.push(format!(
+                "loop device {} on {}",
+                entry.path().display(),
+                backing.trim()
+            ));
         }
     }
     for controller in ["memory", "pids", "cpu", "devices", ""] {

@@ -325,6 +325,7 @@ impl Inner {
                 limits,
                 memory: Memory::SharedFile(snapshot.memory()),
                 incoming: false,
+                run_as: None,
             };
             self.spawn_qemu(&launch, self.vm_gid).await?;
             self.wait_for_console(
@@ -536,10 +537,19 @@ impl Inner {
     ) -> Result<(), String> {
         let files = VmFiles::new(self.config.state_dir.join(&spec.id));
         let gid = self.claim_gid(&spec.id)?;
+        // A sandbox's QEMU drops to uid = gid = its own id once set up; the
+        // files it still opens later (its overlay, the pid file) are its own.
+        let run_as = gid.map(|gid| (gid, gid));
+        if let Some((uid, gid)) = run_as {
+            chown(&files.dir, uid, gid)?;
+        }
         match snapshot {
             Some(snapshot) => {
                 self.create_overlay(&snapshot.disk(), "qcow2", &files.disk())
                     .await?;
+                if let Some((uid, gid)) = run_as {
+                    chown(&files.disk(), uid, gid)?;
+                }
                 spawn_relay(&self.config.relay, &files).await?;
                 let launch = VmLaunch {
                     name: &spec.id,
@@ -548,6 +558,7 @@ impl Inner {
                     limits: spec.limits,
                     memory: Memory::PrivateFile(snapshot.memory()),
                     incoming: true,
+                    run_as,
                 };
                 self.spawn_qemu(&launch, gid).await?;
                 let mut qmp = Qmp::connect(&files.qmp_socket(), QMP_TIMEOUT)
@@ -566,6 +577,9 @@ impl Inner {
             }
             None => {
                 self.create_overlay(image, "raw", &files.disk()).await?;
+                if let Some((uid, gid)) = run_as {
+                    chown(&files.disk(), uid, gid)?;
+                }
                 spawn_relay(&self.config.relay, &files).await?;
                 let launch = VmLaunch {
                     name: &spec.id,
@@ -574,6 +588,7 @@ impl Inner {
                     limits: spec.limits,
                     memory: Memory::Anonymous,
                     incoming: false,
+                    run_as,
                 };
                 self.spawn_qemu(&launch, gid).await?;
                 self.initialise(spec, &files, self.config.boot_timeout)
@@ -581,6 +596,11 @@ impl Inner {
             }
         }
     }
+}
+
+fn chown(path: &Path, uid: u32, gid: u32) -> Result<(), String> {
+    std::os::unix::fs::chown(path, Some(uid), Some(gid))
+        .map_err(|e| format!("chown {}: {e}", path.display()))
 }
 
 /// Starts the VM's relay and waits until it listens (QEMU connects to it

@@ -70,6 +70,10 @@ pub struct VmLaunch<'a> {
     pub memory: Memory,
     /// Restore from a snapshot (`-incoming defer`, then QMP).
     pub incoming: bool,
+    /// `(uid, gid)` QEMU switches to once its files and sockets are open
+    /// (a sandbox's own ids; `None`: stays root, for template VMs that
+    /// never run tenant code).
+    pub run_as: Option<(u32, u32)>,
 }
 
 /// Kernel command line; envd is init.
@@ -217,6 +221,14 @@ impl VmLaunch<'_> {
                 self.files.qmp_socket().display()
             ),
         ]);
+        // QEMU's own seccomp filter. spawn=deny and elevateprivileges=deny
+        // would also stop -daemonize's fork and setsid; once QEMU runs as
+        // an unprivileged uid with no capabilities and no_new_privs (which
+        // -run-with sets), privileges cannot be raised again anyway.
+        push(&["-sandbox", "on,obsolete=deny,resourcecontrol=deny"]);
+        if let Some((uid, gid)) = self.run_as {
+            push(&["-run-with", &format!("user={uid}:{gid}")]);
+        }
         push(&[
             "-daemonize",
             "-pidfile",

@@ -158,11 +158,19 @@ pub fn leftovers(state_dir: &Path, id: &str) -> Vec<String> {
     for pid in processes_mentioning(&needle) {
         found.push(format!("process {pid} still references {needle}"));
     }
-    for entry in std::fs::read_dir("/sys/block").into_iter().flatten().flatten() {
+    for entry in std::fs::read_dir("/sys/block")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let backing =
             std::fs::read_to_string(entry.path().join("loop/backing_file")).unwrap_or_default();
         if backing.contains(&needle) {
-            found.push(format!("loop device {} still holds {}", entry.path().display(), backing.trim()));
+            found.push(format!(
+                "loop device {} still holds {}",
+                entry.path().display(),
+                backing.trim()
+            ));
         }
     }
     if let Ok(cgroup) = SandboxCgroup::for_sandbox(id) {
