@@ -5,6 +5,8 @@
 
 use std::io;
 
+use super::os_error;
+
 /// The OCI/Docker default capability set, by number (linux/capability.h).
 pub const KEPT: [(u32, &str); 14] = [
     (0, "CAP_CHOWN"),
@@ -104,11 +106,6 @@ fn last_cap() -> u32 {
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(63)
-}
-
-fn os_error(what: &str) -> io::Error {
-    let err = io::Error::last_os_error();
-    io::Error::new(err.kind(), format!("{what}: {err}"))
 }
 
 #[cfg(test)]

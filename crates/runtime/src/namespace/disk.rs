@@ -12,6 +12,8 @@
 
 use std::fs::{self, OpenOptions};
 use std::io;
+
+use super::os_error;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
@@ -169,11 +171,6 @@ fn attach_loop(backing: &fs::File) -> io::Result<LoopDevice> {
         }
     }
     Err(io::Error::other("no free loop device after 64 attempts"))
-}
-
-fn os_error(what: &str) -> io::Error {
-    let err = io::Error::last_os_error();
-    io::Error::new(err.kind(), format!("{what}: {err}"))
 }
 
 #[cfg(test)]

@@ -26,6 +26,8 @@
 
 use std::ffi::CString;
 use std::io;
+
+use super::os_error;
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
@@ -384,11 +386,6 @@ fn exec_envd() -> io::Error {
     // SAFETY: NULL-terminated arrays of valid C strings that outlive the call.
     unsafe { libc::execve(argv[0].as_ptr(), argv_ptrs.as_ptr(), envp_ptrs.as_ptr()) };
     os_error(&format!("exec {program}"))
-}
-
-fn os_error(what: &str) -> io::Error {
-    let err = io::Error::last_os_error();
-    io::Error::new(err.kind(), format!("{what}: {err}"))
 }
 
 #[cfg(test)]

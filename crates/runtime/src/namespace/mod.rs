@@ -555,6 +555,12 @@ impl Runtime for NamespaceRuntime {
     }
 }
 
+/// The last OS error, with what was being done.
+pub(crate) fn os_error(what: &str) -> io::Error {
+    let err = io::Error::last_os_error();
+    io::Error::new(err.kind(), format!("{what}: {err}"))
+}
+
 /// The fields of `/proc/PID/stat` we need.
 pub(crate) struct ProcessInfo {
     state: char,

@@ -6,6 +6,8 @@
 use std::ffi::CString;
 use std::fs;
 use std::io;
+
+use super::os_error;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{symlink, PermissionsExt};
@@ -401,11 +403,6 @@ fn mount(
 fn cstring(path: &Path) -> io::Result<CString> {
     CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::other(format!("path {} contains NUL", path.display())))
-}
-
-fn os_error(what: &str) -> io::Error {
-    let err = io::Error::last_os_error();
-    io::Error::new(err.kind(), format!("{what}: {err}"))
 }
 
 fn context(what: impl Into<String>) -> impl FnOnce(io::Error) -> io::Error {

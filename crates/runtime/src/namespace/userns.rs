@@ -17,6 +17,7 @@
 //! (`O_EXCL`), holding the sandbox id; a slot whose sandbox directory is
 //! gone is stale and reclaimed.
 
+use super::os_error;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -217,11 +218,6 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     }
     // SAFETY: both fds were just created and are owned by nobody else.
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
-fn os_error(what: &str) -> io::Error {
-    let err = io::Error::last_os_error();
-    io::Error::new(err.kind(), format!("{what}: {err}"))
 }
 
 #[cfg(test)]
