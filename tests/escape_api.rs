@@ -391,6 +391,54 @@ async fn root_in_a_namespace_sandbox_holds_nothing_of_the_host() {
     // The sandbox keeps working and its disk can be freed again.
     root(&server, &id, "rm /home/user/fill").await;
     assert_eq!(root(&server, &id, "echo ok > /home/user/after").await.0, 0);
+
+    // A volume larger than the disk: its hydration fails with the reason,
+    // and the sandbox (lenient mode) is still usable.
+    let response = server
+        .post("/volumes?name=too-big")
+        .body(zeros_targz(1200 << 20))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let volume: Value = response.json().await.unwrap();
+    let response = server
+        .post("/sandboxes")
+        .json(&json!({ "template": "base", "volumes": [{ "volume_id": volume["volume_id"], "mount_path": "/data" }] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let sandbox: Value = response.json().await.unwrap();
+    let attachment = &sandbox["volumes"][0];
+    assert_eq!(attachment["status"], "failed", "{sandbox}");
+    assert!(
+        attachment["error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_lowercase()
+            .contains("space"),
+        "the reason names the full disk: {sandbox}"
+    );
+    let full = sandbox["sandbox_id"].as_str().unwrap();
+    assert_eq!(root(&server, full, "echo alive").await.1, "alive\n");
+}
+
+/// A gzip tarball holding one file of `size` zero bytes (compresses ~1000:1).
+fn zeros_targz(size: u64) -> Vec<u8> {
+    let encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let mut builder = tar::Builder::new(encoder);
+    let mut header = tar::Header::new_gnu();
+    header.set_size(size);
+    header.set_mode(0o644);
+    builder
+        .append_data(
+            &mut header,
+            "zeros.bin",
+            std::io::Read::take(std::io::repeat(0), size),
+        )
+        .unwrap();
+    builder.into_inner().unwrap().finish().unwrap()
 }
 
 /// The fork bomb stops at the pids limit; the host keeps answering and the
