@@ -29,6 +29,11 @@ fn small_disk_definitions() -> tempfile::TempDir {
     dir
 }
 
+/// One test server at a time in this binary: every microVM server installs
+/// the host's egress table at start, replacing the one before (one server
+/// per host is the production shape).
+static ONE_SERVER_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn server(definitions: &tempfile::TempDir) -> TestServer {
     TestServer::start(common::production().with_sandboxes(1, 0).with_setting(
         "runtime.template_definitions_dir",
@@ -98,6 +103,7 @@ async fn root_in_a_namespace_sandbox_holds_nothing_of_the_host() {
     if !sandboxes_supported("root_in_a_namespace_sandbox_holds_nothing_of_the_host") {
         return;
     }
+    let _serial = ONE_SERVER_AT_A_TIME.lock().await;
     if common::is_microvm() {
         eprintln!(
             "SKIP root_in_a_namespace_sandbox_holds_nothing_of_the_host (microvm): the guest's \
@@ -448,6 +454,7 @@ async fn a_fork_bomb_stays_inside() {
     if !sandboxes_supported("a_fork_bomb_stays_inside") {
         return;
     }
+    let _serial = ONE_SERVER_AT_A_TIME.lock().await;
     let definitions = small_disk_definitions();
     let server = server(&definitions).await;
     let id = create(&server, json!({ "template": "base" })).await;
@@ -638,6 +645,7 @@ async fn microvm_egress_policy_is_enforced() {
     if !sandboxes_supported("microvm_egress_policy_is_enforced") {
         return;
     }
+    let _serial = ONE_SERVER_AT_A_TIME.lock().await;
     if !common::is_microvm() {
         eprintln!(
             "SKIP microvm_egress_policy_is_enforced (namespace): namespace sandboxes have no \
@@ -750,6 +758,7 @@ async fn microvm_qemu_runs_unprivileged() {
     if !sandboxes_supported("microvm_qemu_runs_unprivileged") {
         return;
     }
+    let _serial = ONE_SERVER_AT_A_TIME.lock().await;
     if !common::is_microvm() {
         eprintln!("SKIP microvm_qemu_runs_unprivileged (namespace): no QEMU");
         return;

@@ -549,6 +549,10 @@ impl Inner {
                     .await?;
                 if let Some((uid, gid)) = run_as {
                     chown(&files.disk(), uid, gid)?;
+                    // QEMU opens the state file on migrate-incoming, after
+                    // it dropped to the sandbox's uid. It holds the template
+                    // VM's device state, nothing secret.
+                    readable_by_all(&snapshot.state())?;
                 }
                 spawn_relay(&self.config.relay, &files).await?;
                 let launch = VmLaunch {
@@ -596,6 +600,18 @@ impl Inner {
             }
         }
     }
+}
+
+fn readable_by_all(path: &Path) -> Result<(), String> {
+    let mode = fs::metadata(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o444 != 0o444 {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode | 0o444))
+            .map_err(|e| format!("chmod {}: {e}", path.display()))?;
+    }
+    Ok(())
 }
 
 fn chown(path: &Path, uid: u32, gid: u32) -> Result<(), String> {

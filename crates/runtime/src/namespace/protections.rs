@@ -138,3 +138,29 @@ fn probe_idmap(config: &NamespaceConfig) -> Result<(), RuntimeError> {
         String::from_utf8_lossy(&output.stderr).trim()
     )))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_device_cgroup_is_reported_not_hidden() {
+        let protections = Protections {
+            cgroup_version: CgroupVersion::V2,
+            device_cgroup: Err("cgroup v2 host: not implemented".into()),
+            uid_base: 1_000_000_000,
+            uid_slots: 8,
+        };
+        let json = protections.to_json();
+        assert_eq!(
+            json["devices"]["missing"],
+            "cgroup v2 host: not implemented"
+        );
+        assert_eq!(json["cgroup"], "v2");
+        assert_eq!(json["no_new_privs"], true);
+        assert_eq!(
+            json["capabilities"].as_array().unwrap().len(),
+            caps::KEPT.len()
+        );
+    }
+}
