@@ -29,9 +29,9 @@ fn small_disk_definitions() -> tempfile::TempDir {
     dir
 }
 
-/// One test server at a time in this binary: every microVM server installs
-/// the host's egress table at start, replacing the one before (one server
-/// per host is the production shape).
+/// One test at a time in this binary: they load the machine on purpose
+/// (fork bomb, disk fill) and time what must stay responsive (`/health`
+/// within 1 s), which should measure the sandbox, not its neighbours.
 static ONE_SERVER_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 async fn server(definitions: &tempfile::TempDir) -> TestServer {

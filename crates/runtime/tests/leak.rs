@@ -48,21 +48,23 @@ async fn boot_destroy_cycles_leave_nothing_behind() {
         assert!(left.is_empty(), "cycle {cycle}: {left:#?}");
     }
     assert!(runtime.list().await.unwrap().is_empty());
-    // Only the runtime's bookkeeping stays: the envd copy and no id claim.
-    let mut remaining: Vec<String> = std::fs::read_dir(state.path())
+    // Only the runtime's bookkeeping stays: the envd copy, and no id claim.
+    let remaining: Vec<String> = std::fs::read_dir(state.path())
         .unwrap()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
-    remaining.sort();
-    assert_eq!(remaining, [".envd", ".uid-slots"]);
-    assert!(
-        std::fs::read_dir(state.path().join(".uid-slots"))
-            .unwrap()
-            .next()
-            .is_none(),
-        "an id slot is still claimed"
-    );
+    assert_eq!(remaining, [".envd"]);
+    let state_dir = state.path().display().to_string();
+    let claims: Vec<_> = std::fs::read_dir("/run/sandbox-manager/uid-slots")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            std::fs::read_to_string(e.path()).is_ok_and(|holder| holder.starts_with(&state_dir))
+        })
+        .collect();
+    assert!(claims.is_empty(), "id slots still claimed: {claims:?}");
     println!("boot    {}", summary(&boots));
     println!("destroy {}", summary(&destroys));
 }

@@ -124,6 +124,23 @@ pub fn ensure_microvm_images(binary: &Path) {
     });
 }
 
+/// Id-slot claims (`/run/sandbox-manager/*-slots/N`) held by sandboxes
+/// whose state lives under `state_dir`.
+pub fn slot_claims_under(state_dir: &Path) -> Vec<PathBuf> {
+    let state_dir = std::path::absolute(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
+    let mut found = Vec::new();
+    for kind in ["uid-slots", "gid-slots"] {
+        let dir = Path::new("/run/sandbox-manager").join(kind);
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let holder = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            if Path::new(&holder).starts_with(&state_dir) {
+                found.push(entry.path());
+            }
+        }
+    }
+    found
+}
+
 /// Whether this machine can run sandboxes on the test runtime; prints why not.
 pub fn sandboxes_supported(test: &str) -> bool {
     if is_microvm() {
@@ -510,20 +527,11 @@ impl TestServer {
             .collect()
     }
 
-    /// What destroyed sandboxes must not leave in the state dir: their
-    /// directories and their claims on user/group id slots.
+    /// What destroyed sandboxes must not leave: their directories in the
+    /// state dir and their host-wide claims on user/group id slots.
     pub fn sandbox_leftovers(&self) -> Vec<PathBuf> {
         let mut found = self.sandbox_dirs();
-        for slots in [".uid-slots", ".gid-slots"] {
-            let dir = self.sandbox_state_dir().join(slots);
-            found.extend(
-                std::fs::read_dir(dir)
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-                    .map(|e| e.path()),
-            );
-        }
+        found.extend(slot_claims_under(&self.sandbox_state_dir()));
         found
     }
 

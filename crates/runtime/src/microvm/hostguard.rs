@@ -2,22 +2,27 @@
 //!
 //! QEMU's user-mode network turns every guest connection into a socket of
 //! the QEMU process, so the host's firewall sees guest traffic as QEMU's.
-//! Each VM's QEMU runs with a group id of its own (from a configured range;
-//! the snapshot-building template VM uses the `vm_user` group), and one
-//! table decides by that gid:
+//! Each sandbox's QEMU runs with a group id of its own (from a configured
+//! range; the snapshot-building template VMs use the `vm_user` group), and
+//! one table decides by that gid:
 //!
 //! 1. the host's own addresses (including the gateway 10.0.2.2, which slirp
 //!    maps to the host's loopback): rejected, always;
 //! 2. DNS to the host's resolvers (`/etc/resolv.conf`), port 53 only:
 //!    accepted, so names resolve even when the resolver is private;
-//! 3. the operator's `egress_allow` ranges: on to the sandbox's own policy;
-//! 4. loopback, link-local (the cloud metadata service), private, shared
-//!    and reserved ranges: rejected;
-//! 5. the sandbox's own `allow_out` (accept) and `deny_out` (reject), in a
-//!    chain per gid reached through a verdict map; then accept.
+//! 3. the VM's own chain (`sbx_GID`, reached through a verdict map):
+//!    destinations in the operator's `egress_allow` go straight to the
+//!    sandbox's policy; loopback, link-local (the cloud metadata service),
+//!    private, shared and reserved ranges are rejected; everything else
+//!    goes to the sandbox's policy: its `allow_out` (accept), its
+//!    `deny_out` (reject), then accept;
+//! 4. a gid without a chain (a template VM): the same ranges rejected.
 //!
-//! (A gid, not a uid: QEMU reopens its disks after a snapshot restore, so it
-//! keeps root's file access.)
+//! The table is created once and never deleted: a server restart keeps the
+//! chains of the VMs it re-adopts, and each VM's chain carries the allow
+//! list of the server that booted it.
+//!
+//! (A gid, not a uid: the template VMs keep root's file access.)
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -25,9 +30,11 @@ use std::process::{Command, Stdio};
 
 use crate::egress::{Cidr, EgressPolicy, BLOCKED_BY_DEFAULT};
 
-const TABLE: &str = "sandbox_manager_vm";
+const TABLE: &str = "sandbox_manager_egress";
+/// The table of earlier versions (one global rule set), removed at start.
+const OLD_TABLE: &str = "sandbox_manager_vm";
 
-/// The gids the guard applies to and the operator's exceptions.
+/// The gids the guard applies to.
 #[derive(Debug, Clone)]
 pub struct GuardSettings {
     /// The `vm_user` group (template VMs).
@@ -35,8 +42,6 @@ pub struct GuardSettings {
     /// Per-VM gids: `[first, first + count)`.
     pub first_vm_gid: u32,
     pub vm_gids: u32,
-    /// Private destinations the operator opens to every guest.
-    pub allow: Vec<Cidr>,
 }
 
 /// Creates the system user and group `user` if missing; returns its gid.
@@ -60,8 +65,8 @@ pub fn ensure_group(user: &str) -> Result<u32, String> {
     gid_of(user).ok_or_else(|| format!("user {user} missing after useradd"))
 }
 
-/// (Re)creates the whole table; per-VM chains of running VMs are re-applied
-/// by the caller.
+/// Creates the table if missing and (re)writes its shared part; the
+/// per-VM chains and the map that reaches them are left alone.
 pub fn install(settings: &GuardSettings) -> Result<(), String> {
     let last = settings.first_vm_gid + settings.vm_gids.saturating_sub(1);
     let (blocked4, blocked6) = split(
@@ -69,69 +74,80 @@ pub fn install(settings: &GuardSettings) -> Result<(), String> {
             .iter()
             .map(|c| c.parse().expect("built-in ranges parse")),
     );
-    let (allow4, allow6) = split(settings.allow.iter().copied());
     let (dns4, dns6) = split(resolvers().into_iter().map(|addr| Cidr {
         addr,
         prefix: if addr.is_ipv4() { 32 } else { 128 },
     }));
     let mut script = format!(
-        "add table inet {TABLE}\ndelete table inet {TABLE}\n\
-         table inet {TABLE} {{\n\
-         \x20 set vm_gids {{ type gid; flags interval; elements = {{ {guard}, {first}-{last} }} }}\n\
-         \x20 map policies {{ type gid : verdict; }}\n",
-        guard = settings.guard_gid,
-        first = settings.first_vm_gid,
+        "add table inet {TABLE}
+         add map inet {TABLE} policies {{ type gid : verdict; }}
+         add chain inet {TABLE} output {{ type filter hook output priority 0; policy accept; }}
+         flush chain inet {TABLE} output
+"
     );
-    script += &ip_set("blocked4", "ipv4_addr", &blocked4);
-    script += &ip_set("blocked6", "ipv6_addr", &blocked6);
-    script += &ip_set("allow4", "ipv4_addr", &allow4);
-    script += &ip_set("allow6", "ipv6_addr", &allow6);
-    script += &ip_set("dns4", "ipv4_addr", &dns4);
-    script += &ip_set("dns6", "ipv6_addr", &dns6);
-    script += "  chain output {\n    type filter hook output priority 0; policy accept;\n\
-               \x20   meta skgid != @vm_gids accept\n\
-               \x20   fib daddr type local reject\n\
-               \x20   ip daddr @dns4 meta l4proto { tcp, udp } th dport 53 accept\n\
-               \x20   ip6 daddr @dns6 meta l4proto { tcp, udp } th dport 53 accept\n\
-               \x20   ip daddr @allow4 goto sandbox\n\
-               \x20   ip6 daddr @allow6 goto sandbox\n\
-               \x20   ip daddr @blocked4 reject\n\
-               \x20   ip6 daddr @blocked6 reject\n\
-               \x20   goto sandbox\n  }\n\
-               \x20 chain sandbox {\n    meta skgid vmap @policies\n  }\n}\n";
+    script += &set(
+        "vm_gids",
+        "gid",
+        &[
+            settings.guard_gid.to_string(),
+            format!("{}-{last}", settings.first_vm_gid),
+        ],
+    );
+    script += &set("blocked4", "ipv4_addr", &strings(&blocked4));
+    script += &set("blocked6", "ipv6_addr", &strings(&blocked6));
+    script += &set("dns4", "ipv4_addr", &strings(&dns4));
+    script += &set("dns6", "ipv6_addr", &strings(&dns6));
+    for rule in [
+        "meta skgid != @vm_gids accept",
+        "fib daddr type local reject",
+        "ip daddr @dns4 meta l4proto { tcp, udp } th dport 53 accept",
+        "ip6 daddr @dns6 meta l4proto { tcp, udp } th dport 53 accept",
+        "meta skgid vmap @policies",
+        "ip daddr @blocked4 reject",
+        "ip6 daddr @blocked6 reject",
+    ] {
+        script += &format!("add rule inet {TABLE} output {rule}\n");
+    }
     nft(&script)
 }
 
-/// Installs (replacing) the policy of the VM running with `gid`.
-pub fn apply(gid: u32, policy: &EgressPolicy) -> Result<(), String> {
+/// Installs (replacing) the chain of the VM running with `gid`: the
+/// operator's `allow` ranges, then the blocked ranges, then the sandbox's
+/// own `policy`.
+pub fn apply(gid: u32, allow: &[Cidr], policy: &EgressPolicy) -> Result<(), String> {
     let chain = format!("sbx_{gid}");
-    let mut script = format!("add chain inet {TABLE} {chain}\nflush chain inet {TABLE} {chain}\n");
+    let own = format!("sbx_{gid}_own");
+    let mut script = String::new();
+    for name in [&chain, &own] {
+        script += &format!("add chain inet {TABLE} {name}\nflush chain inet {TABLE} {name}\n");
+    }
+    let mut rule = |chain: &str, body: String| {
+        script += &format!("add rule inet {TABLE} {chain} {body}\n");
+    };
+    for (family, list) in family_lists(allow) {
+        rule(&chain, format!("{family} daddr {{ {list} }} goto {own}"));
+    }
+    rule(&chain, "ip daddr @blocked4 reject".into());
+    rule(&chain, "ip6 daddr @blocked6 reject".into());
+    rule(&chain, format!("goto {own}"));
     for (list, verdict) in [(&policy.allow_out, "accept"), (&policy.deny_out, "reject")] {
-        let (v4, v6) = split(list.iter().copied());
-        if !v4.is_empty() {
-            script += &format!(
-                "add rule inet {TABLE} {chain} ip daddr {{ {} }} {verdict}\n",
-                join(&v4)
-            );
-        }
-        if !v6.is_empty() {
-            script += &format!(
-                "add rule inet {TABLE} {chain} ip6 daddr {{ {} }} {verdict}\n",
-                join(&v6)
-            );
+        for (family, list) in family_lists(list) {
+            rule(&own, format!("{family} daddr {{ {list} }} {verdict}"));
         }
     }
+    rule(&own, "accept".into());
     script += &format!("add element inet {TABLE} policies {{ {gid} : jump {chain} }}\n");
     nft(&script)
 }
 
-/// Removes the VM's policy (nothing to do if it had none).
+/// Removes the VM's chains (nothing to do if it had none).
 pub fn clear(gid: u32) {
-    let chain = format!("sbx_{gid}");
     let _ = nft(&format!(
         "delete element inet {TABLE} policies {{ {gid} }}\n"
     ));
-    let _ = nft(&format!("delete chain inet {TABLE} {chain}\n"));
+    let _ = nft(&format!(
+        "delete chain inet {TABLE} sbx_{gid}\ndelete chain inet {TABLE} sbx_{gid}_own\n"
+    ));
 }
 
 /// The nameservers the host (and so slirp's DNS forwarder) uses.
@@ -148,23 +164,33 @@ fn split(cidrs: impl Iterator<Item = Cidr>) -> (Vec<Cidr>, Vec<Cidr>) {
     cidrs.partition(Cidr::is_ipv4)
 }
 
-fn join(cidrs: &[Cidr]) -> String {
-    cidrs
-        .iter()
-        .map(Cidr::to_string)
-        .collect::<Vec<_>>()
-        .join(", ")
+fn strings(cidrs: &[Cidr]) -> Vec<String> {
+    cidrs.iter().map(Cidr::to_string).collect()
 }
 
-fn ip_set(name: &str, kind: &str, cidrs: &[Cidr]) -> String {
-    if cidrs.is_empty() {
-        format!("  set {name} {{ type {kind}; flags interval; }}\n")
-    } else {
-        format!(
-            "  set {name} {{ type {kind}; flags interval; auto-merge; elements = {{ {} }} }}\n",
-            join(cidrs)
-        )
+/// `("ip", "a, b")` and `("ip6", "c")` for the non-empty families of `cidrs`.
+fn family_lists(cidrs: &[Cidr]) -> Vec<(&'static str, String)> {
+    let (v4, v6) = split(cidrs.iter().copied());
+    [("ip", v4), ("ip6", v6)]
+        .into_iter()
+        .filter(|(_, list)| !list.is_empty())
+        .map(|(family, list)| (family, strings(&list).join(", ")))
+        .collect()
+}
+
+/// A named interval set holding exactly `elements` (replaced each start).
+fn set(name: &str, kind: &str, elements: &[String]) -> String {
+    let mut script = format!(
+        "add set inet {TABLE} {name} {{ type {kind}; flags interval; auto-merge; }}\n\
+         flush set inet {TABLE} {name}\n"
+    );
+    if !elements.is_empty() {
+        script += &format!(
+            "add element inet {TABLE} {name} {{ {} }}\n",
+            elements.join(", ")
+        );
     }
+    script
 }
 
 fn nft(script: &str) -> Result<(), String> {

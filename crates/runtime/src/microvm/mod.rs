@@ -170,15 +170,13 @@ impl MicrovmRuntime {
                 guard_gid: gid,
                 first_vm_gid: config.vm_gid_base,
                 vm_gids: config.vm_gid_slots,
-                allow: config.egress_allow.clone(),
             })
             .map_err(unguarded)?;
             Some(gid)
         };
         let vm_gids = vm_gid.map(|_| {
             SlotAllocator::new(
-                &config.state_dir,
-                "gid",
+                Path::new(crate::namespace::userns::SLOTS_ROOT).join("gid-slots"),
                 config.vm_gid_base,
                 1,
                 config.vm_gid_slots,
@@ -512,11 +510,14 @@ impl Inner {
             return Ok(None);
         };
         let gid = slots
-            .claim(id)
+            .claim(&self.config.state_dir.join(id))
             .map_err(|e| format!("claiming a VM gid: {e}"))?
             .base;
         fs::write(self.config.state_dir.join(id).join("gid"), gid.to_string())
             .map_err(|e| format!("recording the VM gid: {e}"))?;
+        // The default policy (with this server's allow list) is in place
+        // before QEMU opens a single socket.
+        hostguard::apply(gid, &self.config.egress_allow, &EgressPolicy::default())?;
         Ok(Some(gid))
     }
 
@@ -855,7 +856,7 @@ impl Runtime for MicrovmRuntime {
             tokio::task::spawn_blocking(move || hostguard::clear(gid))
                 .await
                 .ok();
-            slots.release(id);
+            slots.release(&files.dir);
         }
         Ok(())
     }
@@ -869,7 +870,8 @@ impl Runtime for MicrovmRuntime {
             ));
         };
         let policy = policy.clone();
-        tokio::task::spawn_blocking(move || hostguard::apply(gid, &policy))
+        let allow = self.inner.config.egress_allow.clone();
+        tokio::task::spawn_blocking(move || hostguard::apply(gid, &allow, &policy))
             .await
             .map_err(|e| RuntimeError::io("egress task", std::io::Error::other(e.to_string())))?
             .map_err(|e| RuntimeError::io("applying the egress policy", std::io::Error::other(e)))

@@ -98,8 +98,7 @@ impl NamespaceRuntime {
     pub fn new(config: NamespaceConfig) -> Self {
         Self {
             slots: SlotAllocator::new(
-                &config.state_dir,
-                "uid",
+                Path::new(userns::SLOTS_ROOT).join("uid-slots"),
                 config.uid_base,
                 userns::IDS_PER_SANDBOX,
                 config.uid_slots,
@@ -183,7 +182,7 @@ impl NamespaceRuntime {
         let ids = {
             let _guard = self.slot_lock.lock().unwrap_or_else(|e| e.into_inner());
             self.slots
-                .claim(&spec.id)
+                .claim(&std::path::absolute(&dir).unwrap_or_else(|_| dir.clone()))
                 .map_err(|e| RuntimeError::io("claiming a user-id range", e))?
         };
         fs::write(dir.join("ids"), format!("{} {}\n", ids.base, ids.count))
@@ -447,7 +446,8 @@ impl NamespaceRuntime {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(fail(format!("removing {}: {e}", dir.display()))),
         }
-        self.slots.release(id);
+        self.slots
+            .release(&std::path::absolute(&dir).unwrap_or_else(|_| dir.clone()));
         Ok(())
     }
 }

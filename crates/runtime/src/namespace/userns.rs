@@ -13,9 +13,11 @@
 //! ownership at no cost per boot. Chowning a copy of the rootfs per range
 //! would cost a full tree walk per sandbox (or per slot) and disk per copy.
 //!
-//! Slots are claimed host-side by creating `state_dir/.uid-slots/N`
-//! (`O_EXCL`), holding the sandbox id; a slot whose sandbox directory is
-//! gone is stale and reclaimed.
+//! Slots are claimed host-side by creating `/run/sandbox-manager/uid-slots/N`
+//! (`O_EXCL`), holding the sandbox's state directory; a slot whose
+//! directory is gone is stale and reclaimed. The claims are host-wide (two
+//! servers on one host never hand out the same ids) and live on a tmpfs,
+//! so they end with the host's boot, as the sandboxes do.
 
 use super::os_error;
 use std::fs::{self, OpenOptions};
@@ -45,24 +47,24 @@ impl IdRange {
     }
 }
 
+/// Where the host-wide slot claims live.
+pub const SLOTS_ROOT: &str = "/run/sandbox-manager";
+
 /// Hands out per-sandbox id ranges `[base + slot × stride, + stride)` for
 /// `slot < slots` (namespace sandboxes: uid ranges; microVMs: one gid each).
 #[derive(Debug, Clone)]
 pub struct SlotAllocator {
     dir: PathBuf,
-    sandboxes_dir: PathBuf,
     base: u32,
     stride: u32,
     slots: u32,
 }
 
 impl SlotAllocator {
-    /// Claims live in `state_dir/.NAME-slots/`; a claim whose sandbox has no
-    /// `state_dir/ID` any more is stale.
-    pub fn new(state_dir: &Path, name: &str, base: u32, stride: u32, slots: u32) -> Self {
+    /// Claims live in `dir` (e.g. `/run/sandbox-manager/uid-slots`).
+    pub fn new(dir: PathBuf, base: u32, stride: u32, slots: u32) -> Self {
         Self {
-            dir: state_dir.join(format!(".{name}-slots")),
-            sandboxes_dir: state_dir.to_path_buf(),
+            dir,
             base,
             stride,
             slots,
@@ -76,9 +78,12 @@ impl SlotAllocator {
         }
     }
 
-    /// Claims a free slot for sandbox `id`. Callers serialise claims within
-    /// one process; `O_EXCL` keeps two processes from sharing a slot.
-    pub fn claim(&self, id: &str) -> io::Result<IdRange> {
+    /// Claims a free slot for the sandbox whose state lives in `owner` (an
+    /// absolute path). Callers serialise claims within one process;
+    /// `O_EXCL` keeps two processes from sharing a slot.
+    pub fn claim(&self, owner: &Path) -> io::Result<IdRange> {
+        let id = owner.to_string_lossy();
+        let id = id.as_ref();
         fs::create_dir_all(&self.dir)?;
         for slot in 0..self.slots {
             let path = self.dir.join(slot.to_string());
@@ -93,9 +98,9 @@ impl SlotAllocator {
                     return Ok(self.range(slot));
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                    let owner = fs::read_to_string(&path).unwrap_or_default();
-                    let owner_gone = !owner.is_empty() && !self.sandboxes_dir.join(&owner).exists();
-                    if owner_gone && owner != id {
+                    let holder = fs::read_to_string(&path).unwrap_or_default();
+                    let holder_gone = !holder.is_empty() && !Path::new(&holder).exists();
+                    if holder_gone && holder != id {
                         // Stale: its sandbox was removed without releasing.
                         fs::write(&path, id)?;
                         return Ok(self.range(slot));
@@ -111,10 +116,11 @@ impl SlotAllocator {
         )))
     }
 
-    /// Releases every slot held by `id`.
-    pub fn release(&self, id: &str) {
+    /// Releases every slot held by `owner`.
+    pub fn release(&self, owner: &Path) {
+        let id = owner.to_string_lossy();
         for entry in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
-            if fs::read_to_string(entry.path()).is_ok_and(|owner| owner == id) {
+            if fs::read_to_string(entry.path()).is_ok_and(|holder| holder == id) {
                 let _ = fs::remove_file(entry.path());
             }
         }
@@ -227,20 +233,22 @@ mod tests {
     #[test]
     fn slots_are_exclusive_and_reclaimed() {
         let dir = tempfile::tempdir().unwrap();
-        let allocator = SlotAllocator::new(dir.path(), "uid", 1_000_000, IDS_PER_SANDBOX, 2);
-        fs::create_dir(dir.path().join("a")).unwrap();
-        fs::create_dir(dir.path().join("b")).unwrap();
-        fs::create_dir(dir.path().join("c")).unwrap();
-        fs::create_dir(dir.path().join("d")).unwrap();
-        let a = allocator.claim("a").unwrap();
-        let b = allocator.claim("b").unwrap();
-        assert_eq!(a.base, 1_000_000);
-        assert_eq!(b.base, 1_000_000 + IDS_PER_SANDBOX);
-        assert!(allocator.claim("c").is_err(), "only two slots");
-        allocator.release("a");
-        assert_eq!(allocator.claim("c").unwrap(), a);
-        // b's sandbox dir disappears without a release: its slot is stale.
-        fs::remove_dir(dir.path().join("b")).unwrap();
-        assert_eq!(allocator.claim("d").unwrap(), b);
+        let allocator = SlotAllocator::new(dir.path().join("slots"), 1_000_000, IDS_PER_SANDBOX, 2);
+        let owner = |name: &str| {
+            let path = dir.path().join(name);
+            fs::create_dir_all(&path).unwrap();
+            path
+        };
+        let (a, b, c, d) = (owner("a"), owner("b"), owner("c"), owner("d"));
+        let range_a = allocator.claim(&a).unwrap();
+        let range_b = allocator.claim(&b).unwrap();
+        assert_eq!(range_a.base, 1_000_000);
+        assert_eq!(range_b.base, 1_000_000 + IDS_PER_SANDBOX);
+        assert!(allocator.claim(&c).is_err(), "only two slots");
+        allocator.release(&a);
+        assert_eq!(allocator.claim(&c).unwrap(), range_a);
+        // b's directory disappears without a release: its slot is stale.
+        fs::remove_dir(&b).unwrap();
+        assert_eq!(allocator.claim(&d).unwrap(), range_b);
     }
 }
