@@ -78,13 +78,18 @@ pub fn install(settings: &GuardSettings) -> Result<(), String> {
         addr,
         prefix: if addr.is_ipv4() { 32 } else { 128 },
     }));
-    let mut script = format!(
-        "add table inet {TABLE}
-         add map inet {TABLE} policies {{ type gid : verdict; }}
-         add chain inet {TABLE} output {{ type filter hook output priority 0; policy accept; }}
-         flush chain inet {TABLE} output
-"
-    );
+    // Earlier versions kept one global rule set under another name.
+    let _ = nft(&format!("delete table inet {OLD_TABLE}\n"));
+    let mut script = [
+        format!("add table inet {TABLE}"),
+        format!("add map inet {TABLE} policies {{ type gid : verdict; }}"),
+        format!(
+            "add chain inet {TABLE} output {{ type filter hook output priority 0; policy accept; }}"
+        ),
+        format!("flush chain inet {TABLE} output"),
+    ]
+    .join("\n")
+        + "\n";
     script += &set(
         "vm_gids",
         "gid",
