@@ -33,7 +33,12 @@ enum Bench {
     },
     /// Create latency from the warm pool (sequential and a burst), cold
     /// create latency, and the `commands.run("true")` round trip.
-    SandboxCreate,
+    SandboxCreate {
+        /// Another `sandbox-manager` build (e.g. before a change), measured
+        /// in the same run; figures are then printed as ratios against it.
+        #[arg(long, env = "BASELINE_SANDBOX_MANAGER_BIN")]
+        baseline_server: Option<PathBuf>,
+    },
     /// Hydrate cost vs `tar xzf` of the same archive, and fan-out of 1, 4
     /// and 16 creates over one volume (wall time, S3 GETs and bytes).
     Hydrate,
@@ -50,7 +55,9 @@ async fn main() -> anyhow::Result<()> {
         Bench::VolumeUpload { size_mib } => {
             volume_upload::run(&cli.server, &cli.work_dir, size_mib).await
         }
-        Bench::SandboxCreate => sandbox_create::run(&cli.server).await,
+        Bench::SandboxCreate { baseline_server } => {
+            sandbox_create::run(&cli.server, baseline_server.as_deref()).await
+        }
         Bench::Hydrate => hydrate::run(&cli.server, &cli.work_dir).await,
         Bench::Microvm => microvm::run(&cli.server, &cli.work_dir).await,
     }

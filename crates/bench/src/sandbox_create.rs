@@ -34,15 +34,69 @@ async fn kill(server: &TestServer, id: &str) {
         .unwrap();
 }
 
-pub async fn run(binary: &Path) -> anyhow::Result<()> {
-    const POOL: usize = 8;
+/// One binary's figures.
+struct Figures {
+    warm: Vec<Duration>,
+    burst: Vec<Duration>,
+    round_trips: Vec<Duration>,
+    cold: Vec<Duration>,
+    hits: f64,
+}
+
+const POOL: usize = 8;
+const WARM_CREATES: usize = 200;
+
+/// Measures `binary`; with `baseline`, measures that one too, in the same
+/// run, and prints each figure as a ratio against it (e.g. the cost of a
+/// change: `--baseline-server` = the binary built before it).
+pub async fn run(binary: &Path, baseline: Option<&Path>) -> anyhow::Result<()> {
+    let current = measure(binary).await?;
+    let before = match baseline {
+        Some(baseline) => Some(measure(baseline).await?),
+        None => None,
+    };
+    println!("sandbox create (namespace runtime, HTTP)");
+    let rows: [(&str, fn(&Figures) -> &Vec<Duration>); 4] = [
+        ("warm, concurrency 1", |f| &f.warm),
+        ("warm, burst of 8", |f| &f.burst),
+        ("commands.run(\"true\")", |f| &f.round_trips),
+        ("cold (pool size 0)", |f| &f.cold),
+    ];
+    for (name, pick) in rows {
+        let now = summarize(pick(&current));
+        println!("  {name:<24} : {now}");
+        if let Some(before) = &before {
+            let then = summarize(pick(before));
+            println!(
+                "  {:<24} : {then}   → p50 {:.2}x, p99 {:.2}x",
+                "  baseline",
+                now.p50 / then.p50,
+                now.p99 / then.p99
+            );
+        }
+    }
+    let warm_p50 = summarize(&current.warm).p50;
+    println!(
+        "  cold p50 / warm p50      : {:.1}x",
+        summarize(&current.cold).p50 / warm_p50
+    );
+    println!(
+        "  pool hits (sequential)   : {:.0} of {WARM_CREATES}",
+        current.hits
+    );
+    println!("  targets: warm p50 <= 30 ms, p99 <= 100 ms");
+    Ok(())
+}
+
+async fn measure(binary: &Path) -> anyhow::Result<Figures> {
+    eprintln!("measuring {}", binary.display());
     let server = TestServer::start(ServerOptions::production(binary).with_sandboxes(POOL, 0)).await;
     server.wait_for_pool(POOL).await;
 
     // Sequential warm creates; the pool refills between them as it would
     // under a steady request rate (each create is followed by a kill).
     let mut warm = Vec::new();
-    for _ in 0..200 {
+    for _ in 0..WARM_CREATES {
         let (elapsed, id) = create(&server).await;
         warm.push(elapsed);
         kill(&server, &id).await;
@@ -51,17 +105,11 @@ pub async fn run(binary: &Path) -> anyhow::Result<()> {
     let hits = server
         .metric_where("pool_claims_total", "result=\"hit\"")
         .await;
-    println!("sandbox create (namespace runtime, HTTP, release build)");
-    println!("  warm, concurrency 1      : {}", summarize(&warm));
 
     // A burst the size of the pool, all at once.
     server.wait_for_pool(POOL).await;
     let burst = futures::future::join_all((0..POOL).map(|_| create(&server))).await;
     let burst_latencies: Vec<Duration> = burst.iter().map(|(d, _)| *d).collect();
-    println!(
-        "  warm, burst of {POOL:<2}       : {}",
-        summarize(&burst_latencies)
-    );
 
     // commands.run("true") round trip.
     let target = &burst[0].1;
@@ -77,7 +125,6 @@ pub async fn run(binary: &Path) -> anyhow::Result<()> {
         response.bytes().await?;
         round_trips.push(started.elapsed());
     }
-    println!("  commands.run(\"true\")     : {}", summarize(&round_trips));
     for (_, id) in &burst {
         kill(&server, id).await;
     }
@@ -92,13 +139,11 @@ pub async fn run(binary: &Path) -> anyhow::Result<()> {
         cold.push(elapsed);
         kill(&cold_server, &id).await;
     }
-    println!("  cold (pool size 0)       : {}", summarize(&cold));
-    let warm_p50 = summarize(&warm).p50;
-    println!(
-        "  cold p50 / warm p50      : {:.1}x",
-        summarize(&cold).p50 / warm_p50
-    );
-    println!("  pool hits (sequential)   : {hits:.0} of 200");
-    println!("  targets: warm p50 <= 30 ms, p99 <= 100 ms");
-    Ok(())
+    Ok(Figures {
+        warm,
+        burst: burst_latencies,
+        round_trips,
+        cold,
+        hits,
+    })
 }
