@@ -751,8 +751,8 @@ async fn microvm_egress_policy_is_enforced() {
     drop(host);
 }
 
-/// QEMU of a sandbox runs as its own unprivileged uid, without
-/// capabilities, under its seccomp filter.
+/// A sandbox's QEMU and relay run as its own unprivileged uid, without
+/// capabilities; QEMU under its seccomp filter.
 #[tokio::test]
 async fn microvm_qemu_runs_unprivileged() {
     if !sandboxes_supported("microvm_qemu_runs_unprivileged") {
@@ -766,28 +766,32 @@ async fn microvm_qemu_runs_unprivileged() {
     let definitions = small_disk_definitions();
     let server = server(&definitions).await;
     let id = create(&server, json!({ "template": "base" })).await;
-    let pid_file = server.sandbox_state_dir().join(&id).join("vm.pid");
-    let pid = std::fs::read_to_string(pid_file).unwrap();
-    let pid = pid.split_whitespace().next().unwrap();
-    let status = host_read(&format!("/proc/{pid}/status"));
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .unwrap_or_default()
-            .to_string()
-    };
-    let uid: u64 = field("Uid:")
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!(uid >= 1_000_000, "QEMU runs as uid {uid}");
-    assert_eq!(field("CapEff:"), "CapEff:\t0000000000000000");
-    assert_eq!(field("CapPrm:"), "CapPrm:\t0000000000000000");
-    assert_eq!(field("NoNewPrivs:"), "NoNewPrivs:\t1");
-    assert_eq!(field("Seccomp:"), "Seccomp:\t2");
+    for (process, pid_file) in [("QEMU", "vm.pid"), ("the relay", "relay.pid")] {
+        let pid =
+            std::fs::read_to_string(server.sandbox_state_dir().join(&id).join(pid_file)).unwrap();
+        let pid = pid.split_whitespace().next().unwrap().to_string();
+        let status = host_read(&format!("/proc/{pid}/status"));
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .unwrap_or_default()
+                .to_string()
+        };
+        let uid: u64 = field("Uid:")
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(uid >= 1_000_000, "{process} runs as uid {uid}");
+        assert_eq!(field("CapEff:"), "CapEff:\t0000000000000000", "{process}");
+        assert_eq!(field("CapPrm:"), "CapPrm:\t0000000000000000", "{process}");
+        assert_eq!(field("NoNewPrivs:"), "NoNewPrivs:\t1", "{process}");
+        if process == "QEMU" {
+            assert_eq!(field("Seccomp:"), "Seccomp:\t2");
+        }
+    }
     // The sandbox still works after a restore under that uid.
     assert_eq!(root(&server, &id, "echo ok").await, (0, "ok\n".into()));
 }

@@ -43,6 +43,9 @@ struct Figures {
     hits: f64,
 }
 
+/// Which samples of a [`Figures`] a printed row shows.
+type Pick = fn(&Figures) -> &Vec<Duration>;
+
 const POOL: usize = 8;
 const WARM_CREATES: usize = 200;
 
@@ -56,7 +59,7 @@ pub async fn run(binary: &Path, baseline: Option<&Path>) -> anyhow::Result<()> {
         None => None,
     };
     println!("sandbox create (namespace runtime, HTTP)");
-    let rows: [(&str, fn(&Figures) -> &Vec<Duration>); 4] = [
+    let rows: [(&str, Pick); 4] = [
         ("warm, concurrency 1", |f| &f.warm),
         ("warm, burst of 8", |f| &f.burst),
         ("commands.run(\"true\")", |f| &f.round_trips),

@@ -93,6 +93,10 @@ struct Inner {
     vm_gid: Option<u32>,
     /// Per-sandbox gids, if guarded.
     vm_gids: Option<SlotAllocator>,
+    /// Whether a sandbox's QEMU can run as its own uid: it opens the
+    /// snapshot's state file after dropping root, so every directory above
+    /// `images_dir` must be searchable by other users.
+    unprivileged_qemu: Result<(), String>,
     /// One client (one HTTP/2 connection) per VM: QEMU's chardev socket
     /// takes a single connection, so every caller must share it.
     agents: Mutex<HashMap<String, EnvdClient>>,
@@ -185,6 +189,13 @@ impl MicrovmRuntime {
         if accel.accel == Accel::Tcg {
             warn!(reason = %accel.reason, "microVMs run under TCG software emulation");
         }
+        let unprivileged_qemu = match vm_gid {
+            None => Err("no egress guard (runtime.microvm.vm_user is empty)".to_string()),
+            Some(_) => searchable_by_others(&config.images_dir),
+        };
+        if let Err(why) = &unprivileged_qemu {
+            warn!(reason = %why, "sandbox QEMU processes will run as root");
+        }
         let images = Images::new(
             config.images_dir.clone(),
             config.kernel_source.clone(),
@@ -198,6 +209,7 @@ impl MicrovmRuntime {
                 images,
                 vm_gid,
                 vm_gids,
+                unprivileged_qemu,
                 agents: Mutex::new(HashMap::new()),
                 building: Mutex::new(HashSet::new()),
                 build_failures: Mutex::new(HashMap::new()),
@@ -315,7 +327,7 @@ impl Inner {
             self.create_overlay(image, "raw", &snapshot.disk()).await?;
             // The VM writes through to the snapshot's own disk.
             std::os::unix::fs::symlink(snapshot.disk(), files.disk()).map_err(|e| e.to_string())?;
-            spawn_relay(&self.config.relay, &files).await?;
+            spawn_relay(&self.config.relay, &files, None).await?;
             let launch = VmLaunch {
                 name: "sandbox-template",
                 files: &files,
@@ -540,7 +552,9 @@ impl Inner {
         let gid = self.claim_gid(&spec.id)?;
         // A sandbox's QEMU drops to uid = gid = its own id once set up; the
         // files it still opens later (its overlay, the pid file) are its own.
-        let run_as = gid.map(|gid| (gid, gid));
+        let run_as = gid
+            .filter(|_| self.unprivileged_qemu.is_ok())
+            .map(|gid| (gid, gid));
         if let Some((uid, gid)) = run_as {
             chown(&files.dir, uid, gid)?;
         }
@@ -555,7 +569,7 @@ impl Inner {
                     // VM's device state, nothing secret.
                     readable_by_all(&snapshot.state())?;
                 }
-                spawn_relay(&self.config.relay, &files).await?;
+                spawn_relay(&self.config.relay, &files, run_as).await?;
                 let launch = VmLaunch {
                     name: &spec.id,
                     files: &files,
@@ -585,7 +599,7 @@ impl Inner {
                 if let Some((uid, gid)) = run_as {
                     chown(&files.disk(), uid, gid)?;
                 }
-                spawn_relay(&self.config.relay, &files).await?;
+                spawn_relay(&self.config.relay, &files, run_as).await?;
                 let launch = VmLaunch {
                     name: &spec.id,
                     files: &files,
@@ -601,6 +615,28 @@ impl Inner {
             }
         }
     }
+}
+
+/// Every directory from `/` down to `path` lets other users through.
+fn searchable_by_others(path: &Path) -> Result<(), String> {
+    let mut dir = PathBuf::new();
+    for part in path.components() {
+        dir.push(part);
+        let Ok(meta) = fs::metadata(&dir) else {
+            break; // Not created yet: we create it 0755.
+        };
+        if meta.permissions().mode() & 0o001 == 0 {
+            return Err(format!(
+                "{} is not searchable by other users (mode {:o}), so an unprivileged QEMU cannot \
+                 reach the snapshots in {}; put runtime.microvm.images_dir elsewhere (e.g. under \
+                 /var/lib) or chmod o+x that directory",
+                dir.display(),
+                meta.permissions().mode() & 0o7777,
+                path.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn readable_by_all(path: &Path) -> Result<(), String> {
@@ -622,7 +658,11 @@ fn chown(path: &Path, uid: u32, gid: u32) -> Result<(), String> {
 
 /// Starts the VM's relay and waits until it listens (QEMU connects to it
 /// on start-up, so it must come first).
-async fn spawn_relay(relay: &crate::LauncherCommand, files: &VmFiles) -> Result<(), String> {
+async fn spawn_relay(
+    relay: &crate::LauncherCommand,
+    files: &VmFiles,
+    run_as: Option<(u32, u32)>,
+) -> Result<(), String> {
     use tokio::io::AsyncBufReadExt;
     let mut command = tokio::process::Command::new(&relay.program);
     command
@@ -630,7 +670,11 @@ async fn spawn_relay(relay: &crate::LauncherCommand, files: &VmFiles) -> Result<
         .arg("--serial")
         .arg(files.serial_socket())
         .arg("--agent")
-        .arg(files.agent_socket())
+        .arg(files.agent_socket());
+    if let Some((uid, gid)) = run_as {
+        command.arg("--run-as").arg(format!("{uid}:{gid}"));
+    }
+    command
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
@@ -728,6 +772,10 @@ impl Runtime for MicrovmRuntime {
             "accel": self.inner.accel.accel.name(),
             "accel_reason": self.inner.accel.reason,
             "snapshots": self.inner.config.snapshots,
+            "qemu_user": match &self.inner.unprivileged_qemu {
+                Ok(()) => json!("a uid of its own per sandbox, no capabilities, no_new_privs, QEMU seccomp sandbox"),
+                Err(why) => json!({ "missing": format!("QEMU runs as root: {why}") }),
+            },
             "egress": if self.inner.vm_gid.is_some() {
                 json!({
                     "default": "public internet only: host addresses, loopback, link-local (cloud metadata), private, shared and reserved ranges rejected",

@@ -5,7 +5,10 @@
 //! exits when QEMU goes away.
 //!
 //! Run as a fresh process (the server's hidden `__vm-relay` subcommand):
-//! `--serial PATH --agent PATH`; it prints `READY` once both are bound.
+//! `--serial PATH --agent PATH [--run-as UID:GID]`; it prints `READY` once
+//! both are bound. With `--run-as` it then drops to that uid/gid (the
+//! sandbox's own ids), without capabilities and with `no_new_privs`: it
+//! only ever moves bytes between sockets it already holds.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -26,28 +29,31 @@ const QEMU_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 type Sessions = Arc<Mutex<HashMap<u32, mpsc::Sender<Bytes>>>>;
 
 pub fn relay_main(args: &[String]) -> ! {
+    const USAGE: &str = "usage: --serial PATH --agent PATH [--run-as UID:GID]";
     let mut serial = None;
     let mut agent = None;
+    let mut run_as = None;
     let mut args = args.iter();
     while let Some(flag) = args.next() {
         match (flag.as_str(), args.next()) {
             ("--serial", Some(path)) => serial = Some(PathBuf::from(path)),
             ("--agent", Some(path)) => agent = Some(PathBuf::from(path)),
+            ("--run-as", Some(ids)) => run_as = parse_ids(ids),
             _ => {
-                eprintln!("usage: --serial PATH --agent PATH");
+                eprintln!("{USAGE}");
                 std::process::exit(2);
             }
         }
     }
     let (Some(serial), Some(agent)) = (serial, agent) else {
-        eprintln!("usage: --serial PATH --agent PATH");
+        eprintln!("{USAGE}");
         std::process::exit(2);
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let code = match runtime.block_on(run(serial, agent)) {
+    let code = match runtime.block_on(run(serial, agent, run_as)) {
         Ok(()) => 0,
         Err(error) => {
             eprintln!("relay: {error}");
@@ -57,11 +63,39 @@ pub fn relay_main(args: &[String]) -> ! {
     std::process::exit(code)
 }
 
-async fn run(serial_path: PathBuf, agent_path: PathBuf) -> std::io::Result<()> {
+fn parse_ids(text: &str) -> Option<(u32, u32)> {
+    let (uid, gid) = text.split_once(':')?;
+    Some((uid.parse().ok()?, gid.parse().ok()?))
+}
+
+/// Becomes `uid:gid` for good: no supplementary groups, no capabilities
+/// (a setuid away from root clears them), no way back (`no_new_privs`).
+fn drop_privileges((uid, gid): (u32, u32)) -> std::io::Result<()> {
+    // SAFETY: plain syscalls (glibc applies the set*id calls to every thread).
+    unsafe {
+        if libc::setgroups(0, std::ptr::null()) != 0
+            || libc::setresgid(gid, gid, gid) != 0
+            || libc::setresuid(uid, uid, uid) != 0
+            || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+async fn run(
+    serial_path: PathBuf,
+    agent_path: PathBuf,
+    run_as: Option<(u32, u32)>,
+) -> std::io::Result<()> {
     let _ = std::fs::remove_file(&serial_path);
     let _ = std::fs::remove_file(&agent_path);
     let serial_listener = UnixListener::bind(&serial_path)?;
     let agent_listener = UnixListener::bind(&agent_path)?;
+    if let Some(ids) = run_as {
+        drop_privileges(ids)?;
+    }
     {
         let mut stdout = std::io::stdout();
         writeln!(stdout, "{READY_LINE}")?;
