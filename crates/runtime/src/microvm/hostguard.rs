@@ -87,6 +87,8 @@ pub fn install(settings: &GuardSettings) -> Result<(), String> {
             "add chain inet {TABLE} output {{ type filter hook output priority 0; policy accept; }}"
         ),
         format!("flush chain inet {TABLE} output"),
+        format!("add chain inet {TABLE} vm_egress"),
+        format!("flush chain inet {TABLE} vm_egress"),
     ]
     .join("\n")
         + "\n";
@@ -102,8 +104,11 @@ pub fn install(settings: &GuardSettings) -> Result<(), String> {
     script += &set("blocked6", "ipv6_addr", &strings(&blocked6));
     script += &set("dns4", "ipv4_addr", &strings(&dns4));
     script += &set("dns6", "ipv6_addr", &strings(&dns6));
+    // A positive match: packets without a socket (the kernel's RSTs and
+    // time-wait replies) have no gid and must pass untouched; a negated
+    // match would send them on to the rejects below.
+    script += &format!("add rule inet {TABLE} output meta skgid @vm_gids goto vm_egress\n");
     for rule in [
-        "meta skgid != @vm_gids accept",
         "fib daddr type local reject",
         "ip daddr @dns4 meta l4proto { tcp, udp } th dport 53 accept",
         "ip6 daddr @dns6 meta l4proto { tcp, udp } th dport 53 accept",
@@ -111,7 +116,7 @@ pub fn install(settings: &GuardSettings) -> Result<(), String> {
         "ip daddr @blocked4 reject",
         "ip6 daddr @blocked6 reject",
     ] {
-        script += &format!("add rule inet {TABLE} output {rule}\n");
+        script += &format!("add rule inet {TABLE} vm_egress {rule}\n");
     }
     nft(&script)
 }
