@@ -412,6 +412,49 @@ impl Inner {
                 });
             }
         }
+        // The overlay disk on fds 3 (read-write) and 4 (read-only), see
+        // `VmLaunch::disk_path`; QEMU keeps them, ours close on return.
+        let disk_fds = match launch.run_as {
+            Some(_) => {
+                let open = |write: bool| {
+                    fs::OpenOptions::new()
+                        .read(true)
+                        .write(write)
+                        .open(launch.files.disk())
+                        .map_err(|e| format!("opening {}: {e}", launch.files.disk().display()))
+                };
+                vec![open(true)?, open(false)?]
+            }
+            None => Vec::new(),
+        };
+        if !disk_fds.is_empty() {
+            let sources: Vec<i32> = disk_fds
+                .iter()
+                .map(std::os::fd::AsRawFd::as_raw_fd)
+                .collect();
+            // SAFETY: only dup/dup2/fcntl (async-signal-safe) between fork
+            // and exec. Sources are first moved above the targets so that
+            // placing one cannot overwrite another.
+            unsafe {
+                command.pre_exec(move || {
+                    let mut high = Vec::with_capacity(sources.len());
+                    for fd in &sources {
+                        let moved = libc::fcntl(*fd, libc::F_DUPFD, 10);
+                        if moved < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        high.push(moved);
+                    }
+                    for (fd, target) in high.iter().zip(qemu::DISK_FDS) {
+                        if libc::dup2(*fd, target) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        libc::close(*fd);
+                    }
+                    Ok(())
+                });
+            }
+        }
         let output = command
             .args(launch.args(self.accel.accel))
             .stdin(std::process::Stdio::null())

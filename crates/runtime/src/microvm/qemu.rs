@@ -140,7 +140,25 @@ pub fn fingerprint() -> String {
     format!("{SNAPSHOT_FORMAT} {MACHINE} {}", kernel_cmdline())
 }
 
+/// The fds a sandbox's QEMU gets its overlay disk on, read-write and
+/// read-only: QEMU picks from the set by access mode (a restored VM's
+/// disk is first opened read-only, then reopened read-write on `cont`).
+pub const DISK_FDS: [i32; 2] = [3, 4];
+
 impl VmLaunch<'_> {
+    /// A QEMU that drops root reopens its disk when the restored VM is
+    /// continued; by path that would need every directory above the state
+    /// dir to be searchable by the sandbox's uid. It gets the disk as an
+    /// inherited fd instead (`-add-fd` + `/dev/fdset/1`), which reopens
+    /// without any path access.
+    fn disk_path(&self) -> String {
+        if self.run_as.is_some() {
+            "/dev/fdset/1".into()
+        } else {
+            self.files.disk().display().to_string()
+        }
+    }
+
     pub fn args(&self, accel: Accel) -> Vec<OsString> {
         let mut args: Vec<OsString> = Vec::new();
         let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
@@ -188,7 +206,7 @@ impl VmLaunch<'_> {
             "-drive",
             &format!(
                 "id=root,file={},format=qcow2,if=none,cache=unsafe,discard=unmap",
-                self.files.disk().display()
+                self.disk_path()
             ),
             "-device",
             "virtio-blk-device,drive=root",
@@ -228,6 +246,9 @@ impl VmLaunch<'_> {
         push(&["-sandbox", "on,obsolete=deny,resourcecontrol=deny"]);
         if let Some((uid, gid)) = self.run_as {
             push(&["-run-with", &format!("user={uid}:{gid}")]);
+            for fd in DISK_FDS {
+                push(&["-add-fd", &format!("fd={fd},set=1,opaque=root-disk")]);
+            }
         }
         push(&[
             "-daemonize",
