@@ -113,14 +113,7 @@ async fn root_in_a_namespace_sandbox_holds_nothing_of_the_host() {
     }
     let definitions = small_disk_definitions();
     let server = server(&definitions).await;
-    let health: Value = server
-        .get("/health")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health = server.health().await;
     let isolation = &health["runtime"]["isolation"];
     assert!(isolation["user_namespace"].is_string(), "{health}");
     assert_eq!(isolation["no_new_privs"], true, "{health}");

@@ -69,14 +69,7 @@ async fn sandboxes_are_real_isolated_vms() {
         return;
     }
     let server = server(0, 2).await;
-    let health: Value = server
-        .get("/health")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health = server.health().await;
     assert_eq!(health["runtime"]["kind"], "microvm", "{health}");
     assert!(health["runtime"]["accel"].is_string(), "{health}");
     eprintln!("accelerator: {}", health["runtime"]["accel"]);

@@ -43,14 +43,7 @@ async fn lifecycle_listing_and_kill() {
         return;
     }
     let server = server(2).await;
-    let health: Value = server
-        .get("/health")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health = server.health().await;
     assert_eq!(health["runtime"]["kind"], common::test_runtime().as_str());
     assert_eq!(health["runtime"]["status"], "ok");
     let sandbox = create(&server, json!({ "template": "base", "timeout": 120, "metadata": { "job": "a" }, "secure": true, "lifecycle": { "on_timeout": "kill" } })).await;

@@ -510,6 +510,17 @@ impl TestServer {
         self.http.put(self.url(path)).bearer_auth(&self.api_key)
     }
 
+    /// `GET /health`, parsed.
+    pub async fn health(&self) -> serde_json::Value {
+        self.get("/health")
+            .send()
+            .await
+            .expect("GET /health")
+            .json()
+            .await
+            .expect("/health is JSON")
+    }
+
     /// The sandbox runtime's state directory of this server.
     pub fn sandbox_state_dir(&self) -> PathBuf {
         self.data_dir.path().join("sandboxes")
