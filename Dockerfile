@@ -7,7 +7,7 @@ RUN cargo build --release -p sandbox-manager -p envd \
 
 FROM debian:bookworm-slim
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates mmdebstrap iproute2 \
+ && apt-get install -y --no-install-recommends ca-certificates mmdebstrap iproute2 e2fsprogs \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /usr/local/bin/sandbox-manager /usr/local/bin/envd /usr/local/bin/
 # For the compose stack's one-shot Garage set-up (scripts/garage-init.sh).
