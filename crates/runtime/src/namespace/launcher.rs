@@ -26,17 +26,14 @@
 
 use std::ffi::CString;
 use std::io;
-
-use super::os_error;
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
-
-use std::os::fd::OwnedFd;
 
 use super::cgroups::SandboxCgroup;
 use super::mounts::{self, RootLayout, AGENT_MOUNT};
 use super::userns::{self, IdRange};
-use super::{caps, seccomp};
+use super::{caps, os_error, seccomp};
 
 /// Parsed command line of the launcher (see [`LaunchArgs::to_args`]).
 #[derive(Debug, Clone, PartialEq, Eq)]

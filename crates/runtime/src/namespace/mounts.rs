@@ -6,14 +6,13 @@
 use std::ffi::CString;
 use std::fs;
 use std::io;
-
-use super::os_error;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use super::disk;
+use super::os_error;
 use super::userns::IdRange;
 
 /// Inside the sandbox: where the host's agent dir is mounted.

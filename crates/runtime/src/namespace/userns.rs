@@ -19,12 +19,13 @@
 //! servers on one host never hand out the same ids) and live on a tmpfs,
 //! so they end with the host's boot, as the sandboxes do.
 
-use super::os_error;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+
+use super::os_error;
 
 /// Ids per sandbox: the full 16-bit range most distributions assume.
 pub const IDS_PER_SANDBOX: u32 = 65_536;
