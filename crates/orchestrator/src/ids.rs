@@ -1,6 +1,6 @@
 use rand::distr::{Alphanumeric, SampleString};
 
-/// `sbx-` + 8 lowercase alphanumerics (contract §6.8).
+/// `sbx-` + 8 lowercase alphanumerics (the JS SDK validates `^[A-Za-z0-9_-]+$`).
 pub fn new_sandbox_id() -> String {
     let suffix = Alphanumeric
         .sample_string(&mut rand::rng(), 8)

@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
-/// JSON bodies above this get 413 (contract §6.3); raw uploads have their own caps.
+/// JSON bodies above this get 413 (the Declaw SDKs expect 413 there); raw uploads have their own caps.
 const JSON_BODY_LIMIT: usize = 10 << 20;
 
 #[derive(Clone)]

@@ -1,5 +1,5 @@
 //! Volume attachments in a create request, parsed and checked at the edge
-//! (contract §6.1): every accepted `mount_path` is absolute, normalised,
+//! (as the Declaw SDKs send them): every accepted `mount_path` is absolute, normalised,
 //! not `/`, not inside a system directory, and no two overlap.
 
 use crate::error::ApiError;

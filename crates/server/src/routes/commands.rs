@@ -147,7 +147,7 @@ pub async fn kill(
 }
 
 /// Splits output into lines without their newline: the Python SDK joins
-/// stream chunks with "\n" (contract §4.3), so a chunk must be one line.
+/// stream chunks with "\n" (the SDKs' SSE parsers), so a chunk must be one line.
 #[derive(Default)]
 struct LineSplitter {
     partial: String,

@@ -14,7 +14,7 @@ use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-/// `/files/raw` bodies above this get 413 (contract §5).
+/// `/files/raw` bodies above this get 413 (what the SDKs expect).
 pub const RAW_FILE_LIMIT: u64 = 500 << 20;
 
 #[derive(Deserialize)]

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 
-/// The Volume JSON the SDKs parse (contract §2.1). `size_bytes` is the
+/// The Volume JSON the SDKs parse (the shape in their `Volume` types). `size_bytes` is the
 /// stored (compressed) blob size.
 #[derive(Serialize)]
 pub struct VolumeBody {
