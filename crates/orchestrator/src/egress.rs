@@ -77,12 +77,7 @@ async fn resolve(key: &str, text: &str) -> Result<Vec<Cidr>, OrchestratorError> 
     .await
     .map_err(|_| invalid(format!("network.{key}: resolving {name} timed out")))?
     .map_err(|e| invalid(format!("network.{key}: cannot resolve {name}: {e}")))?;
-    Ok(addresses
-        .map(|a| Cidr {
-            addr: a.ip(),
-            prefix: if a.is_ipv4() { 32 } else { 128 },
-        })
-        .collect())
+    Ok(addresses.map(|a| Cidr::host(a.ip())).collect())
 }
 
 fn invalid(message: String) -> OrchestratorError {

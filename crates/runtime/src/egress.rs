@@ -12,6 +12,12 @@ pub struct Cidr {
 }
 
 impl Cidr {
+    /// The network holding exactly `addr`.
+    pub fn host(addr: IpAddr) -> Self {
+        let prefix = if addr.is_ipv4() { 32 } else { 128 };
+        Cidr { addr, prefix }
+    }
+
     pub fn is_ipv4(&self) -> bool {
         self.addr.is_ipv4()
     }
@@ -48,7 +54,7 @@ impl FromStr for Cidr {
             .trim()
             .parse()
             .map_err(|_| format!("{text:?} is not an IP address or CIDR"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let max = Cidr::host(addr).prefix;
         let prefix = match prefix {
             None => max,
             Some(p) => p

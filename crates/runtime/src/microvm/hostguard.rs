@@ -74,10 +74,7 @@ pub fn install(settings: &GuardSettings) -> Result<(), String> {
             .iter()
             .map(|c| c.parse().expect("built-in ranges parse")),
     );
-    let (dns4, dns6) = split(resolvers().into_iter().map(|addr| Cidr {
-        addr,
-        prefix: if addr.is_ipv4() { 32 } else { 128 },
-    }));
+    let (dns4, dns6) = split(resolvers().into_iter().map(Cidr::host));
     // Earlier versions kept one global rule set under another name.
     let _ = nft(&format!("delete table inet {OLD_TABLE}\n"));
     let mut script = [

@@ -593,8 +593,9 @@ impl Inner {
     ) -> Result<(), String> {
         let files = VmFiles::new(self.config.state_dir.join(&spec.id));
         let gid = self.claim_gid(&spec.id)?;
-        // A sandbox's QEMU drops to uid = gid = its own id once set up; the
-        // files it still opens later (its overlay, the pid file) are its own.
+        // A sandbox's QEMU (and relay) drop to uid = gid = its own id once
+        // set up; its dir becomes theirs. The overlay needs no chown: QEMU
+        // gets it as inherited fds (`VmLaunch::disk_path`).
         let run_as = gid
             .filter(|_| self.unprivileged_qemu.is_ok())
             .map(|gid| (gid, gid));
@@ -605,8 +606,7 @@ impl Inner {
             Some(snapshot) => {
                 self.create_overlay(&snapshot.disk(), "qcow2", &files.disk())
                     .await?;
-                if let Some((uid, gid)) = run_as {
-                    chown(&files.disk(), uid, gid)?;
+                if run_as.is_some() {
                     // QEMU opens the state file on migrate-incoming, after
                     // it dropped to the sandbox's uid. It holds the template
                     // VM's device state, nothing secret.
@@ -639,9 +639,6 @@ impl Inner {
             }
             None => {
                 self.create_overlay(image, "raw", &files.disk()).await?;
-                if let Some((uid, gid)) = run_as {
-                    chown(&files.disk(), uid, gid)?;
-                }
                 spawn_relay(&self.config.relay, &files, run_as).await?;
                 let launch = VmLaunch {
                     name: &spec.id,

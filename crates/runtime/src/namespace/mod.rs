@@ -155,8 +155,9 @@ impl NamespaceRuntime {
         (info.start_time == start_time && !info.is_zombie()).then_some(pid)
     }
 
-    /// Creates `state_dir/ID/...`, the token file and the cgroup.
-    fn prepare(&self, spec: &BootSpec) -> Result<SandboxCgroup, RuntimeError> {
+    /// Creates `state_dir/ID/...`, the token file and the cgroup; returns
+    /// the sandbox's id range.
+    fn prepare(&self, spec: &BootSpec) -> Result<IdRange, RuntimeError> {
         let dir = self.sandbox_dir(&spec.id);
         fs::create_dir_all(&self.config.state_dir).map_err(|e| {
             RuntimeError::io(format!("creating {}", self.config.state_dir.display()), e)
@@ -182,11 +183,9 @@ impl NamespaceRuntime {
         let ids = {
             let _guard = self.slot_lock.lock().unwrap_or_else(|e| e.into_inner());
             self.slots
-                .claim(&std::path::absolute(&dir).unwrap_or_else(|_| dir.clone()))
+                .claim(&self.slot_owner(&spec.id))
                 .map_err(|e| RuntimeError::io("claiming a user-id range", e))?
         };
-        fs::write(dir.join("ids"), format!("{} {}\n", ids.base, ids.count))
-            .map_err(|e| RuntimeError::io("recording the id range", e))?;
         // Only root (envd) inside the sandbox may touch the agent dir: the
         // token is in there until envd has read it.
         let agent = dir.join("agent");
@@ -219,20 +218,14 @@ impl NamespaceRuntime {
                 id: spec.id.clone(),
                 message: e.to_string(),
             })?;
-        Ok(cgroup)
+        Ok(ids)
     }
 
-    /// The sandbox's recorded id range.
-    fn ids(&self, id: &str) -> Result<IdRange, RuntimeError> {
-        let text = fs::read_to_string(self.sandbox_dir(id).join("ids"))
-            .map_err(|e| RuntimeError::io("reading the id range", e))?;
-        let mut fields = text.split_whitespace().map(str::parse::<u32>);
-        match (fields.next(), fields.next()) {
-            (Some(Ok(base)), Some(Ok(count))) => Ok(IdRange { base, count }),
-            _ => Err(RuntimeError::InvalidSpec(format!(
-                "corrupt id range {text:?}"
-            ))),
-        }
+    /// What an id-slot claim names as its holder: the sandbox dir, made
+    /// absolute (the claims are host-wide).
+    fn slot_owner(&self, id: &str) -> PathBuf {
+        let dir = self.sandbox_dir(id);
+        std::path::absolute(&dir).unwrap_or(dir)
     }
 
     /// A root-owned, read-only copy of the envd binary under the state dir,
@@ -266,6 +259,7 @@ impl NamespaceRuntime {
     fn spawn_launcher(
         &self,
         spec: &BootSpec,
+        ids: IdRange,
     ) -> Result<oneshot::Receiver<io::Result<std::process::ExitStatus>>, RuntimeError> {
         let dir = self.sandbox_dir(&spec.id);
         let launch = LaunchArgs {
@@ -274,7 +268,7 @@ impl NamespaceRuntime {
             rootfs: spec.rootfs.clone(),
             envd_binary: self.envd_copy()?,
             hostname: spec.hostname.clone(),
-            ids: self.ids(&spec.id)?,
+            ids,
         };
         let log = fs::File::create(dir.join("launcher.log"))
             .map_err(|e| RuntimeError::io("creating launcher.log", e))?;
@@ -446,8 +440,7 @@ impl NamespaceRuntime {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(fail(format!("removing {}: {e}", dir.display()))),
         }
-        self.slots
-            .release(&std::path::absolute(&dir).unwrap_or_else(|_| dir.clone()));
+        self.slots.release(&self.slot_owner(id));
         Ok(())
     }
 }
@@ -473,8 +466,8 @@ impl Runtime for NamespaceRuntime {
         let started = Instant::now();
         self.validate_spec(&spec)?;
         let result = async {
-            self.prepare(&spec)?;
-            let exited = self.spawn_launcher(&spec)?;
+            let ids = self.prepare(&spec)?;
+            let exited = self.spawn_launcher(&spec, ids)?;
             self.wait_healthy(&spec, exited).await
         }
         .await;
