@@ -22,6 +22,8 @@ impl LocalBlobStore {
     pub async fn open(root: impl Into<PathBuf>) -> BlobResult<Self> {
         let root = root.into();
         fs::create_dir_all(&root).await?;
+        // Tenants' data: readable by this service's user alone.
+        fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o700)).await?;
         Ok(LocalBlobStore { root })
     }
 
@@ -60,7 +62,12 @@ impl BlobStore for LocalBlobStore {
             target.file_name().unwrap_or_default().to_string_lossy(),
             uuid::Uuid::new_v4().simple()
         ));
-        let file = fs::File::create(&partial).await?;
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&partial)
+            .await?;
         Ok(Box::new(LocalUpload {
             file: Some(BufWriter::with_capacity(1 << 20, file)),
             partial,
@@ -101,20 +108,23 @@ impl BlobStore for LocalBlobStore {
             .collect())
     }
 
+    /// Keys (of the blobs they would become) of partial files.
     async fn pending_uploads(&self, prefix: &str) -> BlobResult<Vec<String>> {
-        let files = self.files_under(prefix).await?;
-        Ok(files
+        let mut keys: Vec<String> = self
+            .partials_under(prefix)
+            .await?
             .into_iter()
-            .filter(|(key, _)| is_partial(key))
-            .map(|(key, _)| key)
-            .collect())
+            .map(|(_, target, _)| target)
+            .collect();
+        keys.dedup();
+        Ok(keys)
     }
 
     async fn abort_stale_uploads(&self, prefix: &str, older_than: Duration) -> BlobResult<usize> {
         let cutoff = SystemTime::now() - older_than;
         let mut removed = 0;
-        for (key, modified) in self.files_under(prefix).await? {
-            if is_partial(&key) && modified <= cutoff {
+        for (key, _, modified) in self.partials_under(prefix).await? {
+            if modified <= cutoff {
                 fs::remove_file(self.root.join(&key))
                     .await
                     .or_else(ignore_not_found)?;
@@ -129,7 +139,60 @@ fn is_partial(key: &str) -> bool {
     key.ends_with(PARTIAL_SUFFIX)
 }
 
+/// `dir/.name.<uuid>.partial` → `dir/name`: the key the upload would commit.
+fn partial_target(key: &str) -> Option<String> {
+    let (dir, file) = match key.rsplit_once('/') {
+        Some((dir, file)) => (Some(dir), file),
+        None => (None, key),
+    };
+    let stem = file.strip_prefix('.')?.strip_suffix(PARTIAL_SUFFIX)?;
+    let (name, _uuid) = stem.rsplit_once('.')?;
+    Some(match dir {
+        Some(dir) => format!("{dir}/{name}"),
+        None => name.to_string(),
+    })
+}
+
 impl LocalBlobStore {
+    /// Partial files whose target key starts with `prefix` (a directory
+    /// prefix or a whole key), as (own key, target key, mtime).
+    async fn partials_under(&self, prefix: &str) -> BlobResult<Vec<(String, String, SystemTime)>> {
+        let dir = if prefix.ends_with('/') {
+            prefix
+        } else {
+            prefix.rsplit_once('/').map_or("", |(dir, _)| dir)
+        };
+        let files = if dir.is_empty() {
+            self.files_under_root().await?
+        } else {
+            self.files_under(dir).await?
+        };
+        Ok(files
+            .into_iter()
+            .filter_map(|(key, modified)| {
+                let target = partial_target(&key)?;
+                target
+                    .starts_with(prefix)
+                    .then_some((key, target, modified))
+            })
+            .collect())
+    }
+
+    async fn files_under_root(&self) -> BlobResult<Vec<(String, SystemTime)>> {
+        let mut found = Vec::new();
+        let mut entries = fs::read_dir(&self.root).await?;
+        while let Some(entry) = entries.next_entry().await? {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if entry.file_type().await?.is_dir() {
+                found.extend(self.files_under(&name).await?);
+            } else {
+                let modified = entry.metadata().await?.modified()?;
+                found.push((name, modified));
+            }
+        }
+        Ok(found)
+    }
+
     /// Every file below `prefix`, as (key relative to the root, mtime).
     async fn files_under(&self, prefix: &str) -> BlobResult<Vec<(String, SystemTime)>> {
         let start = self.path_of(prefix.trim_end_matches('/'))?;
@@ -207,5 +270,20 @@ fn ignore_not_found(e: std::io::Error) -> std::io::Result<()> {
         Ok(())
     } else {
         Err(e)
+    }
+}
+
+#[cfg(test)]
+mod partial_tests {
+    use super::partial_target;
+
+    #[test]
+    fn a_partial_names_the_key_it_would_commit() {
+        assert_eq!(
+            partial_target("owners/o/volumes/.vol-1.tar.gz.0123abcd.partial").as_deref(),
+            Some("owners/o/volumes/vol-1.tar.gz")
+        );
+        assert_eq!(partial_target(".k.u.partial").as_deref(), Some("k"));
+        assert_eq!(partial_target("owners/o/volumes/vol-1.tar.gz"), None);
     }
 }

@@ -49,7 +49,13 @@ struct Inner {
     base: String,
     check_version: bool,
     compatible: OnceCell<Health>,
+    max_response_bytes: usize,
 }
+
+/// What the client buffers of one non-streamed response by default. The
+/// agent is inside the sandbox, so it is as hostile as the tenant: nothing
+/// it sends may grow the caller's memory without bound.
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 64 << 20;
 
 /// Options for [`EnvdClient`].
 pub struct EnvdClientBuilder {
@@ -57,9 +63,17 @@ pub struct EnvdClientBuilder {
     token: String,
     http2: bool,
     check_version: bool,
+    max_response_bytes: usize,
 }
 
 impl EnvdClientBuilder {
+    /// Cap on a buffered (JSON or whole-file) response; beyond it the call
+    /// fails with [`EnvdError::TooLarge`].
+    pub fn max_response_bytes(mut self, limit: usize) -> Self {
+        self.max_response_bytes = limit;
+        self
+    }
+
     /// Speak HTTP/2 with prior knowledge (envd accepts both on one listener).
     pub fn http2(mut self, enabled: bool) -> Self {
         self.http2 = enabled;
@@ -90,6 +104,7 @@ impl EnvdClientBuilder {
                 base,
                 check_version: self.check_version,
                 compatible: OnceCell::new(),
+                max_response_bytes: self.max_response_bytes,
             }),
         }
     }
@@ -112,6 +127,7 @@ impl EnvdClient {
             token: token.into(),
             http2: false,
             check_version: true,
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
         }
     }
 
@@ -122,7 +138,7 @@ impl EnvdClient {
         let response = self
             .send_unchecked(Method::GET, routes::HEALTH, empty_body(), None)
             .await?;
-        decode_json(response).await
+        decode_json(response, self.inner.max_response_bytes).await
     }
 
     /// Checks (once per client) that the agent speaks a supported protocol.
@@ -170,7 +186,7 @@ impl EnvdClient {
         let response = self
             .send(Method::PUT, &uri, stream_body(body), Some(OCTETS))
             .await?;
-        decode_json(response).await
+        decode_json(response, self.inner.max_response_bytes).await
     }
 
     /// Writes a small in-memory file.
@@ -213,9 +229,14 @@ impl EnvdClient {
     /// Reads a whole file into memory (for small files).
     pub async fn read_to_bytes(&self, path: &str, user: &str) -> Result<Bytes, EnvdError> {
         let mut stream = self.read_file(path, user).await?;
+        let limit = self.inner.max_response_bytes;
         let mut out = Vec::new();
         while let Some(chunk) = stream.next().await {
-            out.extend_from_slice(&chunk?);
+            let chunk = chunk?;
+            if out.len() + chunk.len() > limit {
+                return Err(EnvdError::TooLarge { limit });
+            }
+            out.extend_from_slice(&chunk);
         }
         Ok(out.into())
     }
@@ -270,7 +291,7 @@ impl EnvdClient {
                 None,
             )
             .await?;
-        let _: Empty = decode_json(response).await?;
+        let _: Empty = decode_json(response, self.inner.max_response_bytes).await?;
         Ok(())
     }
 
@@ -300,12 +321,39 @@ impl EnvdClient {
         S: Stream<Item = Result<Bytes, E>> + Send + 'static,
         E: Into<BoxError> + 'static,
     {
-        let uri = path_query(routes::FILES_UNPACK, dest, user);
+        self.unpack_limited(dest, user, body, gzip, None, None)
+            .await
+    }
+
+    /// [`Self::unpack`] with archive limits the agent enforces (below its
+    /// own): the unpack fails, naming the limit, once the archive passes one.
+    pub async fn unpack_limited<S, E>(
+        &self,
+        dest: &str,
+        user: &str,
+        body: S,
+        gzip: bool,
+        max_bytes: Option<u64>,
+        max_entries: Option<u64>,
+    ) -> Result<UnpackReport, EnvdError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send + 'static,
+        E: Into<BoxError> + 'static,
+    {
+        let uri = query::build(
+            routes::FILES_UNPACK,
+            &[
+                ("path", Some(dest.to_string())),
+                ("username", Some(user.to_string())),
+                ("max_bytes", max_bytes.map(|n| n.to_string())),
+                ("max_entries", max_entries.map(|n| n.to_string())),
+            ],
+        );
         let content_type = if gzip { GZIP_TAR } else { TAR };
         let response = self
             .send(Method::POST, &uri, stream_body(body), Some(content_type))
             .await?;
-        decode_json(response).await
+        decode_json(response, self.inner.max_response_bytes).await
     }
 
     // ----- processes -----
@@ -317,7 +365,7 @@ impl EnvdClient {
         let response = self
             .send_unchecked(Method::POST, routes::INIT, json_body(request)?, Some(JSON))
             .await?;
-        let _: Empty = decode_json(response).await?;
+        let _: Empty = decode_json(response, self.inner.max_response_bytes).await?;
         Ok(())
     }
 
@@ -333,7 +381,7 @@ impl EnvdClient {
                 Some(JSON),
             )
             .await?;
-        let _: Empty = decode_json(response).await?;
+        let _: Empty = decode_json(response, self.inner.max_response_bytes).await?;
         Ok(())
     }
 
@@ -376,7 +424,7 @@ impl EnvdClient {
         let response = self
             .send(Method::DELETE, &routes::process(pid), empty_body(), None)
             .await?;
-        let response: KillResponse = decode_json(response).await?;
+        let response: KillResponse = decode_json(response, self.inner.max_response_bytes).await?;
         Ok(response.killed)
     }
 
@@ -406,7 +454,7 @@ impl EnvdClient {
 
     async fn get_json<T: DeserializeOwned>(&self, uri: &str) -> Result<T, EnvdError> {
         let response = self.send(Method::GET, uri, empty_body(), None).await?;
-        decode_json(response).await
+        decode_json(response, self.inner.max_response_bytes).await
     }
 
     async fn post_json<Req: Serialize, T: DeserializeOwned>(
@@ -417,7 +465,7 @@ impl EnvdClient {
         let response = self
             .send(Method::POST, uri, json_body(body)?, Some(JSON))
             .await?;
-        decode_json(response).await
+        decode_json(response, self.inner.max_response_bytes).await
     }
 
     async fn send(
@@ -528,12 +576,10 @@ async fn check_status(
         return Ok(response);
     }
     let status = response.status();
-    let bytes = response
-        .into_body()
-        .collect()
+    // An error body is a short message; a longer one is cut, not buffered.
+    let bytes = collect_limited(response, ERROR_BODY_LIMIT)
         .await
-        .map_err(|e| EnvdError::Transport(e.to_string()))?
-        .to_bytes();
+        .unwrap_or_else(|e| Bytes::from(e.to_string()));
     Err(api_error(status, &bytes))
 }
 
@@ -552,16 +598,31 @@ fn api_error(status: StatusCode, body: &[u8]) -> EnvdError {
     }
 }
 
+const ERROR_BODY_LIMIT: usize = 64 << 10;
+
+/// The whole body, or [`EnvdError::TooLarge`] as soon as it passes `limit`.
+async fn collect_limited(
+    response: http::Response<Incoming>,
+    limit: usize,
+) -> Result<Bytes, EnvdError> {
+    let mut body = BodyDataStream::new(response.into_body());
+    let mut out = Vec::new();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| EnvdError::Transport(e.to_string()))?;
+        if out.len() + chunk.len() > limit {
+            return Err(EnvdError::TooLarge { limit });
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out.into())
+}
+
 async fn decode_json<T: DeserializeOwned>(
     response: http::Response<Incoming>,
+    limit: usize,
 ) -> Result<T, EnvdError> {
     let response = check_status(response).await?;
-    let bytes = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| EnvdError::Transport(e.to_string()))?
-        .to_bytes();
+    let bytes = collect_limited(response, limit).await?;
     serde_json::from_slice(&bytes)
         .map_err(|e| EnvdError::Decode(format!("{e}: {}", String::from_utf8_lossy(&bytes))))
 }

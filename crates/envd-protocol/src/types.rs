@@ -179,6 +179,13 @@ pub struct UnpackQuery {
     /// Owner of every file and directory the unpack creates.
     #[serde(default = "default_user")]
     pub username: String,
+    /// Most bytes of file data the archive may hold (added in v1; envd
+    /// also enforces its own ceiling, and the lower one applies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<u64>,
+    /// Most entries the archive may hold (as `max_bytes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_entries: Option<u64>,
 }
 
 /// An archive entry that unpack did not write, and why.

@@ -127,6 +127,8 @@ fn current_samples() -> BTreeMap<String, Value> {
         UnpackQuery {
             path: "/data".into(),
             username: "user".into(),
+            max_bytes: None,
+            max_entries: None,
         },
     );
     sample(

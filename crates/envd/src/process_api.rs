@@ -190,9 +190,15 @@ async fn forward_events(
             _ = keepalive.tick() => ProcessEvent::Keepalive,
         };
         let empty_output = matches!(&event, ProcessEvent::Stdout { data } | ProcessEvent::Stderr { data } if data.is_empty());
-        // The listener left: stop forwarding; the process keeps running
-        // (listed, killable) until it exits.
+        // The listener left. Nobody can read this command's output or wait
+        // for it (a streamed command is forgotten on exit), so it is a
+        // producer with no consumer: end it rather than let it run on.
         if !empty_output && !send(event).await {
+            tracing::info!(
+                pid = process.pid,
+                "stream listener left: killing the command"
+            );
+            process.kill_group();
             return;
         }
     }

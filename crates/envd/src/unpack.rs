@@ -1,6 +1,10 @@
 //! `POST /files/unpack`: one streamed request carrying a tar archive
 //! (optionally gzipped) that is written under a destination directory.
 //!
+//! The archive is read with `sandbox_archive`, which bounds entries, bytes,
+//! header lengths and the gzip expansion ratio and refuses sparse entries,
+//! so a hostile archive cannot make envd spin or hold it in memory.
+//!
 //! Only regular files and directories are materialised. Symlinks, hardlinks,
 //! devices, FIFOs and names containing `..` are skipped and reported; leading
 //! `/` is stripped. Below the destination nothing is ever followed: each
@@ -17,7 +21,7 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap};
 use axum::Json;
 use envd_protocol::{SkippedEntry, UnpackQuery, UnpackReport};
-use tar::EntryType;
+use sandbox_archive::{ArchiveError, EntryKind, Gunzip, Limits, TarReader};
 use tokio::task::spawn_blocking;
 
 use crate::body::{self, BodyReader};
@@ -54,10 +58,17 @@ pub async fn unpack(
     };
     let dest = paths::clean_path(&query.path);
     let (sender, reader) = body::channel();
+    let mut limits = Limits::default();
+    if let Some(max) = query.max_bytes {
+        limits.max_bytes = limits.max_bytes.min(max);
+    }
+    if let Some(max) = query.max_entries {
+        limits.max_entries = limits.max_entries.min(max);
+    }
     let worker = spawn_blocking(move || {
         let user = state.users.lookup(&state.root, &query.username)?;
         let owner = state.users.ownership(&user);
-        unpack_blocking(&state.root, &query.path, owner, reader, gzip)
+        unpack_blocking(&state.root, &query.path, owner, reader, gzip, limits)
     });
     let (_, report) = tokio::join!(body::pump(request_body, sender), worker);
     let report = report??;
@@ -80,6 +91,7 @@ pub fn unpack_blocking(
     owner: Option<Ownership>,
     reader: BodyReader,
     gzip: bool,
+    limits: Limits,
 ) -> ApiResult<UnpackReport> {
     let clean_dest = paths::clean_path(dest);
     let dest_fd = root
@@ -89,16 +101,21 @@ pub fn unpack_blocking(
     let input: Box<dyn Read> = if gzip {
         Box::new(BufReader::with_capacity(
             READ_BUFFER,
-            flate2::read::MultiGzDecoder::new(buffered),
+            Gunzip::new(buffered, &limits),
         ))
     } else {
         Box::new(buffered)
     };
     let mut unpacker = Unpacker::new(dest_fd, owner);
-    unpacker.run(input).map_err(|e| match e.raw_os_error() {
-        Some(_) => ApiError::from_io(e, &clean_dest),
-        None => ApiError::bad_request(format!("invalid archive: {e}")),
-    })?;
+    unpacker
+        .run(TarReader::new(input, limits))
+        .map_err(|e| match e {
+            Failure::Write(e) => ApiError::from_io(e, &clean_dest),
+            Failure::Archive(ArchiveError::Io(e)) if e.raw_os_error().is_some() => {
+                ApiError::from_io(e, &clean_dest)
+            }
+            Failure::Archive(e) => ApiError::bad_request(format!("invalid archive: {e}")),
+        })?;
     Ok(unpacker.report)
 }
 
@@ -135,57 +152,49 @@ impl Unpacker {
         }
     }
 
-    fn run(&mut self, input: Box<dyn Read>) -> io::Result<()> {
-        let mut archive = tar::Archive::new(input);
-        for entry in archive.entries()? {
-            let mut entry = entry?;
-            let name_bytes = entry.path_bytes().into_owned();
-            let display = String::from_utf8_lossy(&name_bytes).into_owned();
-            let kind = match entry.header().entry_type() {
-                EntryType::Regular | EntryType::Continuous => Kind::File,
-                EntryType::Directory => Kind::Dir,
-                // Metadata records the tar crate does not fold into entries.
-                EntryType::XGlobalHeader
-                | EntryType::XHeader
-                | EntryType::GNULongName
-                | EntryType::GNULongLink => continue,
-                EntryType::Symlink => {
+    fn run(&mut self, mut archive: TarReader<Box<dyn Read>>) -> Result<(), Failure> {
+        while let Some(entry) = archive.next_entry().map_err(Failure::Archive)? {
+            let display = String::from_utf8_lossy(&entry.path).into_owned();
+            let kind = match entry.kind {
+                EntryKind::File => Kind::File,
+                EntryKind::Dir => Kind::Dir,
+                EntryKind::Symlink => {
                     self.skip(display, "symlink");
                     continue;
                 }
-                EntryType::Link => {
+                EntryKind::HardLink => {
                     self.skip(display, "hardlink");
                     continue;
                 }
-                EntryType::Char | EntryType::Block => {
+                EntryKind::CharDevice | EntryKind::BlockDevice => {
                     self.skip(display, "device node");
                     continue;
                 }
-                EntryType::Fifo => {
+                EntryKind::Fifo => {
                     self.skip(display, "fifo");
                     continue;
                 }
-                other => {
+                EntryKind::Other(flag) => {
                     self.skip(
                         display,
-                        &format!("unsupported entry type {:?}", other.as_byte() as char),
+                        &format!("unsupported entry type {:?}", flag as char),
                     );
                     continue;
                 }
             };
-            let components = match sanitize(&name_bytes) {
+            let components = match sanitize(&entry.path) {
                 Ok(components) => components,
                 Err(Skip(reason)) => {
                     self.skip(display, &reason);
                     continue;
                 }
             };
-            let mode = entry.header().mode().unwrap_or(0o644);
+            let mode = entry.mode;
             let result = match kind {
                 Kind::Dir if components.is_empty() => Ok(()), // "./" itself
                 Kind::File if components.is_empty() => Err(Skip("empty name".into()).into()),
                 Kind::Dir => self.write_dir(&components, mode),
-                Kind::File => self.write_file(&components, mode, &mut entry),
+                Kind::File => self.write_file(&components, mode, &mut archive),
             };
             match result {
                 Ok(()) => {}
@@ -248,7 +257,11 @@ impl Unpacker {
                 Ok(length) => length,
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
                 // A read error is the archive/body failing: abort the unpack.
-                Err(error) => return Err(EntryError::Fatal(error)),
+                Err(error) => {
+                    return Err(EntryError::Fatal(Failure::Archive(
+                        sandbox_archive::classify(error),
+                    )))
+                }
             };
             file.write_all(&self.copy_buffer[..length])
                 .map_err(EntryError::from_io)?;
@@ -354,7 +367,14 @@ fn sanitize(name: &[u8]) -> Result<Vec<Vec<u8>>, Skip> {
 
 enum EntryError {
     Skip(Skip),
-    Fatal(io::Error),
+    Fatal(Failure),
+}
+
+/// Why a whole unpack stopped: the archive (malformed, over a limit, the
+/// body cut off) or writing it (a full disk).
+enum Failure {
+    Archive(ArchiveError),
+    Write(io::Error),
 }
 
 impl From<Skip> for EntryError {
@@ -369,7 +389,9 @@ impl EntryError {
     /// permissions) skips just that entry.
     fn from_io(error: io::Error) -> Self {
         match error.raw_os_error() {
-            Some(libc::ENOSPC | libc::EDQUOT | libc::EIO | libc::EROFS) => EntryError::Fatal(error),
+            Some(libc::ENOSPC | libc::EDQUOT | libc::EIO | libc::EROFS) => {
+                EntryError::Fatal(Failure::Write(error))
+            }
             Some(libc::ELOOP) => EntryError::Skip(Skip("path goes through a symlink".into())),
             Some(libc::ENOTDIR) => EntryError::Skip(Skip("a parent is not a directory".into())),
             _ => EntryError::Skip(Skip(error.to_string())),

@@ -5,7 +5,9 @@
 //! reader (the first included) tails that file as it grows, so nobody waits
 //! for the whole download before starting to unpack. Entries are keyed by
 //! volume id + sha256, evicted least-recently-used beyond a byte budget, and
-//! dropped when their volume is deleted.
+//! dropped when their volume is deleted. The budget is hard: when entries
+//! being read leave no room for a new blob, that blob streams straight from
+//! object storage instead of being cached.
 
 use bytes::Bytes;
 use futures::stream::BoxStream;
@@ -46,6 +48,8 @@ pub struct BlobRef {
     pub volume_id: String,
     pub sha256: String,
     pub key: String,
+    /// Stored size, to decide whether it fits the budget before fetching.
+    pub size: u64,
 }
 
 impl BlobCache {
@@ -53,6 +57,7 @@ impl BlobCache {
         // Leftovers of an earlier run may be partial: start empty. Only our
         // own files go, in case the directory is shared with something else.
         std::fs::create_dir_all(&dir)?;
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
         for entry in std::fs::read_dir(&dir)?.flatten() {
             if entry.file_name().to_string_lossy().starts_with("vol-") {
                 let _ = std::fs::remove_file(entry.path());
@@ -72,7 +77,7 @@ impl BlobCache {
         blob: &BlobRef,
     ) -> std::io::Result<BoxStream<'static, std::io::Result<Bytes>>> {
         let cache_key = format!("{}-{}", blob.volume_id, blob.sha256);
-        let (entry, fetching) = {
+        let entry = {
             let mut entries = self.entries.lock().unwrap();
             let usable = entries
                 .get(&cache_key)
@@ -81,26 +86,49 @@ impl BlobCache {
             match usable {
                 Some(entry) => {
                     metrics::counter!("blob_cache_hits_total").increment(1);
-                    (entry, false)
+                    Some(entry)
                 }
-                None => {
+                None if self.make_room(&mut entries, blob.size) => {
                     let entry = self.start_fetch(&cache_key, blob)?;
                     entries.insert(cache_key, entry.clone());
-                    (entry, true)
+                    Some(entry)
                 }
+                None => None,
             }
         };
-        if fetching {
-            self.evict();
-        }
+        let Some(entry) = entry else {
+            metrics::counter!("blob_cache_bypass_total").increment(1);
+            tracing::info!(volume_id = %blob.volume_id, "blob cache full of entries in use: streaming from object storage");
+            return self.direct(blob).await;
+        };
         *entry.last_used.lock().unwrap() = Instant::now();
         let file = tokio::fs::File::open(&entry.path).await?;
         Ok(tail(entry, file).boxed())
     }
 
+    /// The blob straight from object storage, uncached.
+    async fn direct(
+        &self,
+        blob: &BlobRef,
+    ) -> std::io::Result<BoxStream<'static, std::io::Result<Bytes>>> {
+        metrics::counter!("blob_store_gets_total").increment(1);
+        let reader = self
+            .blobs
+            .get(&blob.key)
+            .await
+            .map_err(std::io::Error::other)?;
+        Ok(reader.stream)
+    }
+
     fn start_fetch(&self, cache_key: &str, blob: &BlobRef) -> std::io::Result<Arc<Entry>> {
+        use std::os::unix::fs::OpenOptionsExt;
         let path = self.dir.join(cache_key);
-        let file = std::fs::File::create(&path)?;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)?;
         let (progress_tx, progress) = watch::channel(Progress::Downloading { written: 0 });
         let entry = Arc::new(Entry {
             volume_id: blob.volume_id.clone(),
@@ -140,18 +168,34 @@ impl BlobCache {
         });
     }
 
-    /// Keeps complete entries within the byte budget, oldest use first,
-    /// never touching an entry someone is reading or fetching.
-    fn evict(&self) {
+    /// Drops entries of volumes not in `live` (deleted since); returns how
+    /// many. Readers in progress finish from their open file.
+    pub fn retain_volumes(&self, live: &std::collections::HashSet<String>) -> usize {
         let mut entries = self.entries.lock().unwrap();
+        let before = entries.len();
+        entries.retain(|_, entry| {
+            let keep = live.contains(&entry.volume_id);
+            if !keep {
+                let _ = std::fs::remove_file(&entry.path);
+            }
+            keep
+        });
+        before - entries.len()
+    }
+
+    /// Evicts idle entries, oldest use first, until `incoming` more bytes
+    /// fit the budget; false if entries in use leave too little room.
+    /// Never touches an entry someone is reading or fetching.
+    fn make_room(&self, entries: &mut HashMap<String, Arc<Entry>>, incoming: u64) -> bool {
         let size_of = |e: &Entry| match *e.progress.borrow() {
             Progress::Complete { size } => size,
             Progress::Downloading { written } => written,
             Progress::Failed(_) => 0,
         };
+        let budget = self.max_bytes.saturating_sub(incoming);
         let mut total: u64 = entries.values().map(|e| size_of(e)).sum();
-        if total <= self.max_bytes {
-            return;
+        if total <= budget {
+            return true;
         }
         let mut idle: Vec<(Instant, String, u64)> = entries
             .iter()
@@ -163,7 +207,7 @@ impl BlobCache {
             .collect();
         idle.sort();
         for (_, key, size) in idle {
-            if total <= self.max_bytes {
+            if total <= budget {
                 break;
             }
             if let Some(entry) = entries.remove(&key) {
@@ -171,6 +215,7 @@ impl BlobCache {
                 total -= size;
             }
         }
+        total <= budget
     }
 }
 

@@ -24,6 +24,8 @@ pub enum OrchestratorError {
     AgentUnreachable(String),
     #[error(transparent)]
     Agent(EnvdError),
+    #[error("{0}")]
+    QuotaExceeded(String),
     #[error("volume hydration failed: {0}")]
     HydrateFailed(String),
     #[error("internal error: {0}")]
@@ -32,7 +34,11 @@ pub enum OrchestratorError {
 
 impl From<sandbox_store::StoreError> for OrchestratorError {
     fn from(e: sandbox_store::StoreError) -> Self {
-        OrchestratorError::Internal(e.to_string())
+        if e.is_unavailable() {
+            OrchestratorError::RuntimeUnavailable(format!("database unavailable: {e}"))
+        } else {
+            OrchestratorError::Internal(e.to_string())
+        }
     }
 }
 

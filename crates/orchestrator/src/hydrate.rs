@@ -45,11 +45,21 @@ impl HydrateStatus {
 /// its private copy.
 const HYDRATE_USER: &str = "user";
 
+/// Archive limits the agent enforces while it unpacks: the same ones the
+/// upload was checked against, so an archive that passed one passes both,
+/// and the agent never trusts that the upload check ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnpackLimits {
+    pub max_bytes: u64,
+    pub max_entries: u64,
+}
+
 pub async fn hydrate(
     agent: &EnvdClient,
     cache: &BlobCache,
     volume: &Volume,
     mount_path: &str,
+    limits: UnpackLimits,
 ) -> HydrateStatus {
     let started = Instant::now();
     let mut status = HydrateStatus {
@@ -74,6 +84,7 @@ pub async fn hydrate(
             volume_id: volume.id.clone(),
             sha256: volume.sha256.clone(),
             key: volume.blob_key.clone(),
+            size: volume.size_bytes.max(0) as u64,
         };
         match cache.open(&blob).await {
             Ok(stream) => {
@@ -86,7 +97,14 @@ pub async fn hydrate(
                     seen.lock().unwrap().get_or_insert_with(|| e.to_string());
                 });
                 agent
-                    .unpack(mount_path, HYDRATE_USER, stream, true)
+                    .unpack_limited(
+                        mount_path,
+                        HYDRATE_USER,
+                        stream,
+                        true,
+                        Some(limits.max_bytes),
+                        Some(limits.max_entries),
+                    )
                     .await
                     .map(Some)
                     .map_err(|e| {

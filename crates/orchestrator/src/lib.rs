@@ -10,9 +10,10 @@ mod ids;
 mod lifecycle;
 mod pool;
 mod timers;
+mod unrecorded;
 
 pub use cache::BlobCache;
 pub use error::OrchestratorError;
-pub use hydrate::{Attachment, HydrateStatus};
+pub use hydrate::{Attachment, HydrateStatus, UnpackLimits};
 pub use ids::new_sandbox_id;
 pub use lifecycle::{CreateSandbox, Orchestrator, OrchestratorConfig};

@@ -2,12 +2,14 @@
 
 use crate::cache::BlobCache;
 use crate::error::OrchestratorError;
-use crate::hydrate::{hydrate, Attachment, HydrateStatus};
+use crate::hydrate::{hydrate, Attachment, HydrateStatus, UnpackLimits};
 use crate::ids::{new_sandbox_id, new_token};
 use crate::pool::{WarmPool, WarmSandbox};
 use crate::timers::Deadlines;
+use crate::unrecorded::Unrecorded;
 use chrono::{DateTime, Utc};
 use envd_protocol::client::EnvdClient;
+use futures::FutureExt;
 use sandbox_runtime::EgressPolicy;
 use sandbox_runtime::{BootSpec, Runtime, RuntimeError, TemplateCatalog, TemplateStatus};
 use sandbox_store::{Sandbox, SandboxState, Store, Volume};
@@ -29,6 +31,8 @@ pub struct OrchestratorConfig {
     pub max_cold_boots: usize,
     /// Fail a create whose hydration failed (default: report and go on).
     pub strict_hydrate: bool,
+    /// Archive limits each hydration's unpack enforces.
+    pub unpack_limits: UnpackLimits,
 }
 
 /// A validated create request.
@@ -56,6 +60,8 @@ pub struct Orchestrator {
     pool: WarmPool,
     deadlines: Deadlines,
     agents: Mutex<HashMap<String, EnvdClient>>,
+    /// Machines we hold without a running row; the orphan sweep spares them.
+    unrecorded: Unrecorded,
     /// Templates seen ready; a built template stays built while we run.
     ready_templates: Mutex<HashSet<String>>,
     cold_boots: Semaphore,
@@ -84,8 +90,20 @@ fn denies_all_outbound(egress: &EgressPolicy) -> bool {
 
 const LIVENESS_INTERVAL: Duration = Duration::from_secs(2);
 
+/// `from + timeout_secs`, or `None` for 0. A timeout too large for a date
+/// (the API clamps long before) saturates instead of panicking.
 fn deadline(from: DateTime<Utc>, timeout_secs: u64) -> Option<DateTime<Utc>> {
-    (timeout_secs > 0).then(|| from + chrono::Duration::seconds(timeout_secs as i64))
+    if timeout_secs == 0 {
+        return None;
+    }
+    let span = i64::try_from(timeout_secs)
+        .ok()
+        .and_then(chrono::Duration::try_seconds)
+        .unwrap_or(chrono::Duration::MAX);
+    Some(
+        from.checked_add_signed(span)
+            .unwrap_or(DateTime::<Utc>::MAX_UTC),
+    )
 }
 
 impl Orchestrator {
@@ -104,6 +122,7 @@ impl Orchestrator {
             pool: WarmPool::new(config.pool_sizes.clone()),
             deadlines: Deadlines::default(),
             agents: Mutex::default(),
+            unrecorded: Unrecorded::default(),
             ready_templates: Mutex::default(),
             cold_boots: Semaphore::new(config.max_cold_boots.max(1)),
             refilling: tokio::sync::Mutex::new(()),
@@ -160,6 +179,7 @@ impl Orchestrator {
             .get(template)
             .ok_or_else(|| OrchestratorError::TemplateNotFound(template.to_string()))?;
         let id = new_sandbox_id();
+        let held = self.unrecorded.hold(&id);
         let token = new_token();
         let started = Instant::now();
         let booted = runtime
@@ -179,7 +199,11 @@ impl Orchestrator {
             })?;
         metrics::histogram!("sandbox_boot_seconds", "template" => template.to_string())
             .record(started.elapsed().as_secs_f64());
-        Ok(WarmSandbox { booted, token })
+        Ok(WarmSandbox {
+            booted,
+            token,
+            held,
+        })
     }
 
     /// Notices sandboxes whose machine died on its own (a crashed QEMU, an
@@ -203,6 +227,16 @@ impl Orchestrator {
         if self.shutting_down.load(Ordering::SeqCst) {
             return;
         }
+        // Listed before the holds and the rows are read: a machine whose row
+        // is written in between is then still held or already has its row.
+        let listed = match runtime.list().await {
+            Ok(listed) => listed,
+            Err(e) => {
+                tracing::warn!(error = %e, "liveness check: cannot list machines");
+                return;
+            }
+        };
+        let held = self.unrecorded.snapshot();
         let running = match self.store.running_sandboxes_on(&self.config.node_id).await {
             Ok(running) => running,
             Err(e) => {
@@ -210,6 +244,14 @@ impl Orchestrator {
                 return;
             }
         };
+        let recorded: HashSet<&str> = running.iter().map(|s| s.id.as_str()).collect();
+        for id in listed {
+            if !held.contains(&id) && !recorded.contains(id.as_str()) {
+                tracing::warn!(sandbox_id = %id, "destroying a machine with no running sandbox row");
+                metrics::counter!("orphan_machines_destroyed_total").increment(1);
+                self.destroy_quietly(&id).await;
+            }
+        }
         for sandbox in running {
             if !runtime.is_running(&sandbox.id) {
                 tracing::warn!(sandbox_id = %sandbox.id, "sandbox machine died: marking killed");
@@ -301,6 +343,11 @@ impl Orchestrator {
         self.blob_cache.forget_volume(volume_id);
     }
 
+    /// Drops cached blobs of every volume not in `live`; returns how many.
+    pub fn prune_blob_cache(&self, live: &HashSet<String>) -> usize {
+        self.blob_cache.retain_volumes(live)
+    }
+
     /// The caller's ready volumes, in attachment order. Unknown, deleted
     /// and foreign ids all get the same 403, so ids cannot be probed.
     async fn attached_volumes(
@@ -319,21 +366,50 @@ impl Orchestrator {
         Ok(volumes)
     }
 
+    /// Creates a sandbox. The work runs as its own task: a caller that goes
+    /// away (a disconnected client) does not abandon a claimed machine
+    /// half-way, and a panic anywhere in it is an error, never a leak.
     pub async fn create(&self, owner_id: &str, request: CreateSandbox) -> Result<Sandbox> {
+        let me = self
+            .me
+            .upgrade()
+            .ok_or_else(|| OrchestratorError::Internal("shutting down".into()))?;
+        let owner_id = owner_id.to_string();
+        match tokio::spawn(async move { me.create_attached(&owner_id, request).await }).await {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                tracing::error!(error = %e, "sandbox create task failed");
+                Err(OrchestratorError::Internal(
+                    "the create failed unexpectedly; nothing was kept".into(),
+                ))
+            }
+        }
+    }
+
+    async fn create_attached(&self, owner_id: &str, request: CreateSandbox) -> Result<Sandbox> {
         self.runtime()?;
         self.template_rootfs(&request.template)?;
         let egress = crate::egress::policy(&request.extra).await?;
         let volumes = self.attached_volumes(owner_id, &request.volumes).await?;
         let warm = self.claim_or_boot(&request.template).await?;
         let id = warm.booted.id.clone();
-        match self
-            .finish_create(owner_id, request, egress, volumes, &warm)
-            .await
-        {
-            Ok(sandbox) => Ok(sandbox),
-            Err(e) => {
+        let finished = std::panic::AssertUnwindSafe(
+            self.finish_create(owner_id, request, egress, volumes, &warm),
+        )
+        .catch_unwind()
+        .await;
+        match finished {
+            Ok(Ok(sandbox)) => Ok(sandbox),
+            Ok(Err(e)) => {
                 self.destroy_quietly(&id).await;
                 Err(e)
+            }
+            Err(_panic) => {
+                tracing::error!(sandbox_id = %id, "create panicked: releasing its machine");
+                self.destroy_quietly(&id).await;
+                Err(OrchestratorError::Internal(
+                    "the create failed unexpectedly; its machine was released".into(),
+                ))
             }
         }
     }
@@ -371,7 +447,13 @@ impl Orchestrator {
             .iter()
             .zip(&volumes)
             .map(|(attachment, volume)| {
-                hydrate(&client, &self.blob_cache, volume, &attachment.mount_path)
+                hydrate(
+                    &client,
+                    &self.blob_cache,
+                    volume,
+                    &attachment.mount_path,
+                    self.config.unpack_limits,
+                )
             });
         let statuses: Vec<HydrateStatus> = futures::future::join_all(hydrates).await;
         self.check_hydration(owner_id, &statuses, request.strict_hydrate)
@@ -505,6 +587,8 @@ impl Orchestrator {
     }
 
     async fn destroy_quietly(&self, id: &str) {
+        // Held while it goes, so the orphan sweep does not race the teardown.
+        let _held = self.unrecorded.hold(id);
         if let Ok(runtime) = self.runtime() {
             if let Err(e) = runtime.destroy(id).await {
                 tracing::error!(sandbox_id = id, error = %e, "destroy failed");

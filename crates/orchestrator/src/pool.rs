@@ -2,16 +2,21 @@
 //! answers. A create pops one in O(1) and wakes the refiller; nothing in the
 //! pool is ever handed out twice.
 
+use crate::unrecorded::UnrecordedGuard;
 use sandbox_runtime::Booted;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 use tokio::sync::Notify;
 
-/// A booted, unclaimed sandbox and the token its envd expects.
-#[derive(Debug, Clone)]
+/// A booted sandbox without a row yet, the token its envd expects, and the
+/// hold that keeps the orphan sweep off it until its row exists.
+#[derive(Debug)]
 pub struct WarmSandbox {
     pub booted: Booted,
     pub token: String,
+    /// Never read: held for its drop.
+    #[allow(dead_code)]
+    pub held: UnrecordedGuard,
 }
 
 pub struct WarmPool {

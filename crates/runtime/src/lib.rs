@@ -6,6 +6,8 @@
 //!   cgroups, envd bind-mounted in and reached over a unix socket).
 //! - [`templates`]: root filesystems built from Debian packages, cached by a
 //!   hash of their definition.
+//! - [`remove_tree`]: the recursive delete used for everything under our data
+//!   and state dirs; it never crosses a mount point.
 //!
 //! # Wiring the namespace driver into a binary
 //!
@@ -42,10 +44,12 @@
 //! [`Runtime::list`] + [`Runtime::is_alive`] re-adopt running sandboxes;
 //! destroy the ones that are not alive.
 
+mod build_ns;
 pub mod egress;
 pub mod microvm;
 pub mod namespace;
 pub mod runtime;
+pub mod safe_remove;
 pub mod templates;
 
 pub use egress::{Cidr, EgressPolicy};
@@ -53,4 +57,5 @@ pub use microvm::{Accel, AccelChoice, MicrovmConfig, MicrovmRuntime};
 pub use namespace::launcher::launcher_main;
 pub use namespace::{LauncherCommand, NamespaceConfig, NamespaceRuntime};
 pub use runtime::{BootSpec, Booted, Limits, Runtime, RuntimeError};
+pub use safe_remove::{remove_tree, MountPointsLeft};
 pub use templates::{TemplateCatalog, TemplateDef, TemplateError, TemplateStatus};

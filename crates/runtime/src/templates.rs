@@ -15,9 +15,11 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::process::Command;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
+use crate::build_ns;
 use crate::runtime::Limits;
+use crate::safe_remove::{remove_tree, MountPointsLeft};
 
 /// Bump when the build recipe (post-processing below) changes, so existing
 /// rootfs directories become stale and are rebuilt.
@@ -288,7 +290,7 @@ impl TemplateCatalog {
         fs::write(&stamp_tmp, def.content_hash()).map_err(io_err("writing the stamp"))?;
         fs::rename(&stamp_tmp, &stamp).map_err(io_err("writing the stamp"))?;
         if retired.exists() {
-            remove_tree(&retired).await?;
+            remove_tree_in_background(&retired).await?;
         }
         info!(template = name, elapsed = ?started.elapsed(), rootfs = %rootfs.display(), "template built");
         Ok(rootfs)
@@ -338,7 +340,9 @@ async fn acquire_lock(path: PathBuf) -> Result<File, TemplateError> {
 }
 
 /// Staging/retired trees left by a build that crashed (we hold the lock, so
-/// nobody else is using them).
+/// nobody else is using them). A mount point found in one (a build by an
+/// older version, which mounted in the host namespace) is left alone and
+/// logged: deleting through it would delete the host's files.
 fn remove_leftovers(template_dir: &Path) -> Result<(), TemplateError> {
     let entries = fs::read_dir(template_dir)
         .map_err(io_err(format!("reading {}", template_dir.display())))?;
@@ -346,17 +350,24 @@ fn remove_leftovers(template_dir: &Path) -> Result<(), TemplateError> {
         let name = entry.file_name();
         let name = name.to_string_lossy();
         if name.starts_with("rootfs.tmp-") || name.starts_with("rootfs.old-") {
-            warn!(path = %entry.path().display(), "removing leftover from an interrupted build");
-            fs::remove_dir_all(entry.path())
-                .map_err(io_err(format!("removing {}", entry.path().display())))?;
+            let path = entry.path();
+            warn!(path = %path.display(), "removing leftover from an interrupted build");
+            match remove_tree(&path) {
+                Ok(()) => {}
+                Err(e) if MountPointsLeft::in_error(&e).is_some() => {
+                    // The new build uses a fresh staging dir, so go on.
+                    error!(path = %path.display(), error = %e, "leftover build dir still has mounts; left in place");
+                }
+                Err(e) => return Err(io_err(format!("removing {}", path.display()))(e)),
+            }
         }
     }
     Ok(())
 }
 
-async fn remove_tree(path: &Path) -> Result<(), TemplateError> {
+async fn remove_tree_in_background(path: &Path) -> Result<(), TemplateError> {
     let owned = path.to_path_buf();
-    tokio::task::spawn_blocking(move || fs::remove_dir_all(&owned))
+    tokio::task::spawn_blocking(move || remove_tree(&owned))
         .await
         .expect("remove task panicked")
         .map_err(io_err(format!("removing {}", path.display())))
@@ -394,8 +405,7 @@ async fn bootstrap(def: &TemplateDef, target: &Path) -> Result<(), TemplateError
         .arg(&def.suite)
         .arg(target)
         .arg(&def.mirror)
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true);
+        .stdin(std::process::Stdio::null());
     run_checked(&def.name, command).await
 }
 
@@ -432,7 +442,10 @@ async fn customize_rootfs(def: &TemplateDef, rootfs: &Path) -> Result<(), Templa
     Ok(())
 }
 
+/// Runs a build step in its own mount and PID namespaces (see `build_ns`:
+/// its mounts never reach the host, and it dies with the server).
 async fn run_checked(template: &str, mut command: Command) -> Result<(), TemplateError> {
+    build_ns::isolate(&mut command);
     debug!(template, command = ?command.as_std(), "running");
     let output = command.output().await.map_err(io_err(format!(
         "spawning {:?}",

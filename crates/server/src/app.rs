@@ -1,23 +1,23 @@
 //! Wiring: state, router, start-up duties and the serve loop.
 
 use crate::config::{BlobBackend, Config};
+use crate::quotas::Quotas;
+use crate::reconcile::{Reconciler, Uploads};
 use crate::routes::{commands, files, health, sandboxes, volumes};
 use crate::{auth, metrics, node};
 use anyhow::Context;
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::routing::{get, post};
 use axum::Router;
-use sandbox_blobs::{BlobStore, LocalBlobStore, S3BlobStore, S3Settings, VOLUMES_PREFIX};
+use sandbox_blobs::{BlobStore, LocalBlobStore, S3BlobStore, S3Settings};
 use sandbox_orchestrator::Orchestrator;
 use sandbox_store::Store;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::timeout::RequestBodyTimeoutLayer;
 use tower_http::trace::TraceLayer;
-
-/// JSON bodies above this get 413 (the Declaw SDKs expect 413 there); raw uploads have their own caps.
-const JSON_BODY_LIMIT: usize = 10 << 20;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -25,13 +25,39 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub blobs: Arc<dyn BlobStore>,
     pub orchestrator: Arc<Orchestrator>,
+    pub quotas: Arc<Quotas>,
+    /// Volume uploads running in this process (the reconciler spares them).
+    pub uploads: Uploads,
+}
+
+/// `data_dir` is `rwx--x--x`: nobody else may list or read it, but the
+/// microVM runtime's unprivileged QEMU may pass through to its images.
+/// What holds tenant data or secrets in it is private in its own right
+/// (database 0600, blobs and blob cache 0700, api-key 0600).
+const DATA_DIR_MODE: u32 = 0o711;
+
+fn prepare_data_dir(config: &Config) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = &config.data_dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating data_dir {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(DATA_DIR_MODE))
+        .with_context(|| format!("restricting data_dir {}", dir.display()))?;
+    if config.database.url.is_empty() {
+        // Created 0600 before SQLite opens it; SQLite gives its -wal and
+        // -shm files the database file's mode.
+        let db = config.data_dir.join("sandbox-manager.db");
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&db)
+            .with_context(|| format!("creating {}", db.display()))?;
+        std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
 }
 
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
-    if config.database.url.is_empty() {
-        std::fs::create_dir_all(&config.data_dir)
-            .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
-    }
+    prepare_data_dir(config)?;
     let url = config.database_url();
     let store = sandbox_store::connect(&url, config.database.max_connections)
         .await
@@ -73,6 +99,7 @@ pub async fn open_blobs(config: &Config) -> anyhow::Result<Arc<dyn BlobStore>> {
 }
 
 pub fn router(state: AppState) -> Router {
+    let http = state.config.http.clone();
     let api = Router::new()
         .route("/volumes", get(volumes::list).post(volumes::create))
         .route("/volumes/{id}", get(volumes::get).delete(volumes::delete))
@@ -130,7 +157,13 @@ pub fn router(state: AppState) -> Router {
         .with_state(metrics::recorder());
     api.merge(metrics_routes)
         .layer(axum::middleware::from_fn(metrics::track))
-        .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT))
+        // JSON bodies above the cap get 413 (the Declaw SDKs expect 413
+        // there); raw uploads lift it and enforce their own.
+        .layer(DefaultBodyLimit::max(http.max_json_body_bytes))
+        // Every request body, uploads included, must keep data coming.
+        .layer(RequestBodyTimeoutLayer::new(Duration::from_secs(
+            http.body_chunk_timeout_secs.max(1),
+        )))
         .layer(
             TraceLayer::new_for_http().make_span_with(|request: &Request| {
                 let request_id = request
@@ -181,31 +214,43 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!(store = store.backend(), blobs = %blobs.describe(), "storage ready");
     bootstrap_default_key(&config, store.as_ref()).await?;
 
-    let stale = Duration::from_secs(config.blobs.stale_upload_secs);
-    match blobs.abort_stale_uploads(VOLUMES_PREFIX, stale).await {
-        Ok(0) => {}
-        Ok(n) => tracing::info!(aborted = n, "aborted stale uploads left by an earlier run"),
-        Err(e) => tracing::warn!(error = %e, "could not sweep stale uploads"),
-    }
-
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     let address = listener.local_addr()?;
     let orchestrator = node::start(&config, store.clone(), blobs.clone()).await?;
+    let limits = config.http.connection_limits();
+    let uploads = Uploads::default();
+    // Leftovers of an earlier run go before the first request is served,
+    // then the same pass runs periodically.
+    let reconciler = Arc::new(Reconciler {
+        store: store.clone(),
+        blobs: blobs.clone(),
+        orchestrator: orchestrator.clone(),
+        uploads: uploads.clone(),
+        config: config.reconcile.clone(),
+    });
+    reconciler.run_once().await;
+    reconciler.start();
     let state = AppState {
+        quotas: Arc::new(Quotas::new(config.quotas.clone(), store.clone())),
         config: Arc::new(config),
         store,
         blobs,
         orchestrator: orchestrator.clone(),
+        uploads,
     };
     tracing::info!(%address, "serving");
     // Tests and scripts read this line to learn the port when listening on :0.
     println!("listening on {address}");
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
-    orchestrator.shutdown().await;
+    crate::serve::serve(listener, router(state), limits, shutdown_signal()).await;
+    // A boot in flight may take its time; the process does not wait for it.
+    if tokio::time::timeout(limits.shutdown_grace, orchestrator.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("warm pool teardown did not finish in the grace period");
+    }
     Ok(())
 }
 

@@ -6,26 +6,12 @@
 //! the feeder learns it at its next send.
 
 use bytes::Bytes;
+use sandbox_archive::{Gunzip, Limits};
 use std::io::{self, Read};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-/// What a complete, valid archive contained.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ArchiveSummary {
-    pub entries: u64,
-    pub uncompressed_bytes: u64,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ArchiveError {
-    #[error("not a gzip archive (the body must be a .tar.gz)")]
-    NotGzip,
-    #[error("corrupt archive: {0}")]
-    Corrupt(String),
-}
-
-pub const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+pub use sandbox_archive::{ArchiveError, Summary as ArchiveSummary, GZIP_MAGIC};
 
 pub struct ArchiveInspector {
     chunks: Option<mpsc::Sender<Bytes>>,
@@ -33,9 +19,13 @@ pub struct ArchiveInspector {
 }
 
 impl ArchiveInspector {
-    pub fn start() -> Self {
+    /// Starts the walk. It only ever works on bytes the client sent (every
+    /// limit is checked before acting on a declared size), and it ends as
+    /// soon as the feeder goes away: a dropped inspector is a truncated
+    /// archive, so no thread outlives its upload.
+    pub fn start(limits: Limits) -> Self {
         let (tx, rx) = mpsc::channel::<Bytes>(8);
-        let walker = tokio::task::spawn_blocking(move || walk(ChannelReader::new(rx)));
+        let walker = tokio::task::spawn_blocking(move || walk(ChannelReader::new(rx), limits));
         ArchiveInspector {
             chunks: Some(tx),
             walker,
@@ -60,22 +50,10 @@ impl ArchiveInspector {
     }
 }
 
-fn walk(reader: ChannelReader) -> Result<ArchiveSummary, ArchiveError> {
-    let corrupt = |e: io::Error| ArchiveError::Corrupt(e.to_string());
-    let mut gunzip = flate2::read::MultiGzDecoder::new(reader);
-    let mut summary = ArchiveSummary::default();
-    {
-        let mut archive = tar::Archive::new(&mut gunzip);
-        for entry in archive.entries().map_err(corrupt)? {
-            let mut entry = entry.map_err(corrupt)?;
-            summary.entries += 1;
-            summary.uncompressed_bytes += io::copy(&mut entry, &mut io::sink()).map_err(corrupt)?;
-        }
-    }
-    // Read past the end-of-archive blocks so a truncated gzip trailer (CRC,
-    // length) is noticed too.
-    io::copy(&mut gunzip, &mut io::sink()).map_err(corrupt)?;
-    Ok(summary)
+fn walk(reader: ChannelReader, limits: Limits) -> Result<ArchiveSummary, ArchiveError> {
+    // `scan` reads to the end of the gzip stream, so a truncated trailer
+    // (CRC, length) is noticed too; the ratio guard bounds that tail.
+    sandbox_archive::scan(Gunzip::new(reader, &limits), limits)
 }
 
 /// `Read` over chunks arriving from async code.
@@ -113,7 +91,15 @@ mod tests {
     use testkit::{gzip, targz};
 
     async fn inspect(data: Vec<u8>, chunk: usize) -> Result<ArchiveSummary, ArchiveError> {
-        let mut inspector = ArchiveInspector::start();
+        inspect_with(data, chunk, Limits::default()).await
+    }
+
+    async fn inspect_with(
+        data: Vec<u8>,
+        chunk: usize,
+        limits: Limits,
+    ) -> Result<ArchiveSummary, ArchiveError> {
+        let mut inspector = ArchiveInspector::start(limits);
         for piece in data.chunks(chunk) {
             if !inspector.feed(Bytes::copy_from_slice(piece)).await {
                 break;
@@ -143,6 +129,34 @@ mod tests {
             inspect(data, 1000).await,
             Err(ArchiveError::Corrupt(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn limits_name_what_was_exceeded() {
+        let data = targz(&[("a", vec![1u8; 10]), ("b", vec![2u8; 10])]);
+        let limits = Limits {
+            max_entries: 1,
+            ..Limits::default()
+        };
+        let error = inspect_with(data, 100, limits).await.unwrap_err();
+        assert!(error.to_string().contains("more than 1 entries"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_walk_ends_when_its_feeder_goes_away() {
+        let mut inspector = ArchiveInspector::start(Limits::default());
+        let data = targz(&[("a", vec![1u8; 1 << 20])]);
+        assert!(inspector.feed(Bytes::copy_from_slice(&data[..100])).await);
+        let walker = inspector.walker;
+        drop(inspector.chunks);
+        let outcome = tokio::time::timeout(std::time::Duration::from_secs(5), walker)
+            .await
+            .expect("the walk ends once the upload is gone")
+            .unwrap();
+        assert!(
+            matches!(outcome, Err(ArchiveError::Corrupt(_))),
+            "{outcome:?}"
+        );
     }
 
     #[tokio::test]

@@ -63,7 +63,13 @@ fn within(path: &str, dir: &str) -> bool {
             .is_some_and(|rest| rest.starts_with('/'))
 }
 
-pub fn parse(value: Option<serde_json::Value>) -> Result<Vec<Attachment>, ApiError> {
+/// Longest accepted mount path (PATH_MAX) and volume id.
+const MAX_MOUNT_PATH: usize = 4096;
+const MAX_VOLUME_ID: usize = 128;
+
+/// `max`: most attachments one create may carry (checked before anything
+/// else, so the overlap check below stays small).
+pub fn parse(value: Option<serde_json::Value>, max: usize) -> Result<Vec<Attachment>, ApiError> {
     let Some(value) = value.filter(|v| !v.is_null()) else {
         return Ok(Vec::new());
     };
@@ -72,8 +78,19 @@ pub fn parse(value: Option<serde_json::Value>) -> Result<Vec<Attachment>, ApiErr
             "volumes must be a list of {{volume_id, mount_path}}: {e}"
         ))
     })?;
+    if raw.len() > max {
+        return Err(bad(format!(
+            "a sandbox takes at most {max} volumes, got {}",
+            raw.len()
+        )));
+    }
     let mut attachments: Vec<Attachment> = Vec::with_capacity(raw.len());
     for item in raw {
+        if item.mount_path.len() > MAX_MOUNT_PATH || item.volume_id.len() > MAX_VOLUME_ID {
+            return Err(bad(format!(
+                "mount_path is limited to {MAX_MOUNT_PATH} bytes and volume_id to {MAX_VOLUME_ID}"
+            )));
+        }
         match item.mode.as_deref().unwrap_or("copy") {
             "copy" => {}
             "mount" | "mount-ro" => {
@@ -123,9 +140,10 @@ mod tests {
     use serde_json::json;
 
     fn one(mount_path: &str) -> Result<Vec<Attachment>, ApiError> {
-        parse(Some(
-            json!([{ "volume_id": "vol-1", "mount_path": mount_path }]),
-        ))
+        parse(
+            Some(json!([{ "volume_id": "vol-1", "mount_path": mount_path }])),
+            16,
+        )
     }
 
     #[test]
@@ -163,19 +181,26 @@ mod tests {
             { "volume_id": "a", "mount_path": "/data" },
             { "volume_id": "b", "mount_path": "/data/inner" }
         ]);
-        assert!(parse(Some(overlapping)).is_err());
+        assert!(parse(Some(overlapping), 16).is_err());
         let siblings = json!([
             { "volume_id": "a", "mount_path": "/data" },
             { "volume_id": "b", "mount_path": "/database" }
         ]);
-        assert_eq!(parse(Some(siblings)).unwrap().len(), 2);
+        assert_eq!(parse(Some(siblings), 16).unwrap().len(), 2);
         let live = json!([{ "volume_id": "a", "mount_path": "/data", "mode": "mount" }]);
-        assert!(parse(Some(live))
+        assert!(parse(Some(live), 16)
             .unwrap_err()
             .to_string()
             .contains("not supported"));
         let subpath = json!([{ "volume_id": "a", "mount_path": "/data", "subpath": "x" }]);
-        assert!(parse(Some(subpath)).is_err());
-        assert!(parse(None).unwrap().is_empty());
+        assert!(parse(Some(subpath), 16).is_err());
+        assert!(parse(None, 16).unwrap().is_empty());
+        let many: Vec<_> = (0..17)
+            .map(|i| json!({ "volume_id": "a", "mount_path": format!("/d{i}") }))
+            .collect();
+        assert!(parse(Some(json!(many)), 16)
+            .unwrap_err()
+            .to_string()
+            .contains("at most 16"));
     }
 }

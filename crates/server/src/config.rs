@@ -23,6 +23,55 @@ pub struct Config {
     pub pool: PoolConfig,
     pub sandboxes: SandboxesConfig,
     pub hydrate: HydrateConfig,
+    pub http: HttpConfig,
+    pub quotas: QuotasConfig,
+    pub reconcile: ReconcileConfig,
+}
+
+/// Per-owner defaults; `sandbox-manager quotas set` overrides them per owner.
+#[derive(Debug, Clone, Deserialize)]
+pub struct QuotasConfig {
+    pub max_running_sandboxes: i64,
+    pub max_volumes: i64,
+    /// Stored (compressed) bytes across an owner's volumes.
+    pub max_volume_bytes: i64,
+    pub max_concurrent_uploads: usize,
+}
+
+/// The periodic reconciler of volumes, blobs and old rows.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ReconcileConfig {
+    pub interval_secs: u64,
+    /// Killed sandboxes and deleted volumes are kept this long (so repeated
+    /// kills and deletes stay idempotent), then removed.
+    pub tombstone_retention_secs: u64,
+}
+
+/// Bounds on what one client can hold of the HTTP server.
+#[derive(Debug, Clone, Deserialize)]
+pub struct HttpConfig {
+    pub max_connections: usize,
+    pub header_read_timeout_secs: u64,
+    pub idle_timeout_secs: u64,
+    /// An upload (or any request body) that sends nothing for this long is cut.
+    pub body_chunk_timeout_secs: u64,
+    pub shutdown_grace_secs: u64,
+    /// Cap on a JSON request body; above it: 413.
+    pub max_json_body_bytes: usize,
+    /// Cap on list-valued inputs: volume attachments, kill-many ids, batch files.
+    pub max_list_items: usize,
+}
+
+impl HttpConfig {
+    pub fn connection_limits(&self) -> crate::serve::ConnectionLimits {
+        use std::time::Duration;
+        crate::serve::ConnectionLimits {
+            max_connections: self.max_connections,
+            header_read_timeout: Duration::from_secs(self.header_read_timeout_secs.max(1)),
+            idle_timeout: Duration::from_secs(self.idle_timeout_secs.max(1)),
+            shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -85,7 +134,25 @@ pub struct PoolConfig {
 #[derive(Debug, Clone, Deserialize)]
 pub struct SandboxesConfig {
     pub default_timeout_secs: u64,
+    /// Longer requested timeouts are clamped to this.
+    pub max_timeout_secs: u64,
+    /// Whether `timeout: 0` may mean "no deadline" (else it means the default).
+    pub allow_no_timeout: bool,
+    /// Most volumes one sandbox may attach.
+    pub max_attachments: usize,
     pub node_id: String,
+}
+
+impl SandboxesConfig {
+    /// The deadline a requested timeout gets: absent or 0 → the default
+    /// (or none, if allowed), anything above the maximum → the maximum.
+    pub fn effective_timeout(&self, requested: Option<u64>) -> u64 {
+        match requested {
+            Some(0) if self.allow_no_timeout => 0,
+            None | Some(0) => self.default_timeout_secs.min(self.max_timeout_secs),
+            Some(secs) => secs.min(self.max_timeout_secs),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -105,7 +172,6 @@ pub enum BlobBackend {
 pub struct BlobsConfig {
     pub backend: BlobBackend,
     pub dir: String,
-    pub stale_upload_secs: u64,
     pub s3: S3Config,
 }
 
@@ -124,6 +190,23 @@ pub struct S3Config {
 #[derive(Debug, Clone, Deserialize)]
 pub struct VolumesConfig {
     pub max_upload_bytes: u64,
+    /// Archive limits, enforced at upload and again when a sandbox unpacks.
+    pub max_uncompressed_bytes: u64,
+    pub max_entries: u64,
+    pub max_header_bytes: u64,
+    pub max_expansion_ratio: u64,
+}
+
+impl VolumesConfig {
+    pub fn archive_limits(&self) -> sandbox_archive::Limits {
+        sandbox_archive::Limits {
+            max_bytes: self.max_uncompressed_bytes,
+            max_entries: self.max_entries,
+            max_header_bytes: self.max_header_bytes,
+            max_ratio: self.max_expansion_ratio,
+            ..sandbox_archive::Limits::default()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -233,6 +316,14 @@ mod tests {
             assert_eq!(config.volumes.max_upload_bytes, 4 << 30);
             assert_eq!(config.runtime.kind, RuntimeKind::Auto);
             assert_eq!(config.pool.sizes.get("python"), Some(&2));
+            let sandboxes = &config.sandboxes;
+            assert_eq!(sandboxes.effective_timeout(None), 300);
+            assert_eq!(sandboxes.effective_timeout(Some(0)), 300);
+            assert_eq!(
+                sandboxes.effective_timeout(Some(100_000_000_000_000)),
+                86_400
+            );
+            assert_eq!(sandboxes.effective_timeout(Some(60)), 60);
             Ok(())
         });
     }

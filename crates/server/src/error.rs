@@ -44,6 +44,12 @@ pub enum ApiError {
     },
     #[error("{0}")]
     Unavailable(String),
+    /// The client stopped sending a request body.
+    #[error("{0}")]
+    RequestTimeout(String),
+    /// An owner's quota is used up.
+    #[error("{0}")]
+    QuotaExceeded(String),
     #[error("internal error: {0}")]
     Internal(#[from] anyhow::Error),
 }
@@ -63,6 +69,8 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ApiError::QuotaExceeded(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -81,6 +89,8 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::Conflict { code, .. } => code,
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::RequestTimeout(_) => "request_timeout",
+            ApiError::QuotaExceeded(_) => "quota_exceeded",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -109,7 +119,11 @@ impl IntoResponse for ApiError {
 
 impl From<sandbox_store::StoreError> for ApiError {
     fn from(e: sandbox_store::StoreError) -> Self {
-        ApiError::Internal(e.into())
+        if e.is_unavailable() {
+            ApiError::Unavailable(format!("database unavailable: {e}"))
+        } else {
+            ApiError::Internal(e.into())
+        }
     }
 }
 
@@ -151,6 +165,7 @@ impl From<OrchestratorError> for ApiError {
                 message,
             },
             OrchestratorError::Agent(other) => ApiError::BadGateway(other.to_string()),
+            OrchestratorError::QuotaExceeded(_) => ApiError::QuotaExceeded(message),
             OrchestratorError::HydrateFailed(_) => ApiError::Unavailable(message),
             OrchestratorError::Internal(_) => ApiError::Internal(anyhow::anyhow!(message)),
         }

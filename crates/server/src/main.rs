@@ -33,6 +33,11 @@ enum Command {
         #[command(subcommand)]
         command: TemplatesCommand,
     },
+    /// Per-owner quota overrides (defaults come from the [quotas] config).
+    Quotas {
+        #[command(subcommand)]
+        command: QuotasCommand,
+    },
     /// Build what the configured runtime boots from: for microVMs the guest
     /// kernel, each template's ext4 image and its snapshot (cached; rebuilt
     /// only when an input changes).
@@ -46,6 +51,26 @@ enum Command {
 enum ImagesCommand {
     /// Build everything the named templates (default: all) need.
     Build { templates: Vec<String> },
+}
+
+#[derive(Subcommand)]
+enum QuotasCommand {
+    /// Sets an owner's limits; a limit given as -1 returns to the default.
+    Set {
+        #[arg(long)]
+        owner: String,
+        #[arg(long)]
+        sandboxes: Option<i64>,
+        #[arg(long)]
+        volumes: Option<i64>,
+        #[arg(long)]
+        volume_bytes: Option<i64>,
+    },
+    /// Shows an owner's limits in effect and current usage.
+    Show {
+        #[arg(long)]
+        owner: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -84,7 +109,12 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = Config::load(cli.config.as_deref())?;
     telemetry::init(config.log.format);
-    tokio::runtime::Runtime::new()?.block_on(run(cli.command, config))
+    let runtime = tokio::runtime::Runtime::new()?;
+    let outcome = runtime.block_on(run(cli.command, config));
+    // Blocking work still running (an archive walk, a file copy) must not
+    // hold the process past shutdown: give it a moment, then leave.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    outcome
 }
 
 async fn run(command: Command, config: Config) -> anyhow::Result<()> {
@@ -104,6 +134,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             println!("{key}");
             Ok(())
         }
+        Command::Quotas { command } => quotas(command, &config).await,
         Command::Images {
             command: ImagesCommand::Build { templates },
         } => {
@@ -142,4 +173,48 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn quotas(command: QuotasCommand, config: &Config) -> anyhow::Result<()> {
+    use sandbox_manager::quotas::Limits;
+    let store = app::open_store(config).await?;
+    let owner_name = match &command {
+        QuotasCommand::Set { owner, .. } | QuotasCommand::Show { owner } => owner.clone(),
+    };
+    let owner = store
+        .owner_by_name(&owner_name)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no owner named {owner_name:?}"))?;
+    if let QuotasCommand::Set {
+        sandboxes,
+        volumes,
+        volume_bytes,
+        ..
+    } = command
+    {
+        let mut quota = store.quota_override(&owner.id).await?;
+        // Given: set it (negative: back to the default); absent: unchanged.
+        let apply = |slot: &mut Option<i64>, value: Option<i64>| {
+            if let Some(value) = value {
+                *slot = (value >= 0).then_some(value);
+            }
+        };
+        apply(&mut quota.max_running_sandboxes, sandboxes);
+        apply(&mut quota.max_volumes, volumes);
+        apply(&mut quota.max_volume_bytes, volume_bytes);
+        store.set_quota_override(&owner.id, &quota).await?;
+    }
+    let limits = Limits::resolve(&config.quotas, &store.quota_override(&owner.id).await?);
+    let usage = store.usage(&owner.id).await?;
+    println!("owner {} ({})", owner.name, owner.id);
+    println!(
+        "running sandboxes\t{} of {}",
+        usage.running_sandboxes, limits.max_running_sandboxes
+    );
+    println!("volumes\t{} of {}", usage.volumes, limits.max_volumes);
+    println!(
+        "volume bytes\t{} of {}",
+        usage.volume_bytes, limits.max_volume_bytes
+    );
+    Ok(())
 }

@@ -1,8 +1,10 @@
 //! Prometheus metrics: per-route request counts and latencies (labelled by
-//! the route template, never the raw path, so cardinality stays bounded),
+//! the route template and known methods, never raw client strings, so
+//! cardinality stays bounded),
 //! plus domain counters recorded where they happen.
 
 use axum::extract::{MatchedPath, Request, State};
+use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -31,7 +33,17 @@ pub fn recorder() -> PrometheusHandle {
 
 pub async fn track(request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = request.method().to_string();
+    // Methods are client-chosen strings: only known ones become a label.
+    let method = match *request.method() {
+        Method::GET
+        | Method::POST
+        | Method::PUT
+        | Method::PATCH
+        | Method::DELETE
+        | Method::HEAD
+        | Method::OPTIONS => request.method().as_str().to_string(),
+        _ => "other".to_string(),
+    };
     let route = request
         .extensions()
         .get::<MatchedPath>()

@@ -178,6 +178,10 @@ pub async fn start(
             pool_sizes: config.pool.sizes.clone(),
             max_cold_boots: config.pool.max_cold_boots,
             strict_hydrate: config.hydrate.strict,
+            unpack_limits: sandbox_orchestrator::UnpackLimits {
+                max_bytes: config.volumes.max_uncompressed_bytes,
+                max_entries: config.volumes.max_entries,
+            },
         },
     );
     if orchestrator.runtime_kind().is_ok() {

@@ -11,7 +11,8 @@ use async_trait::async_trait;
 use std::sync::Arc;
 
 pub use model::{
-    IdempotencyClaim, NewVolume, Owner, Sandbox, SandboxPage, SandboxState, Volume, VolumeState,
+    IdempotencyClaim, NewVolume, Owner, QuotaOverride, Sandbox, SandboxPage, SandboxState,
+    SweepCounts, Usage, Volume, VolumeState,
 };
 pub use sql::{PgStore, SqliteStore};
 
@@ -23,6 +24,29 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("unsupported database url {0:?}: expected postgres://… or sqlite:…")]
     UnsupportedUrl(String),
+}
+
+impl StoreError {
+    /// The database could not be reached (down, restarting, pool exhausted):
+    /// a transient condition callers report as 503, not a bug.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Database(e) => match e {
+                sqlx::Error::Io(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::WorkerCrashed => true,
+                // Class 08 (connection exception), 57P0x (shutdown, cannot
+                // connect now), 53300 (too many connections).
+                sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+                    code.starts_with("08") || code.starts_with("57P") || code == "53300"
+                }),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -51,6 +75,34 @@ pub trait Store: Send + Sync + 'static {
     /// Marks a ready volume deleted; returns false when it was not ready.
     async fn mark_volume_deleted(&self, owner_id: &str, id: &str) -> StoreResult<bool>;
     async fn volume_id_exists(&self, id: &str) -> StoreResult<bool>;
+    /// Writes the row of an upload about to start, in state pending.
+    async fn insert_pending_volume(&self, volume: &NewVolume) -> StoreResult<()>;
+    /// Fills in a pending volume's blob facts and makes it ready; `None`
+    /// if it is no longer pending (the reconciler took it).
+    async fn finish_pending_volume(&self, volume: &NewVolume) -> StoreResult<Option<Volume>>;
+    /// Volumes in `state` last updated before `before` (any owner).
+    async fn volumes_in_state(
+        &self,
+        state: VolumeState,
+        before: chrono::DateTime<chrono::Utc>,
+    ) -> StoreResult<Vec<Volume>>;
+    /// Blob keys of every ready or pending volume (any owner).
+    async fn live_volume_keys(&self) -> StoreResult<Vec<String>>;
+    /// Removes a volume row outright (a pending row whose upload died).
+    async fn delete_volume_row(&self, id: &str, state: VolumeState) -> StoreResult<bool>;
+
+    async fn owner_by_name(&self, name: &str) -> StoreResult<Option<Owner>>;
+    async fn usage(&self, owner_id: &str) -> StoreResult<Usage>;
+    async fn quota_override(&self, owner_id: &str) -> StoreResult<QuotaOverride>;
+    async fn set_quota_override(&self, owner_id: &str, quota: &QuotaOverride) -> StoreResult<()>;
+    /// Deletes idempotency keys created before `keys_before`, killed
+    /// sandboxes killed before `tombstones_before` and deleted volume rows
+    /// last updated before it.
+    async fn sweep(
+        &self,
+        keys_before: chrono::DateTime<chrono::Utc>,
+        tombstones_before: chrono::DateTime<chrono::Utc>,
+    ) -> StoreResult<SweepCounts>;
 
     async fn insert_sandbox(&self, sandbox: &Sandbox) -> StoreResult<()>;
     /// This owner's sandbox in any state; foreign ids are `None`.

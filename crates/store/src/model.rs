@@ -12,6 +12,9 @@ pub struct Owner {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum VolumeState {
+    /// Row written before the blob: an upload in progress (or a crashed
+    /// one, which the reconciler removes). Invisible to the API.
+    Pending,
     Ready,
     Deleted,
 }
@@ -19,6 +22,7 @@ pub enum VolumeState {
 impl VolumeState {
     pub fn as_str(self) -> &'static str {
         match self {
+            VolumeState::Pending => "pending",
             VolumeState::Ready => "ready",
             VolumeState::Deleted => "deleted",
         }
@@ -27,9 +31,36 @@ impl VolumeState {
     fn parse(text: &str) -> Self {
         match text {
             "ready" => VolumeState::Ready,
+            "pending" => VolumeState::Pending,
             _ => VolumeState::Deleted,
         }
     }
+}
+
+/// What an owner currently uses, for quota checks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub running_sandboxes: i64,
+    /// Ready and pending volumes.
+    pub volumes: i64,
+    /// Stored (compressed) bytes of those volumes.
+    pub volume_bytes: i64,
+}
+
+/// Per-owner quota overrides; `None` means the configured default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, sqlx::FromRow)]
+pub struct QuotaOverride {
+    pub max_running_sandboxes: Option<i64>,
+    pub max_volumes: Option<i64>,
+    pub max_volume_bytes: Option<i64>,
+}
+
+/// Rows removed by one [`crate::Store::sweep`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SweepCounts {
+    pub idempotency_keys: u64,
+    pub killed_sandboxes: u64,
+    pub deleted_volumes: u64,
 }
 
 /// What the upload pipeline knows once a blob is stored and validated.

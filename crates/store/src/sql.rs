@@ -3,8 +3,8 @@
 //! cannot drift apart.
 
 use crate::model::{
-    IdempotencyClaim, NewVolume, Owner, Sandbox, SandboxPage, SandboxRow, SandboxState, Volume,
-    VolumeRow, VolumeState,
+    IdempotencyClaim, NewVolume, Owner, QuotaOverride, Sandbox, SandboxPage, SandboxRow,
+    SandboxState, SweepCounts, Usage, Volume, VolumeRow, VolumeState,
 };
 use crate::{Store, StoreResult};
 use async_trait::async_trait;
@@ -235,6 +235,179 @@ macro_rules! sql_store {
                         .fetch_optional(&self.pool)
                         .await?;
                 Ok(found.is_some())
+            }
+
+            async fn insert_pending_volume(&self, v: &NewVolume) -> StoreResult<()> {
+                let now = Utc::now();
+                sqlx::query(
+                    "INSERT INTO volumes (id, owner_id, name, blob_key, size_bytes, sha256, \
+                     content_type, uncompressed_bytes, entry_count, metadata, state, \
+                     created_at, updated_at) \
+                     VALUES ($1, $2, $3, $4, 0, '', $5, 0, 0, $6, $7, $8, $9)",
+                )
+                .bind(&v.id)
+                .bind(&v.owner_id)
+                .bind(&v.name)
+                .bind(&v.blob_key)
+                .bind(&v.content_type)
+                .bind(sqlx::types::Json(&v.metadata))
+                .bind(VolumeState::Pending.as_str())
+                .bind(now)
+                .bind(now)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn finish_pending_volume(&self, v: &NewVolume) -> StoreResult<Option<Volume>> {
+                let result = sqlx::query(
+                    "UPDATE volumes SET size_bytes = $1, sha256 = $2, uncompressed_bytes = $3, \
+                     entry_count = $4, state = $5, updated_at = $6 \
+                     WHERE id = $7 AND owner_id = $8 AND state = $9",
+                )
+                .bind(v.size_bytes)
+                .bind(&v.sha256)
+                .bind(v.uncompressed_bytes)
+                .bind(v.entry_count)
+                .bind(VolumeState::Ready.as_str())
+                .bind(Utc::now())
+                .bind(&v.id)
+                .bind(&v.owner_id)
+                .bind(VolumeState::Pending.as_str())
+                .execute(&self.pool)
+                .await?;
+                if result.rows_affected() != 1 {
+                    return Ok(None);
+                }
+                self.get_volume(&v.owner_id, &v.id).await
+            }
+
+            async fn volumes_in_state(
+                &self,
+                state: VolumeState,
+                before: chrono::DateTime<Utc>,
+            ) -> StoreResult<Vec<Volume>> {
+                let sql = format!(
+                    "SELECT {VOLUME_COLUMNS} FROM volumes WHERE state = $1 AND updated_at < $2"
+                );
+                let rows = sqlx::query_as::<_, VolumeRow>(&sql)
+                    .bind(state.as_str())
+                    .bind(before)
+                    .fetch_all(&self.pool)
+                    .await?;
+                Ok(rows.into_iter().map(Volume::from).collect())
+            }
+
+            async fn live_volume_keys(&self) -> StoreResult<Vec<String>> {
+                let rows: Vec<(String,)> =
+                    sqlx::query_as("SELECT blob_key FROM volumes WHERE state IN ($1, $2)")
+                        .bind(VolumeState::Ready.as_str())
+                        .bind(VolumeState::Pending.as_str())
+                        .fetch_all(&self.pool)
+                        .await?;
+                Ok(rows.into_iter().map(|(key,)| key).collect())
+            }
+
+            async fn delete_volume_row(&self, id: &str, state: VolumeState) -> StoreResult<bool> {
+                let result = sqlx::query("DELETE FROM volumes WHERE id = $1 AND state = $2")
+                    .bind(id)
+                    .bind(state.as_str())
+                    .execute(&self.pool)
+                    .await?;
+                Ok(result.rows_affected() == 1)
+            }
+
+            async fn owner_by_name(&self, name: &str) -> StoreResult<Option<Owner>> {
+                let owner = sqlx::query_as::<_, Owner>(
+                    "SELECT id, name, created_at FROM owners WHERE name = $1",
+                )
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await?;
+                Ok(owner)
+            }
+
+            async fn usage(&self, owner_id: &str) -> StoreResult<Usage> {
+                let (running_sandboxes,): (i64,) = sqlx::query_as(
+                    "SELECT COUNT(*) FROM sandboxes WHERE owner_id = $1 AND state = $2",
+                )
+                .bind(owner_id)
+                .bind(SandboxState::Running.as_str())
+                .fetch_one(&self.pool)
+                .await?;
+                let (volumes, volume_bytes): (i64, Option<i64>) = sqlx::query_as(
+                    "SELECT COUNT(*), CAST(SUM(size_bytes) AS BIGINT) FROM volumes \
+                     WHERE owner_id = $1 AND state IN ($2, $3)",
+                )
+                .bind(owner_id)
+                .bind(VolumeState::Ready.as_str())
+                .bind(VolumeState::Pending.as_str())
+                .fetch_one(&self.pool)
+                .await?;
+                Ok(Usage {
+                    running_sandboxes,
+                    volumes,
+                    volume_bytes: volume_bytes.unwrap_or(0),
+                })
+            }
+
+            async fn quota_override(&self, owner_id: &str) -> StoreResult<QuotaOverride> {
+                let quota = sqlx::query_as::<_, QuotaOverride>(
+                    "SELECT max_running_sandboxes, max_volumes, max_volume_bytes \
+                     FROM owner_quotas WHERE owner_id = $1",
+                )
+                .bind(owner_id)
+                .fetch_optional(&self.pool)
+                .await?;
+                Ok(quota.unwrap_or_default())
+            }
+
+            async fn set_quota_override(
+                &self,
+                owner_id: &str,
+                quota: &QuotaOverride,
+            ) -> StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO owner_quotas \
+                     (owner_id, max_running_sandboxes, max_volumes, max_volume_bytes) \
+                     VALUES ($1, $2, $3, $4) ON CONFLICT (owner_id) DO UPDATE SET \
+                     max_running_sandboxes = $2, max_volumes = $3, max_volume_bytes = $4",
+                )
+                .bind(owner_id)
+                .bind(quota.max_running_sandboxes)
+                .bind(quota.max_volumes)
+                .bind(quota.max_volume_bytes)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn sweep(
+                &self,
+                keys_before: chrono::DateTime<Utc>,
+                tombstones_before: chrono::DateTime<Utc>,
+            ) -> StoreResult<SweepCounts> {
+                let keys = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < $1")
+                    .bind(keys_before)
+                    .execute(&self.pool)
+                    .await?;
+                let sandboxes =
+                    sqlx::query("DELETE FROM sandboxes WHERE state = $1 AND killed_at < $2")
+                        .bind(SandboxState::Killed.as_str())
+                        .bind(tombstones_before)
+                        .execute(&self.pool)
+                        .await?;
+                let volumes =
+                    sqlx::query("DELETE FROM volumes WHERE state = $1 AND updated_at < $2")
+                        .bind(VolumeState::Deleted.as_str())
+                        .bind(tombstones_before)
+                        .execute(&self.pool)
+                        .await?;
+                Ok(SweepCounts {
+                    idempotency_keys: keys.rows_affected(),
+                    killed_sandboxes: sandboxes.rows_affected(),
+                    deleted_volumes: volumes.rows_affected(),
+                })
             }
 
             async fn insert_sandbox(&self, sb: &Sandbox) -> StoreResult<()> {

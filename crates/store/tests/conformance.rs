@@ -1,8 +1,9 @@
 //! One suite, two backends: every behaviour the server relies on is checked
 //! against SQLite and against a fresh Postgres database.
 
+use chrono::Utc;
 use rand::Rng;
-use sandbox_store::{NewVolume, Store, VolumeState};
+use sandbox_store::{NewVolume, QuotaOverride, Store, SweepCounts, VolumeState};
 use sqlx::Connection;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -141,6 +142,113 @@ async fn conformance(store: Arc<dyn Store>) {
         .unwrap();
     assert_eq!(tomb.state, VolumeState::Deleted);
     assert_eq!(store.list_volumes(&alice.id).await.unwrap().len(), 1);
+
+    crash_safe_volumes(&*store, &alice.id).await;
+    quotas_and_sweeps(&*store, &alice.id, &bob.id).await;
+}
+
+/// A pending row is invisible until finished; the reconciler can find and
+/// remove it; live keys cover ready and pending rows only.
+async fn crash_safe_volumes(store: &dyn Store, owner: &str) {
+    let mut upload = sample_volume("vol-0000000a", owner, "pending");
+    store.insert_pending_volume(&upload).await.unwrap();
+    assert_eq!(store.get_volume(owner, "vol-0000000a").await.unwrap(), None);
+    assert!(!store
+        .list_volumes(owner)
+        .await
+        .unwrap()
+        .iter()
+        .any(|v| v.id == "vol-0000000a"));
+    let later = Utc::now() + chrono::Duration::seconds(1);
+    let pending = store
+        .volumes_in_state(VolumeState::Pending, later)
+        .await
+        .unwrap();
+    assert_eq!(pending.len(), 1);
+    assert!(store
+        .volumes_in_state(
+            VolumeState::Pending,
+            Utc::now() - chrono::Duration::hours(1)
+        )
+        .await
+        .unwrap()
+        .is_empty());
+    let keys = store.live_volume_keys().await.unwrap();
+    assert!(keys.contains(&upload.blob_key));
+    assert!(!keys.contains(&format!("owners/{owner}/volumes/vol-00000001.tar.gz")));
+
+    upload.size_bytes = 99;
+    upload.sha256 = "cd".repeat(32);
+    let ready = store.finish_pending_volume(&upload).await.unwrap().unwrap();
+    assert_eq!((ready.state, ready.size_bytes), (VolumeState::Ready, 99));
+    assert_eq!(store.finish_pending_volume(&upload).await.unwrap(), None);
+    assert!(!store
+        .delete_volume_row("vol-0000000a", VolumeState::Pending)
+        .await
+        .unwrap());
+
+    let crashed = sample_volume("vol-0000000b", owner, "crashed");
+    store.insert_pending_volume(&crashed).await.unwrap();
+    assert!(store
+        .delete_volume_row("vol-0000000b", VolumeState::Pending)
+        .await
+        .unwrap());
+    assert!(!store.volume_id_exists("vol-0000000b").await.unwrap());
+}
+
+async fn quotas_and_sweeps(store: &dyn Store, alice: &str, bob: &str) {
+    let usage = store.usage(alice).await.unwrap();
+    // vol-00000002 (1234 bytes) and vol-0000000a (99) are ready.
+    assert_eq!((usage.volumes, usage.volume_bytes), (2, 1234 + 99));
+    assert_eq!(usage.running_sandboxes, 0);
+    assert_eq!(store.usage(bob).await.unwrap().volumes, 1);
+
+    assert_eq!(
+        store.quota_override(alice).await.unwrap(),
+        QuotaOverride::default()
+    );
+    let quota = QuotaOverride {
+        max_running_sandboxes: Some(3),
+        max_volumes: None,
+        max_volume_bytes: Some(1 << 40),
+    };
+    store.set_quota_override(alice, &quota).await.unwrap();
+    assert_eq!(store.quota_override(alice).await.unwrap(), quota);
+    store
+        .set_quota_override(alice, &QuotaOverride::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.quota_override(alice).await.unwrap(),
+        QuotaOverride::default()
+    );
+    assert_eq!(
+        store.owner_by_name("alice").await.unwrap().map(|o| o.id),
+        Some(alice.to_string())
+    );
+    assert_eq!(store.owner_by_name("nobody").await.unwrap(), None);
+
+    // Only rows older than the cut-offs go: vol-00000001 is a tombstone.
+    let past = Utc::now() - chrono::Duration::hours(1);
+    assert_eq!(
+        store.sweep(past, past).await.unwrap(),
+        SweepCounts::default()
+    );
+    let future = Utc::now() + chrono::Duration::seconds(1);
+    let swept = store.sweep(future, future).await.unwrap();
+    assert_eq!(swept.deleted_volumes, 1);
+    assert_eq!(
+        store
+            .get_volume_any_state(alice, "vol-00000001")
+            .await
+            .unwrap(),
+        None
+    );
+    assert!(store
+        .get_volume(alice, "vol-00000002")
+        .await
+        .unwrap()
+        .is_some());
 }
 
 #[tokio::test]

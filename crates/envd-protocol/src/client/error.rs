@@ -14,6 +14,10 @@ pub enum EnvdError {
     /// envd answered something this client cannot decode.
     #[error("invalid envd response: {0}")]
     Decode(String),
+    /// A buffered response passed the client's limit: the agent (as hostile
+    /// as the tenant) sent more than the caller will hold in memory.
+    #[error("the sandbox agent's response exceeds {limit} bytes")]
+    TooLarge { limit: usize },
     /// The agent speaks a protocol version this client does not support.
     #[error("envd speaks protocol version {agent}, this client supports up to {supported_max}")]
     Incompatible { agent: u32, supported_max: u32 },

@@ -8,12 +8,16 @@ use hyper::body::Incoming;
 use super::EnvdError;
 use crate::ProcessEvent;
 
-/// Lines longer than this are a protocol error (envd sends bounded chunks).
-const MAX_LINE: usize = 8 * 1024 * 1024;
+/// Lines longer than this are a protocol error: envd sends output in chunks
+/// of at most 64 KiB, which JSON-escape to under 400 KiB.
+const MAX_LINE: usize = 1024 * 1024;
 
 struct State {
     body: BodyDataStream<Incoming>,
     buffer: BytesMut,
+    /// Bytes of `buffer` already known to hold no newline: each byte is
+    /// scanned once, however the line is split into chunks.
+    scanned: usize,
     done: bool,
 }
 
@@ -22,11 +26,15 @@ pub fn events(body: Incoming) -> BoxStream<'static, Result<ProcessEvent, EnvdErr
     let state = State {
         body: BodyDataStream::new(body),
         buffer: BytesMut::new(),
+        scanned: 0,
         done: false,
     };
     stream::unfold(state, |mut state| async move {
         loop {
-            if let Some(newline) = state.buffer.iter().position(|&b| b == b'\n') {
+            let unscanned = &state.buffer[state.scanned..];
+            if let Some(found) = unscanned.iter().position(|&b| b == b'\n') {
+                let newline = state.scanned + found;
+                state.scanned = 0;
                 let line = state.buffer.split_to(newline + 1);
                 let line = &line[..newline];
                 if line.iter().all(u8::is_ascii_whitespace) {
@@ -46,6 +54,7 @@ pub fn events(body: Incoming) -> BoxStream<'static, Result<ProcessEvent, EnvdErr
                 }
                 return None;
             }
+            state.scanned = state.buffer.len();
             if state.buffer.len() > MAX_LINE {
                 state.done = true;
                 state.buffer.clear();

@@ -107,7 +107,7 @@ impl Images {
         let started = std::time::Instant::now();
         info!(source = %self.kernel_source.display(), "building the guest kernel (a few minutes)");
         let work = kernel_dir.join("build");
-        let _ = fs::remove_dir_all(&work);
+        let _ = crate::remove_tree(&work);
         fs::create_dir_all(&work).map_err(|e| format!("creating {}: {e}", work.display()))?;
         let log_path = kernel_dir.join("build.log");
         let log =
@@ -165,7 +165,7 @@ impl Images {
         let tmp = out_dir.join("vmlinux.tmp");
         fs::copy(work.join("vmlinux"), &tmp).map_err(|e| format!("copying vmlinux: {e}"))?;
         fs::rename(&tmp, &out).map_err(|e| format!("installing vmlinux: {e}"))?;
-        let _ = fs::remove_dir_all(&work);
+        let _ = crate::remove_tree(&work);
         info!(kernel = %out.display(), elapsed = ?started.elapsed(), "guest kernel built");
         Ok(out)
     }

@@ -312,7 +312,7 @@ impl Inner {
             return Ok(());
         }
         let started = Instant::now();
-        let _ = fs::remove_dir_all(&snapshot.dir);
+        let _ = crate::remove_tree(&snapshot.dir);
         fs::create_dir_all(&snapshot.dir).map_err(|e| e.to_string())?;
         // Sockets need short paths: the template VM's live in the state dir.
         let run_dir = self.config.state_dir.join(format!(
@@ -320,7 +320,7 @@ impl Inner {
             std::process::id(),
             next_run_number()
         ));
-        let _ = fs::remove_dir_all(&run_dir);
+        let _ = crate::remove_tree(&run_dir);
         fs::create_dir_all(&run_dir).map_err(|e| e.to_string())?;
         let files = VmFiles::new(run_dir.clone());
         let result = async {
@@ -363,11 +363,11 @@ impl Inner {
         if let Err(error) = result {
             kill_vm_processes(&files);
             let log = tail(&files.console_log());
-            let _ = fs::remove_dir_all(&run_dir);
-            let _ = fs::remove_dir_all(&snapshot.dir);
+            let _ = crate::remove_tree(&run_dir);
+            let _ = crate::remove_tree(&snapshot.dir);
             return Err(format!("{error}; console: {log}"));
         }
-        let _ = fs::remove_dir_all(&run_dir);
+        let _ = crate::remove_tree(&run_dir);
         fs::write(snapshot.complete_marker(), "").map_err(|e| e.to_string())?;
         info!(snapshot = %snapshot.dir.display(), elapsed = ?started.elapsed(), "template snapshot saved");
         Ok(())
@@ -930,7 +930,7 @@ impl Runtime for MicrovmRuntime {
                     message: format!("process {pid} (QEMU or relay) did not exit"),
                 })?;
         }
-        match fs::remove_dir_all(&files.dir) {
+        match crate::remove_tree(&files.dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {

@@ -424,7 +424,9 @@ impl NamespaceRuntime {
         }
         // Mounts live in the sandbox's own namespace, so the host should see
         // none; detach any that do exist (e.g. from a bug or an older version)
-        // before deleting, so remove_dir_all never walks into a lower layer.
+        // before deleting, so the delete never walks into a lower layer.
+        // remove_tree would refuse to cross one anyway (second line of
+        // defence: it fails naming the mount instead of deleting through it).
         for mount_point in host_mounts_under(&dir) {
             warn!(sandbox = id, mount = %mount_point.display(), "detaching leftover host mount");
             if let Ok(c) = std::ffi::CString::new(mount_point.as_os_str().as_encoded_bytes()) {
@@ -435,7 +437,7 @@ impl NamespaceRuntime {
         if !host_mounts_under(&dir).is_empty() {
             return Err(fail("mounts remain under the sandbox dir".into()));
         }
-        match fs::remove_dir_all(&dir) {
+        match crate::remove_tree(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(fail(format!("removing {}: {e}", dir.display()))),

@@ -57,12 +57,22 @@ fn parse_run(body: &[u8]) -> ApiResult<(ProcessRequest, bool)> {
     Ok((request, body.background))
 }
 
-fn result_json(result: RunResult) -> Value {
-    json!({
-        "stdout": result.stdout,
-        "stderr": result.stderr,
-        "exit_code": result.exit_code,
-        "timed_out": result.timed_out,
+/// A run's result as the SDKs read it, serialized straight from the
+/// agent's strings (no intermediate JSON tree: outputs can be megabytes).
+#[derive(serde::Serialize)]
+pub struct RunResultView {
+    stdout: String,
+    stderr: String,
+    exit_code: i32,
+    timed_out: bool,
+}
+
+fn result_json(result: RunResult) -> Json<RunResultView> {
+    Json(RunResultView {
+        stdout: result.stdout,
+        stderr: result.stderr,
+        exit_code: result.exit_code,
+        timed_out: result.timed_out,
     })
 }
 
@@ -76,14 +86,14 @@ pub async fn run(
     Caller(owner): Caller,
     Path(id): Path<String>,
     body: Bytes,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     let (request, background) = parse_run(&body)?;
     let agent = state.orchestrator.agent(&owner.id, &id).await?;
     if background {
         let pid = agent.start(&request).await?;
-        return Ok(Json(json!({ "pid": pid })));
+        return Ok(Json(json!({ "pid": pid })).into_response());
     }
-    Ok(Json(result_json(agent.run(&request).await?)))
+    Ok(result_json(agent.run(&request).await?).into_response())
 }
 
 pub async fn list(
@@ -106,10 +116,10 @@ pub async fn wait(
     State(state): State<AppState>,
     Caller(owner): Caller,
     Path((id, pid)): Path<(String, String)>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<RunResultView>> {
     let pid = parse_pid(&pid)?;
     let agent = state.orchestrator.agent(&owner.id, &id).await?;
-    Ok(Json(result_json(agent.wait(pid).await?)))
+    Ok(result_json(agent.wait(pid).await?))
 }
 
 #[derive(Deserialize)]
@@ -146,8 +156,14 @@ pub async fn kill(
     Ok(Json(json!({ "killed": killed })))
 }
 
+/// Longest line sent as one event; a longer one is split into several.
+/// Bounds what one event (and the JSON escaping of its NULs) can weigh.
+const MAX_LINE_BYTES: usize = 16 * 1024;
+
 /// Splits output into lines without their newline: the Python SDK joins
-/// stream chunks with "\n" (the SDKs' SSE parsers), so a chunk must be one line.
+/// stream chunks with "\n" (the SDKs' SSE parsers), so a chunk must be one
+/// line. Each byte is scanned once and the held partial line never exceeds
+/// [`MAX_LINE_BYTES`], whatever the command prints.
 #[derive(Default)]
 struct LineSplitter {
     partial: String,
@@ -155,13 +171,29 @@ struct LineSplitter {
 
 impl LineSplitter {
     fn push(&mut self, data: &str) -> Vec<String> {
-        self.partial.push_str(data);
         let mut lines = Vec::new();
-        while let Some(end) = self.partial.find('\n') {
-            let line: String = self.partial.drain(..=end).collect();
-            lines.push(line.trim_end_matches('\n').to_string());
+        let mut rest = data;
+        while let Some(end) = rest.find('\n') {
+            self.append(&rest[..end], &mut lines);
+            lines.push(std::mem::take(&mut self.partial));
+            rest = &rest[end + 1..];
         }
+        self.append(rest, &mut lines);
         lines
+    }
+
+    /// Adds `text` to the partial line, emitting full-size pieces as it fills.
+    fn append(&mut self, mut text: &str, lines: &mut Vec<String>) {
+        while self.partial.len() + text.len() > MAX_LINE_BYTES {
+            let mut cut = MAX_LINE_BYTES - self.partial.len();
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            self.partial.push_str(&text[..cut]);
+            lines.push(std::mem::take(&mut self.partial));
+            text = &text[cut..];
+        }
+        self.partial.push_str(text);
     }
 
     fn flush(&mut self) -> Option<String> {
@@ -272,5 +304,18 @@ mod tests {
         assert_eq!(splitter.push("c\n\nd"), vec!["bc", ""]);
         assert_eq!(splitter.flush(), Some("d".to_string()));
         assert_eq!(splitter.flush(), None);
+    }
+
+    #[test]
+    fn long_lines_are_split_and_never_held_whole() {
+        let mut splitter = LineSplitter::default();
+        let mut pieces = Vec::new();
+        for _ in 0..100 {
+            pieces.extend(splitter.push(&"é".repeat(1000)));
+            assert!(splitter.partial.len() <= super::MAX_LINE_BYTES);
+        }
+        pieces.extend(splitter.flush());
+        assert!(pieces.iter().all(|p| p.len() <= super::MAX_LINE_BYTES));
+        assert_eq!(pieces.concat(), "é".repeat(100_000));
     }
 }

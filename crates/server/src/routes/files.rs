@@ -14,6 +14,9 @@ use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+/// File writes of one batch in flight at once.
+const BATCH_CONCURRENCY: usize = 8;
+
 /// `/files/raw` bodies above this get 413 (what the SDKs expect).
 pub const RAW_FILE_LIMIT: u64 = 500 << 20;
 
@@ -160,6 +163,13 @@ pub async fn write_batch(
     body: Bytes,
 ) -> ApiResult<Json<Value>> {
     let body: BatchBody = parse_json(&body)?;
+    let cap = state.config.http.max_list_items;
+    if body.files.len() > cap {
+        return Err(ApiError::BadRequest(format!(
+            "a batch holds at most {cap} files, got {}",
+            body.files.len()
+        )));
+    }
     let agent = state.orchestrator.agent(&owner.id, &id).await?;
     let user = user_or_default(&body.username);
     let agent = &agent;
@@ -168,9 +178,12 @@ pub async fn write_batch(
             .write_bytes(&file.path, user, file.data.into_bytes())
             .await
     });
-    // Results in input order: the Python SDK zips them back onto its inputs.
+    // A few at a time over the sandbox's agent connections, not one
+    // connection per file; results in input order (the Python SDK zips
+    // them back onto its inputs).
+    let mut results = futures::stream::iter(writes).buffered(BATCH_CONCURRENCY);
     let mut infos = Vec::new();
-    for result in futures::future::join_all(writes).await {
+    while let Some(result) = results.next().await {
         let info = result?;
         infos.push(json!({ "path": info.path, "size": info.size }));
     }

@@ -2,6 +2,7 @@
 
 use crate::app::AppState;
 use crate::auth::Caller;
+use crate::config::SandboxesConfig;
 use crate::error::{ApiError, ApiResult};
 use crate::timefmt::iso_utc;
 use axum::body::Bytes;
@@ -10,17 +11,19 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use sandbox_orchestrator::CreateSandbox;
-use sandbox_store::{Sandbox, SandboxPage, SandboxState};
+use sandbox_store::{Owner, Sandbox, SandboxPage, SandboxState};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 /// The port envd listens on in the SDKs' world; reported, never dialled.
 const ENVD_PORT: u16 = 49983;
 /// How long a create may run before its idempotency claim counts as abandoned.
 const IDEMPOTENCY_STALE_SECS: i64 = 600;
 const MAX_LIST_LIMIT: i64 = 1000;
+const MAX_IDEMPOTENCY_KEY_LEN: usize = 256;
 
 pub fn sandbox_json(sandbox: &Sandbox) -> Value {
     let mut body = json!({
@@ -68,7 +71,7 @@ struct CreateBody {
     extra: Map<String, Value>,
 }
 
-fn parse_create(body: &[u8], default_timeout: u64) -> ApiResult<CreateSandbox> {
+fn parse_create(body: &[u8], sandboxes: &SandboxesConfig) -> ApiResult<CreateSandbox> {
     let body: CreateBody = if body.is_empty() {
         serde_json::from_str("{}").unwrap()
     } else {
@@ -90,10 +93,10 @@ fn parse_create(body: &[u8], default_timeout: u64) -> ApiResult<CreateSandbox> {
         .to_string();
     Ok(CreateSandbox {
         template,
-        timeout_secs: body.timeout.unwrap_or(default_timeout),
+        timeout_secs: sandboxes.effective_timeout(body.timeout),
         metadata: body.metadata.unwrap_or_default(),
         envs: body.envs.unwrap_or_default(),
-        volumes: crate::attachments::parse(body.volumes)?,
+        volumes: crate::attachments::parse(body.volumes, sandboxes.max_attachments)?,
         strict_hydrate: body.hydrate_strict,
         extra: body.extra,
     })
@@ -105,15 +108,42 @@ pub async fn create(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let request = parse_create(&body, state.config.sandboxes.default_timeout_secs)?;
+    let request = parse_create(&body, &state.config.sandboxes)?;
     let key = headers
         .get("idempotency-key")
         .and_then(|v| v.to_str().ok())
-        .filter(|k| !k.is_empty());
+        .filter(|k| !k.is_empty())
+        .map(str::to_string);
+    let admission = state.quotas.admit_sandbox(&owner.id).await?;
     let Some(key) = key else {
         let sandbox = state.orchestrator.create(&owner.id, request).await?;
+        drop(admission);
         return Ok((StatusCode::CREATED, Json(sandbox_json(&sandbox))).into_response());
     };
+    if key.len() > MAX_IDEMPOTENCY_KEY_LEN {
+        return Err(ApiError::BadRequest(format!(
+            "Idempotency-Key is longer than {MAX_IDEMPOTENCY_KEY_LEN} bytes"
+        )));
+    }
+    // Detached: a client that hangs up mid-create still gets its key
+    // settled (done or released), so its retry never waits on a dead claim.
+    tokio::spawn(async move {
+        let outcome = create_idempotent(state, owner, key, body, request).await;
+        drop(admission);
+        outcome
+    })
+    .await
+    .map_err(|e| ApiError::Internal(anyhow::anyhow!("create task failed: {e}")))?
+}
+
+async fn create_idempotent(
+    state: AppState,
+    owner: Owner,
+    key: String,
+    body: Bytes,
+    request: CreateSandbox,
+) -> ApiResult<Response> {
+    let key = key.as_str();
 
     let body_hash = hex::encode(Sha256::digest(&body));
     use sandbox_store::IdempotencyClaim::*;
@@ -144,10 +174,16 @@ pub async fn create(
     match state.orchestrator.create(&owner.id, request).await {
         Ok(sandbox) => {
             let response = sandbox_json(&sandbox).to_string();
-            state
-                .store
-                .finish_idempotency_key(&owner.id, key, 201, &response)
-                .await?;
+            if let Err(e) = record_idempotent_result(&state, &owner.id, key, &response).await {
+                // Without the record a retry would create a second sandbox:
+                // take this one back and let the retry start clean.
+                tracing::error!(sandbox_id = %sandbox.id, error = %e, "could not record an idempotent create: undoing it");
+                let _ = state.orchestrator.kill(&owner.id, &sandbox.id).await;
+                let _ = state.store.release_idempotency_key(&owner.id, key).await;
+                return Err(ApiError::Unavailable(
+                    "the database did not record the create, so it was undone; retry".into(),
+                ));
+            }
             Ok((
                 StatusCode::CREATED,
                 [("content-type", "application/json")],
@@ -159,6 +195,32 @@ pub async fn create(
             // A failed create leaves no trace, so the SDK's retry runs afresh.
             state.store.release_idempotency_key(&owner.id, key).await?;
             Err(e.into())
+        }
+    }
+}
+
+/// A few quick retries ride out a blip (a Postgres restart) before the
+/// caller gives up and undoes the create.
+async fn record_idempotent_result(
+    state: &AppState,
+    owner_id: &str,
+    key: &str,
+    response: &str,
+) -> Result<(), sandbox_store::StoreError> {
+    let mut attempt = 0;
+    loop {
+        match state
+            .store
+            .finish_idempotency_key(owner_id, key, 201, response)
+            .await
+        {
+            Ok(()) => return Ok(()),
+            Err(e) if attempt >= 4 => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, attempt, "recording an idempotent create failed; retrying");
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(250 << attempt)).await;
+            }
         }
     }
 }
@@ -269,7 +331,11 @@ pub async fn set_timeout(
         .map_err(|e| ApiError::BadRequest(format!("expected {{\"timeout\": seconds}}: {e}")))?;
     state
         .orchestrator
-        .set_timeout(&owner.id, &id, body.timeout)
+        .set_timeout(
+            &owner.id,
+            &id,
+            state.config.sandboxes.effective_timeout(Some(body.timeout)),
+        )
         .await?;
     Ok(Json(json!({ "ok": true })))
 }
@@ -316,6 +382,13 @@ pub async fn kill_many(
 ) -> ApiResult<Response> {
     let body: KillManyBody = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("expected {{\"sandbox_ids\": [...]}}: {e}")))?;
+    let cap = state.config.http.max_list_items;
+    if body.sandbox_ids.len() > cap {
+        return Err(ApiError::BadRequest(format!(
+            "kill-many takes at most {cap} ids, got {}",
+            body.sandbox_ids.len()
+        )));
+    }
     let kills = body.sandbox_ids.iter().map(|id| {
         let orchestrator = state.orchestrator.clone();
         let owner_id = owner.id.clone();

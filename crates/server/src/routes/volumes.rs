@@ -64,6 +64,8 @@ pub struct CreateQuery {
     name: Option<String>,
 }
 
+const MAX_NAME_LEN: usize = 256;
+
 fn new_volume_id() -> String {
     format!("vol-{:08x}", rand::rng().random::<u32>())
 }
@@ -74,19 +76,36 @@ enum UploadFailure {
     Archive(ArchiveError),
     Storage(sandbox_blobs::BlobError),
     Body(String),
+    /// The client stopped sending (the body-timeout layer cut it).
+    Stalled,
 }
 
 impl From<UploadFailure> for ApiError {
     fn from(failure: UploadFailure) -> Self {
         match failure {
-            UploadFailure::TooLarge(cap) => {
-                ApiError::PayloadTooLarge(format!("volume upload exceeds the {cap}-byte limit"))
-            }
+            UploadFailure::TooLarge(cap) => ApiError::PayloadTooLarge(format!(
+                "volume upload exceeds the {cap}-byte limit (upload cap or remaining storage quota)"
+            )),
             UploadFailure::Archive(e) => ApiError::BadRequest(e.to_string()),
             UploadFailure::Storage(e) => e.into(),
             UploadFailure::Body(e) => ApiError::BadRequest(format!("reading request body: {e}")),
+            UploadFailure::Stalled => {
+                ApiError::RequestTimeout("the upload stopped sending data; nothing was kept".into())
+            }
         }
     }
+}
+
+/// A body error caused by the body-timeout layer, told apart from others.
+fn body_failure(error: axum::Error) -> UploadFailure {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+    while let Some(cause) = source {
+        if cause.is::<tower_http::timeout::TimeoutError>() {
+            return UploadFailure::Stalled;
+        }
+        source = cause.source();
+    }
+    UploadFailure::Body(error.to_string())
 }
 
 struct StoredBlob {
@@ -101,15 +120,16 @@ async fn stream_into(
     body: Body,
     mut upload: Box<dyn BlobUpload>,
     cap: u64,
+    limits: sandbox_archive::Limits,
 ) -> Result<StoredBlob, UploadFailure> {
-    let mut inspector = ArchiveInspector::start();
+    let mut inspector = ArchiveInspector::start(limits);
     let mut hasher = Sha256::new();
     let mut size: u64 = 0;
     let mut head: Vec<u8> = Vec::with_capacity(2);
     let mut stream = body.into_data_stream();
     let outcome = async {
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| UploadFailure::Body(e.to_string()))?;
+            let chunk = chunk.map_err(body_failure)?;
             size += chunk.len() as u64;
             if size > cap {
                 return Err(UploadFailure::TooLarge(cap));
@@ -156,6 +176,11 @@ async fn stream_into(
     }
 }
 
+/// Order of events, so that no crash or failure leaves a blob without a
+/// row or a row claiming a blob that is not there: a `pending` row first
+/// (invisible to the API), then the blob, then the row turns `ready`. A
+/// failed upload removes its row; a crashed one is removed by the
+/// reconciler (see `crate::reconcile`).
 pub async fn create(
     State(state): State<AppState>,
     Caller(owner): Caller,
@@ -163,9 +188,19 @@ pub async fn create(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    let cap = state.config.volumes.max_upload_bytes;
+    let configured_cap = state.config.volumes.max_upload_bytes;
+    if super::declared_length(&headers).is_some_and(|len| len > configured_cap) {
+        return Err(UploadFailure::TooLarge(configured_cap).into());
+    }
+    let admission = state.quotas.admit_upload(&owner.id).await?;
+    let cap = configured_cap.min(admission.byte_allowance);
     if super::declared_length(&headers).is_some_and(|len| len > cap) {
         return Err(UploadFailure::TooLarge(cap).into());
+    }
+    if query.name.as_ref().is_some_and(|n| n.len() > MAX_NAME_LEN) {
+        return Err(ApiError::BadRequest(format!(
+            "volume name is limited to {MAX_NAME_LEN} bytes"
+        )));
     }
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -179,38 +214,77 @@ pub async fn create(
         id = new_volume_id();
     }
     let key = volume_key(&owner.id, &id);
-    let upload = state.blobs.begin_upload(&key).await?;
-    let started = std::time::Instant::now();
-    let blob = stream_into(body, upload, cap)
-        .await
-        .map_err(ApiError::from)?;
-
-    let new = NewVolume {
-        id,
+    let mut new = NewVolume {
+        id: id.clone(),
         owner_id: owner.id.clone(),
         name: query.name.unwrap_or_default(),
         blob_key: key.clone(),
-        size_bytes: blob.size as i64,
-        sha256: blob.sha256,
+        size_bytes: 0,
+        sha256: String::new(),
         content_type,
-        uncompressed_bytes: blob.summary.uncompressed_bytes as i64,
-        entry_count: blob.summary.entries as i64,
+        uncompressed_bytes: 0,
+        entry_count: 0,
         metadata: BTreeMap::new(),
     };
-    let volume = match state.store.insert_volume(&new).await {
-        Ok(volume) => volume,
+    // Registered before the row exists, so the reconciler never takes a
+    // live upload's row or partial blob for a crashed one.
+    let _running = state.uploads.register(&id, &key);
+    state.store.insert_pending_volume(&new).await?;
+    let started = std::time::Instant::now();
+    let stored = async {
+        let upload = state.blobs.begin_upload(&key).await?;
+        let limits = state.config.volumes.archive_limits();
+        stream_into(body, upload, cap, limits)
+            .await
+            .map_err(ApiError::from)
+    }
+    .await;
+    let blob = match stored {
+        Ok(blob) => blob,
         Err(e) => {
-            // No row, no blob: never leave an orphan behind.
-            let _ = state.blobs.delete(&key).await;
-            return Err(e.into());
+            forget_pending(&state, &id, &key).await;
+            return Err(e);
         }
     };
+    new.size_bytes = blob.size as i64;
+    new.sha256 = blob.sha256;
+    new.uncompressed_bytes = blob.summary.uncompressed_bytes as i64;
+    new.entry_count = blob.summary.entries as i64;
+    let volume = match state.store.finish_pending_volume(&new).await {
+        Ok(Some(volume)) => volume,
+        outcome => {
+            // The row could not turn ready: take the blob back rather than
+            // keep bytes nobody can reach (the reconciler retries if this
+            // fails too).
+            forget_pending(&state, &id, &key).await;
+            return Err(match outcome {
+                Err(e) => e.into(),
+                _ => ApiError::Unavailable("the upload's record vanished; retry".into()),
+            });
+        }
+    };
+    drop(admission);
     tracing::info!(
         volume_id = %volume.id, owner_id = %owner.id, bytes = blob.size,
         entries = blob.summary.entries, elapsed_ms = started.elapsed().as_millis() as u64,
         "volume uploaded"
     );
     Ok((StatusCode::CREATED, Json(VolumeBody::from(volume))).into_response())
+}
+
+/// Undoes a failed upload: its blob (if committed), then its pending row.
+async fn forget_pending(state: &AppState, id: &str, key: &str) {
+    if let Err(e) = state.blobs.delete(key).await {
+        tracing::warn!(volume_id = id, error = %e, "could not remove a failed upload's blob; the reconciler will");
+        return;
+    }
+    if let Err(e) = state
+        .store
+        .delete_volume_row(id, sandbox_store::VolumeState::Pending)
+        .await
+    {
+        tracing::warn!(volume_id = id, error = %e, "could not remove a failed upload's row; the reconciler will");
+    }
 }
 
 pub async fn list(
@@ -268,12 +342,17 @@ pub async fn delete(
     let Some(volume) = state.store.get_volume_any_state(&owner.id, &id).await? else {
         return Err(ApiError::NotFound(format!("volume {id}")));
     };
-    // Mark first so no new attach can start, then drop the blob. Deleting
-    // again retries the blob removal (a no-op once it is gone) and succeeds.
+    // Mark first so no new attach can start, then drop the blob. If the
+    // blob removal fails (or the process dies here), the blob has no live
+    // row and the reconciler removes it; deleting again retries it too.
     if state.store.mark_volume_deleted(&owner.id, &id).await? {
         tracing::info!(volume_id = %id, owner_id = %owner.id, "volume deleted");
     }
     state.orchestrator.forget_volume(&id);
-    state.blobs.delete(&volume.blob_key).await?;
+    if let Err(e) = state.blobs.delete(&volume.blob_key).await {
+        // The volume is gone for every caller already; its bytes go at the
+        // reconciler's next pass (a blob without a live row).
+        tracing::warn!(volume_id = %id, error = %e, "volume blob removal failed; left to the reconciler");
+    }
     Ok(StatusCode::NO_CONTENT)
 }

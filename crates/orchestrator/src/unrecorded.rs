@@ -1,0 +1,71 @@
+//! Machines this process holds that have no running sandbox row: booting,
+//! idle in the warm pool, mid-create, or being destroyed. The orphan sweep
+//! destroys every machine the runtime lists that is neither here nor in a
+//! running row, so a machine whose create panicked, was abandoned or lost
+//! its row is gone within one sweep, not only at the next restart.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+#[derive(Clone, Default)]
+pub struct Unrecorded {
+    ids: Arc<Mutex<HashSet<String>>>,
+}
+
+impl Unrecorded {
+    /// Marks `id` as held until the guard drops (also on panic unwinding).
+    pub fn hold(&self, id: &str) -> UnrecordedGuard {
+        self.ids.lock().unwrap().insert(id.to_string());
+        UnrecordedGuard {
+            ids: self.ids.clone(),
+            id: id.to_string(),
+        }
+    }
+
+    pub fn snapshot(&self) -> HashSet<String> {
+        self.ids.lock().unwrap().clone()
+    }
+}
+
+/// Holds one id in [`Unrecorded`]; dropping it releases the machine to the
+/// sweep (which destroys it unless a running row names it by then).
+#[derive(Debug)]
+pub struct UnrecordedGuard {
+    ids: Arc<Mutex<HashSet<String>>>,
+    id: String,
+}
+
+impl Drop for UnrecordedGuard {
+    fn drop(&mut self) {
+        let mut ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+        ids.remove(&self.id);
+    }
+}
+
+impl std::fmt::Debug for Unrecorded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.snapshot()).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_guard_holds_its_id_until_dropped_even_by_a_panic() {
+        let unrecorded = Unrecorded::default();
+        let guard = unrecorded.hold("sbx-1");
+        assert!(unrecorded.snapshot().contains("sbx-1"));
+        drop(guard);
+        assert!(unrecorded.snapshot().is_empty());
+
+        let held = unrecorded.clone();
+        let result = std::panic::catch_unwind(move || {
+            let _guard = held.hold("sbx-2");
+            panic!("create failed half-way");
+        });
+        assert!(result.is_err());
+        assert!(unrecorded.snapshot().is_empty());
+    }
+}

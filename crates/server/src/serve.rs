@@ -1,0 +1,230 @@
+//! The HTTP accept loop, hardened against clients that hold resources
+//! without using them: a cap on open connections, a deadline for request
+//! headers (slowloris), an idle timeout for connections with no request in
+//! flight and no bytes moving, and a bounded graceful shutdown.
+
+use axum::extract::Request;
+use axum::Router;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tower::ServiceExt;
+
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// How long in-flight requests may finish after a shutdown signal.
+    pub shutdown_grace: Duration,
+}
+
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: ConnectionLimits,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    tokio::pin!(shutdown);
+    loop {
+        // Past the cap we stop accepting: new connections wait in the
+        // kernel's backlog instead of costing us memory and a task each.
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.expect("never closed"),
+            () = &mut shutdown => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let activity = Activity::new();
+        let io = TokioIo::new(Watched {
+            stream,
+            activity: activity.clone(),
+        });
+        let router = router.clone();
+        let in_flight = activity.clone();
+        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+            let request_guard = in_flight.begin_request();
+            let router = router.clone();
+            async move {
+                let response = router.oneshot(request.map(axum::body::Body::new)).await;
+                drop(request_guard);
+                response
+            }
+        });
+        let connection = graceful.watch(
+            builder
+                .serve_connection_with_upgrades(io, service)
+                .into_owned(),
+        );
+        let idle_timeout = limits.idle_timeout;
+        tokio::spawn(async move {
+            tokio::select! {
+                result = connection => {
+                    if let Err(e) = result {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                }
+                () = activity.idle_for(idle_timeout) => {
+                    tracing::debug!(%peer, "closing an idle connection");
+                }
+            }
+            drop(slot);
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => tracing::info!("all connections finished"),
+        () = tokio::time::sleep(limits.shutdown_grace) => {
+            tracing::warn!(grace_secs = limits.shutdown_grace.as_secs(), "cutting connections still open after the grace period");
+        }
+    }
+}
+
+/// When a connection last moved bytes, and how many requests it has open.
+#[derive(Clone)]
+struct Activity {
+    inner: Arc<ActivityInner>,
+}
+
+struct ActivityInner {
+    epoch: Instant,
+    last_millis: AtomicU64,
+    requests: AtomicUsize,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            inner: Arc::new(ActivityInner {
+                epoch: Instant::now(),
+                last_millis: AtomicU64::new(0),
+                requests: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    fn touch(&self) {
+        let now = self.inner.epoch.elapsed().as_millis() as u64;
+        self.inner.last_millis.store(now, Ordering::Relaxed);
+    }
+
+    fn begin_request(&self) -> RequestGuard {
+        self.inner.requests.fetch_add(1, Ordering::SeqCst);
+        RequestGuard(self.clone())
+    }
+
+    /// Resolves once the connection has had no request open and no bytes
+    /// moving for `timeout`. A request being handled (a long command run)
+    /// keeps it open however quiet it is.
+    async fn idle_for(&self, timeout: Duration) {
+        let tick = (timeout / 4).max(Duration::from_millis(50));
+        loop {
+            tokio::time::sleep(tick).await;
+            let last = Duration::from_millis(self.inner.last_millis.load(Ordering::Relaxed));
+            let quiet = self.inner.epoch.elapsed().saturating_sub(last);
+            if self.inner.requests.load(Ordering::SeqCst) == 0 && quiet >= timeout {
+                return;
+            }
+        }
+    }
+}
+
+struct RequestGuard(Activity);
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.inner.requests.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A TCP stream that records each successful read and write.
+struct Watched {
+    stream: TcpStream,
+    activity: Activity,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.touch();
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.stream).poll_write(cx, data);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,2 @@
+//! Faults: crashes and outages.
+mod common;
