@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmarks. Each prints figures as ratios against a baseline measured in
 # the same run. Usage:
-#   scripts/bench.sh [volume-upload|sandbox-create|hydrate|microvm|envd-unpack|all]
+#   scripts/bench.sh [volume-upload|sandbox-create|hydrate|load|microvm|envd-unpack|all]
+# `load` takes LOAD_CLIENTS (default 8) and LOAD_SECONDS (default 60).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
@@ -16,6 +17,9 @@ for name in volume-upload sandbox-create hydrate; do
     echo; "$bench" "$name"
   fi
 done
+if [[ $what == load || $what == all ]]; then
+  echo; "$bench" load --clients "${LOAD_CLIENTS:-8}" --seconds "${LOAD_SECONDS:-60}"
+fi
 if [[ $what == microvm || $what == all ]]; then
   scripts/microvm-deps.sh
   echo; SANDBOX_TEST_RUNTIME=microvm "$bench" microvm

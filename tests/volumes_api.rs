@@ -439,10 +439,10 @@ async fn interrupted_upload_leaves_no_row_and_no_upload() {
 
 #[tokio::test]
 async fn restart_aborts_uploads_a_crash_left_behind() {
-    // Its own bucket: the sweep aborts every stale upload under owners/.
+    // Its own bucket, to count what is left under this owner exactly.
     let mut server = TestServer::start(ServerOptions {
         bucket: Some(garage()["S3_SWEEP_BUCKET"].clone()),
-        ..common::production().with_setting("blobs.stale_upload_secs", "0")
+        ..common::production()
     })
     .await;
     let store = garage_store("S3_SWEEP_BUCKET");
@@ -489,6 +489,22 @@ async fn restart_aborts_uploads_a_crash_left_behind() {
         log.contains("aborted stale multipart upload"),
         "the sweep is logged"
     );
+    // The crashed upload's pending row went too: only the probe is listed,
+    // and the bucket holds only the probe's blob.
+    let listed: Value = server
+        .get("/volumes")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["volumes"].as_array().unwrap().len(), 1, "{listed}");
+    assert!(
+        log.contains("removed an unfinished upload's volume"),
+        "logged"
+    );
+    assert_eq!(store.list_keys(&prefix).await.unwrap().len(), 1);
 }
 
 fn tokio_stream_from(

@@ -448,7 +448,7 @@ fn apply_pax(data: &[u8], record_name: &[u8], pending: &mut Pending) -> Result<(
         match key {
             b"path" => pending.pax_path = value.map(<[u8]>::to_vec),
             b"linkpath" => pending.pax_link = value.map(<[u8]>::to_vec),
-            b"sizeX" => pending.pax_size = value.map(header::parse_decimal).transpose()?,
+            b"size" => pending.pax_size = value.map(header::parse_decimal).transpose()?,
             _ => {}
         }
         Ok(())

@@ -3,6 +3,7 @@
 //! `scripts/bench.sh`, which builds everything in release mode first.
 
 mod hydrate;
+mod load;
 mod microvm;
 mod sandbox_create;
 mod stats;
@@ -42,6 +43,15 @@ enum Bench {
     /// Hydrate cost vs `tar xzf` of the same archive, and fan-out of 1, 4
     /// and 16 creates over one volume (wall time, S3 GETs and bytes).
     Hydrate,
+    /// K clients for M seconds mixing uploads, creates with a volume,
+    /// commands, file reads and kills: throughput, p50/p99 per operation
+    /// (against a 1-client pass), errors, RSS and fds, leaked machines.
+    Load {
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// microVM runtime: cold boot and snapshot restore to envd-ready, warm
     /// create, command round trip, idle PSS, hydrate vs tar xzf.
     Microvm,
@@ -59,6 +69,7 @@ async fn main() -> anyhow::Result<()> {
             sandbox_create::run(&cli.server, baseline_server.as_deref()).await
         }
         Bench::Hydrate => hydrate::run(&cli.server, &cli.work_dir).await,
+        Bench::Load { clients, seconds } => load::run(&cli.server, clients, seconds).await,
         Bench::Microvm => microvm::run(&cli.server, &cli.work_dir).await,
     }
 }

@@ -263,3 +263,109 @@ async fn destination_through_a_planted_symlink_stays_in_the_root() {
         inside.display()
     );
 }
+
+fn gzipped(data: &[u8]) -> Vec<u8> {
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    encoder.write_all(data).unwrap();
+    encoder.finish().unwrap()
+}
+
+/// An archive of one header that lies about what follows it.
+fn lying_header(kind: EntryType, size: u64) -> Vec<u8> {
+    let mut header = Header::new_gnu();
+    header.set_entry_type(kind);
+    header.set_size(size);
+    header.set_mode(0o644);
+    set_raw_name(&mut header, "liar");
+    let mut archive = header.as_bytes().to_vec();
+    archive.extend_from_slice(&[0u8; 4096]);
+    archive
+}
+
+#[tokio::test]
+async fn bombs_and_limits_fail_the_unpack_quickly_naming_why() {
+    let envd = Envd::start().await;
+    let cases = [
+        (
+            "sparse",
+            lying_header(EntryType::GNUSparse, 1 << 62),
+            "sparse",
+        ),
+        (
+            "long name",
+            lying_header(EntryType::GNULongName, 4 << 30),
+            "longer than",
+        ),
+        (
+            "pax",
+            lying_header(EntryType::XHeader, 4 << 30),
+            "longer than",
+        ),
+        (
+            "huge entry",
+            lying_header(EntryType::Regular, 1 << 40),
+            "more than",
+        ),
+    ];
+    for (what, archive, expected) in cases {
+        let started = std::time::Instant::now();
+        let error = envd
+            .client
+            .unpack("/home/user/bomb", "user", body(gzipped(&archive)), true)
+            .await
+            .unwrap_err();
+        assert_eq!(error.status(), Some(400), "{what}: {error}");
+        assert!(error.to_string().contains(expected), "{what}: {error}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "{what}"
+        );
+    }
+    // The caller's limits apply on top of envd's own.
+    let mut builder = tar::Builder::new(Vec::new());
+    for i in 0..6 {
+        builder
+            .append(&file_header(&format!("f{i}"), 1, 0o644), &b"x"[..])
+            .unwrap();
+    }
+    let archive = builder.into_inner().unwrap();
+    let error = envd
+        .client
+        .unpack_limited(
+            "/home/user/many",
+            "user",
+            body(archive.clone()),
+            false,
+            None,
+            Some(5),
+        )
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("more than 5 entries"), "{error}");
+    let error = envd
+        .client
+        .unpack_limited(
+            "/home/user/big",
+            "user",
+            body(archive.clone()),
+            false,
+            Some(5),
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("more than 5 bytes"), "{error}");
+    let report = envd
+        .client
+        .unpack_limited(
+            "/home/user/ok",
+            "user",
+            body(archive),
+            false,
+            Some(6),
+            Some(6),
+        )
+        .await
+        .unwrap();
+    assert_eq!(report.files, 6);
+}

@@ -7,7 +7,10 @@
 //!   upload and row;
 //! - blobs under the volumes prefix with no ready or pending row (a crash
 //!   between commit and row, or a delete whose blob removal failed);
-//! - unfinished uploads that no upload of this process owns;
+//! - unfinished uploads that no upload of this process owns.
+//!
+//! Blobs and uploads are touched only under owners this database knows:
+//! a bucket shared with another deployment (or another test) keeps theirs.
 //! - blob-cache files of volumes that are no longer ready;
 //! - idempotency keys past their 24 h, and killed sandboxes and deleted
 //!   volume rows past the tombstone retention.
@@ -170,8 +173,12 @@ impl Reconciler {
         // to a row that is already pending (rows are written first).
         let keys = self.blobs.list_keys(VOLUMES_PREFIX).await?;
         let live: HashSet<String> = self.store.live_volume_keys().await?.into_iter().collect();
+        let owners: HashSet<String> = self.store.owner_ids().await?.into_iter().collect();
         let mut removed = 0;
-        for key in keys.into_iter().filter(|key| !live.contains(key)) {
+        for key in keys
+            .into_iter()
+            .filter(|key| !live.contains(key) && owned_by_one_of(key, &owners))
+        {
             self.blobs.delete(&key).await?;
             tracing::info!(key, "removed a blob without a volume");
             removed += 1;
@@ -181,9 +188,10 @@ impl Reconciler {
 
     async fn abort_foreign_uploads(&self, ours: &HashMap<String, String>) -> anyhow::Result<usize> {
         let our_keys: HashSet<&String> = ours.values().collect();
+        let owners: HashSet<String> = self.store.owner_ids().await?.into_iter().collect();
         let mut aborted = 0;
         for key in self.blobs.pending_uploads(VOLUMES_PREFIX).await? {
-            if our_keys.contains(&key) {
+            if our_keys.contains(&key) || !owned_by_one_of(&key, &owners) {
                 continue;
             }
             aborted += self.blobs.abort_stale_uploads(&key, Duration::ZERO).await?;
@@ -204,6 +212,13 @@ impl Reconciler {
     }
 }
 
+/// Whether `owners/{owner}/…` names one of `owners`.
+fn owned_by_one_of(key: &str, owners: &HashSet<String>) -> bool {
+    key.strip_prefix(VOLUMES_PREFIX)
+        .and_then(|rest| rest.split('/').next())
+        .is_some_and(|owner| owners.contains(owner))
+}
+
 /// `owners/{owner}/volumes/{id}.tar.gz` → `id`.
 fn volume_id_of(key: &str) -> Option<String> {
     key.rsplit('/')
@@ -221,6 +236,10 @@ mod tests {
         let key = sandbox_blobs::volume_key("own-1", "vol-abc");
         assert_eq!(volume_id_of(&key).as_deref(), Some("vol-abc"));
         assert_eq!(volume_id_of("owners/x/other"), None);
+        let ours = HashSet::from(["own-1".to_string()]);
+        assert!(owned_by_one_of(&key, &ours));
+        let theirs = sandbox_blobs::volume_key("own-2", "vol-abc");
+        assert!(!owned_by_one_of(&theirs, &ours));
     }
 
     #[test]

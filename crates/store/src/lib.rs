@@ -92,6 +92,8 @@ pub trait Store: Send + Sync + 'static {
     async fn delete_volume_row(&self, id: &str, state: VolumeState) -> StoreResult<bool>;
 
     async fn owner_by_name(&self, name: &str) -> StoreResult<Option<Owner>>;
+    /// Every owner id (the reconciler touches only its own owners' blobs).
+    async fn owner_ids(&self) -> StoreResult<Vec<String>>;
     async fn usage(&self, owner_id: &str) -> StoreResult<Usage>;
     async fn quota_override(&self, owner_id: &str) -> StoreResult<QuotaOverride>;
     async fn set_quota_override(&self, owner_id: &str, quota: &QuotaOverride) -> StoreResult<()>;

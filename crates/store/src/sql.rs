@@ -327,6 +327,13 @@ macro_rules! sql_store {
                 Ok(owner)
             }
 
+            async fn owner_ids(&self) -> StoreResult<Vec<String>> {
+                let rows: Vec<(String,)> = sqlx::query_as("SELECT id FROM owners")
+                    .fetch_all(&self.pool)
+                    .await?;
+                Ok(rows.into_iter().map(|(id,)| id).collect())
+            }
+
             async fn usage(&self, owner_id: &str) -> StoreResult<Usage> {
                 let (running_sandboxes,): (i64,) = sqlx::query_as(
                     "SELECT COUNT(*) FROM sandboxes WHERE owner_id = $1 AND state = $2",

@@ -227,6 +227,11 @@ async fn quotas_and_sweeps(store: &dyn Store, alice: &str, bob: &str) {
         Some(alice.to_string())
     );
     assert_eq!(store.owner_by_name("nobody").await.unwrap(), None);
+    let mut ids = store.owner_ids().await.unwrap();
+    ids.sort();
+    let mut expected = vec![alice.to_string(), bob.to_string()];
+    expected.sort();
+    assert_eq!(ids, expected);
 
     // Only rows older than the cut-offs go: vol-00000001 is a tombstone.
     let past = Utc::now() - chrono::Duration::hours(1);

@@ -11,6 +11,9 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 pub mod hostile;
+mod private_postgres;
+
+pub use private_postgres::PrivatePostgres;
 
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
