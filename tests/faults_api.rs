@@ -237,11 +237,13 @@ async fn orphans_failed_deletes_and_an_object_store_outage_are_reconciled() {
     // reconciler), an upload is a clear 503, reads of metadata still work.
     garage.stop();
     let doomed_id = doomed["volume_id"].as_str().unwrap();
-    let response = server
-        .delete(&format!("/volumes/{doomed_id}"))
-        .send()
-        .await
-        .unwrap();
+    let response = match server.delete(&format!("/volumes/{doomed_id}")).send().await {
+        Ok(r) => r,
+        Err(e) => panic!(
+            "{e}\n{}",
+            std::fs::read_to_string(server.log_path()).unwrap()
+        ),
+    };
     assert_eq!(response.status(), StatusCode::NO_CONTENT);
     let (status, body) = upload(&server, targz(&[("x", b"x".to_vec())])).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");

@@ -2,6 +2,12 @@
 //! without using them: a cap on open connections, a deadline for request
 //! headers (slowloris), an idle timeout for connections with no request in
 //! flight and no bytes moving, and a bounded graceful shutdown.
+//!
+//! The header deadline is ours, not hyper's: hyper's also runs while a
+//! kept-alive connection waits for its next request, so it would close
+//! idle connections after a few seconds, racing clients that reuse them
+//! (seen: reqwest's next request on such a connection failed). Ours runs
+//! from the first byte of a request until its headers are complete.
 
 use axum::extract::Request;
 use axum::Router;
@@ -11,7 +17,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -39,7 +45,7 @@ pub async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout);
+        .header_read_timeout(None);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -88,7 +94,6 @@ pub async fn serve(
                 .serve_connection_with_upgrades(io, service)
                 .into_owned(),
         );
-        let idle_timeout = limits.idle_timeout;
         tokio::spawn(async move {
             tokio::select! {
                 result = connection => {
@@ -96,8 +101,8 @@ pub async fn serve(
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
                 }
-                () = activity.idle_for(idle_timeout) => {
-                    tracing::debug!(%peer, "closing an idle connection");
+                why = activity.expired(limits) => {
+                    tracing::debug!(%peer, why, "closing a connection");
                 }
             }
             drop(slot);
@@ -122,6 +127,13 @@ struct ActivityInner {
     epoch: Instant,
     last_millis: AtomicU64,
     requests: AtomicUsize,
+    /// When bytes of a request that has not begun yet first arrived
+    /// (milliseconds since `epoch`, plus one; 0: none pending).
+    head_since: AtomicU64,
+    /// HTTP/2 connections carry control frames between requests, so the
+    /// header deadline applies to HTTP/1 only.
+    http2: AtomicBool,
+    first_read: AtomicBool,
 }
 
 impl Activity {
@@ -131,31 +143,68 @@ impl Activity {
                 epoch: Instant::now(),
                 last_millis: AtomicU64::new(0),
                 requests: AtomicUsize::new(0),
+                head_since: AtomicU64::new(0),
+                http2: AtomicBool::new(false),
+                first_read: AtomicBool::new(true),
             }),
         }
     }
 
+    fn now_millis(&self) -> u64 {
+        self.inner.epoch.elapsed().as_millis() as u64
+    }
+
     fn touch(&self) {
-        let now = self.inner.epoch.elapsed().as_millis() as u64;
-        self.inner.last_millis.store(now, Ordering::Relaxed);
+        self.inner
+            .last_millis
+            .store(self.now_millis(), Ordering::Relaxed);
+    }
+
+    /// Bytes came in: the start of a request head if none is in flight.
+    fn on_read(&self, data: &[u8]) {
+        self.touch();
+        if self.inner.first_read.swap(false, Ordering::Relaxed) && data.starts_with(b"PRI ") {
+            self.inner.http2.store(true, Ordering::Relaxed);
+        }
+        if !self.inner.http2.load(Ordering::Relaxed)
+            && self.inner.requests.load(Ordering::SeqCst) == 0
+        {
+            let _ = self.inner.head_since.compare_exchange(
+                0,
+                self.now_millis() + 1,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            );
+        }
     }
 
     fn begin_request(&self) -> RequestGuard {
         self.inner.requests.fetch_add(1, Ordering::SeqCst);
+        self.inner.head_since.store(0, Ordering::SeqCst);
         RequestGuard(self.clone())
     }
 
-    /// Resolves once the connection has had no request open and no bytes
-    /// moving for `timeout`. A request being handled (a long command run)
+    /// Resolves once the connection should go: a request head unfinished
+    /// past the header deadline, or no request open and no bytes moving
+    /// for the idle timeout. A request being handled (a long command run)
     /// keeps it open however quiet it is.
-    async fn idle_for(&self, timeout: Duration) {
-        let tick = (timeout / 4).max(Duration::from_millis(50));
+    async fn expired(&self, limits: ConnectionLimits) -> &'static str {
+        let shortest = limits.header_read_timeout.min(limits.idle_timeout);
+        let tick = (shortest / 4).max(Duration::from_millis(50));
         loop {
             tokio::time::sleep(tick).await;
-            let last = Duration::from_millis(self.inner.last_millis.load(Ordering::Relaxed));
-            let quiet = self.inner.epoch.elapsed().saturating_sub(last);
-            if self.inner.requests.load(Ordering::SeqCst) == 0 && quiet >= timeout {
-                return;
+            let now = self.now_millis();
+            let head_since = self.inner.head_since.load(Ordering::SeqCst);
+            if head_since != 0
+                && Duration::from_millis(now.saturating_sub(head_since - 1))
+                    >= limits.header_read_timeout
+            {
+                return "request headers not complete in time";
+            }
+            let last = self.inner.last_millis.load(Ordering::Relaxed);
+            let quiet = Duration::from_millis(now.saturating_sub(last));
+            if self.inner.requests.load(Ordering::SeqCst) == 0 && quiet >= limits.idle_timeout {
+                return "idle";
             }
         }
     }
@@ -185,7 +234,7 @@ impl AsyncRead for Watched {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.activity.touch();
+            self.activity.on_read(&buf.filled()[before..]);
         }
         polled
     }

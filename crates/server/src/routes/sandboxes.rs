@@ -114,21 +114,28 @@ pub async fn create(
         .and_then(|v| v.to_str().ok())
         .filter(|k| !k.is_empty())
         .map(str::to_string);
-    let admission = state.quotas.admit_sandbox(&owner.id).await?;
-    let Some(key) = key else {
-        let sandbox = state.orchestrator.create(&owner.id, request).await?;
-        drop(admission);
-        return Ok((StatusCode::CREATED, Json(sandbox_json(&sandbox))).into_response());
-    };
-    if key.len() > MAX_IDEMPOTENCY_KEY_LEN {
+    if key
+        .as_ref()
+        .is_some_and(|k| k.len() > MAX_IDEMPOTENCY_KEY_LEN)
+    {
         return Err(ApiError::BadRequest(format!(
             "Idempotency-Key is longer than {MAX_IDEMPOTENCY_KEY_LEN} bytes"
         )));
     }
-    // Detached: a client that hangs up mid-create still gets its key
-    // settled (done or released), so its retry never waits on a dead claim.
+    let admission = state.quotas.admit_sandbox(&owner.id).await?;
+    // Detached, admission included: a client that hangs up mid-create
+    // leaves neither a half-made sandbox nor an unsettled idempotency key,
+    // and the quota counts the create until its row exists.
     tokio::spawn(async move {
-        let outcome = create_idempotent(state, owner, key, body, request).await;
+        let outcome = match key {
+            None => state
+                .orchestrator
+                .create(&owner.id, request)
+                .await
+                .map(|sandbox| (StatusCode::CREATED, Json(sandbox_json(&sandbox))).into_response())
+                .map_err(ApiError::from),
+            Some(key) => create_idempotent(state, owner, key, body, request).await,
+        };
         drop(admission);
         outcome
     })
