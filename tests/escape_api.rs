@@ -35,10 +35,17 @@ fn small_disk_definitions() -> tempfile::TempDir {
 static ONE_SERVER_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 async fn server(definitions: &tempfile::TempDir) -> TestServer {
-    TestServer::start(common::production().with_sandboxes(1, 0).with_setting(
-        "runtime.template_definitions_dir",
-        &definitions.path().display().to_string(),
-    ))
+    TestServer::start(
+        common::production()
+            .with_sandboxes(1, 0)
+            .with_setting(
+                "runtime.template_definitions_dir",
+                &definitions.path().display().to_string(),
+            )
+            // The disk-quota check fills a disk with a volume of zeros,
+            // which the default expansion-ratio guard would refuse first.
+            .with_setting("volumes.max_expansion_ratio", "0"),
+    )
     .await
 }
 

@@ -507,3 +507,41 @@ async fn abandoned_creates_odd_timeouts_and_runaway_output_leak_nothing() {
         .unwrap();
     assert!(rss < 256 * 1024, "server RSS {rss} KiB");
 }
+
+#[tokio::test]
+async fn sigterm_ends_the_server_while_an_upload_hangs() {
+    let mut server =
+        TestServer::start(embedded().with_setting("http.shutdown_grace_secs", "2")).await;
+    // An upload that sends a little and then nothing: a request in flight
+    // and an archive walk waiting on a blocking thread.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
+    let archive = targz(&[("big.bin", noise(4 << 20, 21))]);
+    let request = server
+        .post("/volumes?name=hanging")
+        .header("content-length", archive.len())
+        .body(reqwest::Body::wrap_stream(futures::stream::poll_fn(
+            move |cx| rx.poll_recv(cx),
+        )))
+        .send();
+    let _pending = tokio::spawn(request);
+    tx.send(Ok(archive[..64 << 10].to_vec())).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let pid = server.pid().unwrap();
+    let started = Instant::now();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    while alive(&pid.to_string()) {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "SIGTERM: still running after 10 s (grace 2 s)"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server.crash(); // reap
+    let log = std::fs::read_to_string(server.log_path()).unwrap();
+    assert!(log.contains("shutting down"), "{log}");
+    drop(tx);
+}

@@ -321,20 +321,19 @@ impl EnvdClient {
         S: Stream<Item = Result<Bytes, E>> + Send + 'static,
         E: Into<BoxError> + 'static,
     {
-        self.unpack_limited(dest, user, body, gzip, None, None)
+        self.unpack_limited(dest, user, body, gzip, UnpackLimits::default())
             .await
     }
 
-    /// [`Self::unpack`] with archive limits the agent enforces (below its
-    /// own): the unpack fails, naming the limit, once the archive passes one.
+    /// [`Self::unpack`] with archive limits the agent applies: the unpack
+    /// fails, naming the limit, once the archive passes one.
     pub async fn unpack_limited<S, E>(
         &self,
         dest: &str,
         user: &str,
         body: S,
         gzip: bool,
-        max_bytes: Option<u64>,
-        max_entries: Option<u64>,
+        limits: UnpackLimits,
     ) -> Result<UnpackReport, EnvdError>
     where
         S: Stream<Item = Result<Bytes, E>> + Send + 'static,
@@ -345,8 +344,9 @@ impl EnvdClient {
             &[
                 ("path", Some(dest.to_string())),
                 ("username", Some(user.to_string())),
-                ("max_bytes", max_bytes.map(|n| n.to_string())),
-                ("max_entries", max_entries.map(|n| n.to_string())),
+                ("max_bytes", limits.max_bytes.map(|n| n.to_string())),
+                ("max_entries", limits.max_entries.map(|n| n.to_string())),
+                ("max_ratio", limits.max_ratio.map(|n| n.to_string())),
             ],
         );
         let content_type = if gzip { GZIP_TAR } else { TAR };

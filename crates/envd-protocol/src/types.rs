@@ -186,6 +186,19 @@ pub struct UnpackQuery {
     /// Most entries the archive may hold (as `max_bytes`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_entries: Option<u64>,
+    /// Gunzip expansion-ratio guard; 0 turns it off (added in v1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ratio: Option<u64>,
+}
+
+/// Archive limits a caller asks envd to apply to one unpack; absent ones
+/// keep envd's defaults. envd guards the sandbox it runs in; the host is
+/// guarded by the caller, which checked the archive at upload.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UnpackLimits {
+    pub max_bytes: Option<u64>,
+    pub max_entries: Option<u64>,
+    pub max_ratio: Option<u64>,
 }
 
 /// An archive entry that unpack did not write, and why.

@@ -58,13 +58,15 @@ pub async fn unpack(
     };
     let dest = paths::clean_path(&query.path);
     let (sender, reader) = body::channel();
-    let mut limits = Limits::default();
-    if let Some(max) = query.max_bytes {
-        limits.max_bytes = limits.max_bytes.min(max);
-    }
-    if let Some(max) = query.max_entries {
-        limits.max_entries = limits.max_entries.min(max);
-    }
+    // The caller's limits where given (it checked the archive against the
+    // same ones at upload), envd's defaults otherwise.
+    let defaults = Limits::default();
+    let limits = Limits {
+        max_bytes: query.max_bytes.unwrap_or(defaults.max_bytes),
+        max_entries: query.max_entries.unwrap_or(defaults.max_entries),
+        max_ratio: query.max_ratio.unwrap_or(defaults.max_ratio),
+        ..defaults
+    };
     let worker = spawn_blocking(move || {
         let user = state.users.lookup(&state.root, &query.username)?;
         let owner = state.users.ownership(&user);

@@ -321,7 +321,12 @@ async fn bombs_and_limits_fail_the_unpack_quickly_naming_why() {
             "{what}"
         );
     }
-    // The caller's limits apply on top of envd's own.
+    // The caller's limits apply.
+    let limits = |max_bytes, max_entries| envd_protocol::UnpackLimits {
+        max_bytes,
+        max_entries,
+        max_ratio: None,
+    };
     let mut builder = tar::Builder::new(Vec::new());
     for i in 0..6 {
         builder
@@ -336,8 +341,7 @@ async fn bombs_and_limits_fail_the_unpack_quickly_naming_why() {
             "user",
             body(archive.clone()),
             false,
-            None,
-            Some(5),
+            limits(None, Some(5)),
         )
         .await
         .unwrap_err();
@@ -349,8 +353,7 @@ async fn bombs_and_limits_fail_the_unpack_quickly_naming_why() {
             "user",
             body(archive.clone()),
             false,
-            Some(5),
-            None,
+            limits(Some(5), None),
         )
         .await
         .unwrap_err();
@@ -362,8 +365,7 @@ async fn bombs_and_limits_fail_the_unpack_quickly_naming_why() {
             "user",
             body(archive),
             false,
-            Some(6),
-            Some(6),
+            limits(Some(6), Some(6)),
         )
         .await
         .unwrap();

@@ -46,13 +46,8 @@ impl HydrateStatus {
 const HYDRATE_USER: &str = "user";
 
 /// Archive limits the agent enforces while it unpacks: the same ones the
-/// upload was checked against, so an archive that passed one passes both,
-/// and the agent never trusts that the upload check ran.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UnpackLimits {
-    pub max_bytes: u64,
-    pub max_entries: u64,
-}
+/// upload was checked against, so an archive that passed one passes both.
+pub use envd_protocol::UnpackLimits;
 
 pub async fn hydrate(
     agent: &EnvdClient,
@@ -97,14 +92,7 @@ pub async fn hydrate(
                     seen.lock().unwrap().get_or_insert_with(|| e.to_string());
                 });
                 agent
-                    .unpack_limited(
-                        mount_path,
-                        HYDRATE_USER,
-                        stream,
-                        true,
-                        Some(limits.max_bytes),
-                        Some(limits.max_entries),
-                    )
+                    .unpack_limited(mount_path, HYDRATE_USER, stream, true, limits)
                     .await
                     .map(Some)
                     .map_err(|e| {

@@ -179,8 +179,9 @@ pub async fn start(
             max_cold_boots: config.pool.max_cold_boots,
             strict_hydrate: config.hydrate.strict,
             unpack_limits: sandbox_orchestrator::UnpackLimits {
-                max_bytes: config.volumes.max_uncompressed_bytes,
-                max_entries: config.volumes.max_entries,
+                max_bytes: Some(config.volumes.max_uncompressed_bytes),
+                max_entries: Some(config.volumes.max_entries),
+                max_ratio: Some(config.volumes.max_expansion_ratio),
             },
         },
     );
