@@ -211,37 +211,56 @@ async fn slow_and_idle_clients_are_cut_off() {
     let server = TestServer::start(
         embedded()
             .with_setting("http.header_read_timeout_secs", "2")
-            .with_setting("http.idle_timeout_secs", "3")
+            .with_setting("http.idle_timeout_secs", "30")
             .with_setting("http.body_chunk_timeout_secs", "2"),
     )
     .await;
     let key = server.api_key.clone();
 
-    // Slowloris: headers that never finish.
+    // Slowloris: headers trickled a byte at a time, each well inside the
+    // idle timeout, never finished; and a connection that sends nothing.
     let mut slow = connect(&server);
-    slow.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
-        .unwrap();
-    let (_, took) = tokio::task::spawn_blocking(move || read_until_closed(&mut slow))
+    let trickle = tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        for byte in b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: "
+            .iter()
+            .cycle()
+        {
+            if slow.write_all(&[*byte]).is_err() {
+                return started.elapsed();
+            }
+            std::thread::sleep(Duration::from_millis(250));
+            assert!(started.elapsed() < Duration::from_secs(15), "still open");
+        }
+        unreachable!()
+    });
+    let mut silent = connect(&server);
+    let (_, silent_took) = tokio::task::spawn_blocking(move || read_until_closed(&mut silent))
         .await
         .unwrap();
-    assert!(
-        took < Duration::from_secs(8),
-        "slow headers held the connection {took:?}"
-    );
+    let took = trickle.await.unwrap();
+    for (what, took) in [("trickled headers", took), ("silence", silent_took)] {
+        assert!(
+            took < Duration::from_secs(6),
+            "{what} held the connection {took:?} (header deadline 2 s, idle 30 s)"
+        );
+    }
     assert_responsive(&server, "slow headers").await;
 
-    // A kept-alive connection that then says nothing.
-    let mut idle = connect(&server);
-    idle.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let (seen, took) = tokio::task::spawn_blocking(move || read_until_closed(&mut idle))
-        .await
-        .unwrap();
-    assert!(seen.starts_with("HTTP/1.1 200"), "{seen}");
-    assert!(
-        took < Duration::from_secs(10),
-        "idle connection kept {took:?}"
-    );
+    // A kept-alive connection waiting for its next request is not a slow
+    // header: it is still usable well past the header deadline.
+    let mut kept = connect(&server);
+    let mut buf = [0u8; 4096];
+    for round in 0..2 {
+        kept.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let n = kept.read(&mut buf).unwrap();
+        let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+        assert!(head.starts_with("HTTP/1.1 200"), "round {round}: {head}");
+        if round == 0 {
+            tokio::time::sleep(Duration::from_secs(4)).await;
+        }
+    }
 
     // An upload that stops sending: 408, and nothing is kept.
     let mut stalled = connect(&server);
@@ -271,6 +290,19 @@ async fn connections_past_the_cap_wait_for_a_slot() {
             .with_setting("http.header_read_timeout_secs", "30"),
     )
     .await;
+    // An idle kept-alive connection is closed after the idle timeout.
+    let mut idle = connect(&server);
+    idle.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let (seen, took) = tokio::task::spawn_blocking(move || read_until_closed(&mut idle))
+        .await
+        .unwrap();
+    assert!(seen.starts_with("HTTP/1.1 200"), "{seen}");
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(10),
+        "idle connection closed after {took:?} (idle timeout 2 s)"
+    );
+
     let hogs: Vec<TcpStream> = (0..4).map(|_| connect(&server)).collect();
     std::thread::sleep(Duration::from_millis(300));
     let started = Instant::now();

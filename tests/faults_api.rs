@@ -421,16 +421,45 @@ async fn abandoned_creates_odd_timeouts_and_runaway_output_leak_nothing() {
     assert_eq!(zero["timeout"], 300);
     assert!(!zero["end_at"].is_null());
 
-    // A client that hangs up mid-create: the create finishes detached (or
-    // is undone); either way no machine is left without a row.
+    // A client that hangs up mid-create (its volume takes a while to
+    // hydrate): the create still finishes, detached, and leaves a
+    // recorded sandbox with its volume ready, not a machine without a row.
+    let archive = targz(&[("big.bin", noise(16 << 20, 23))]);
+    let response = api
+        .post("/volumes?name=slow")
+        .body(archive)
+        .send()
+        .await
+        .unwrap();
+    let volume: Value = response.json().await.unwrap();
+    let before = running_ids(&server).await;
     let abandoned = server
         .post("/sandboxes")
         .timeout(Duration::from_millis(30))
-        .json(&json!({}))
+        .json(&json!({ "volumes": [{ "volume_id": volume["volume_id"], "mount_path": "/data" }] }))
         .send()
         .await;
     assert!(abandoned.is_err(), "the client gave up");
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    eventually(
+        "the abandoned create completes",
+        Duration::from_secs(20),
+        || async { running_ids(&server).await.len() == before.len() + 1 },
+    )
+    .await;
+    let finished = running_ids(&server)
+        .await
+        .into_iter()
+        .find(|id| !before.contains(id))
+        .unwrap();
+    let sandbox: Value = server
+        .get(&format!("/sandboxes/{finished}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(sandbox["volumes"][0]["status"], "ready", "{sandbox}");
     assert!(no_machine_without_a_row(&server).await);
 
     // The owner's quota of 4 running sandboxes.

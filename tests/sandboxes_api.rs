@@ -79,7 +79,8 @@ async fn lifecycle_listing_and_kill() {
         .unwrap();
     assert_eq!(status, json!({ "is_running": true }));
 
-    // Timeout 0 clears the deadline.
+    // Timeout 0 means the default deadline (no deadline at all only where
+    // the operator allows it: sandboxes.allow_no_timeout).
     let (code, body) = status_of(
         server
             .patch(&format!("/sandboxes/{id}/timeout"))
@@ -98,7 +99,8 @@ async fn lifecycle_listing_and_kill() {
         .json()
         .await
         .unwrap();
-    assert_eq!(fetched["end_at"], Value::Null);
+    assert_eq!(fetched["timeout"], 300, "{fetched}");
+    assert_ne!(fetched["end_at"], Value::Null, "{fetched}");
 
     // Another owner sees nothing.
     let bob = server.create_key("bob");

@@ -492,6 +492,10 @@ pub struct Summary {
     pub uncompressed_bytes: u64,
 }
 
+/// Decompressed bytes [`scan`] accepts after the end-of-archive marker
+/// (tar pads to its record size, 10 KiB by default; 1 MiB at `-b 2048`).
+pub const MAX_TRAILING_BYTES: u64 = 16 << 20;
+
 /// Reads all entries, discarding data, then reads the input to its end (so
 /// a damaged gzip trailer after the end-of-archive marker is noticed too).
 /// Used by the upload check.
@@ -504,10 +508,20 @@ pub fn scan<R: Read>(reader: R, limits: Limits) -> Result<Summary, ArchiveError>
     };
     let mut rest = tar.into_inner();
     let mut scratch = [0u8; SKIP_BUFFER];
+    let mut trailing = 0u64;
     loop {
         match rest.read(&mut scratch) {
             Ok(0) => return Ok(summary),
-            Ok(_) => {}
+            Ok(n) => {
+                // Padding to the record size is a few KiB; a stream that
+                // goes on is work outside every other limit.
+                trailing += n as u64;
+                if trailing > MAX_TRAILING_BYTES {
+                    return Err(ArchiveError::Corrupt(format!(
+                        "more than {MAX_TRAILING_BYTES} bytes follow the end of the archive"
+                    )));
+                }
+            }
             Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
             Err(error) => return Err(classify(error)),
         }

@@ -1048,3 +1048,30 @@ fn ratio_guard_errors_come_through_the_tar_reader() {
         "{error:?}"
     );
 }
+
+#[test]
+fn data_after_the_end_marker_is_bounded() {
+    let mut archive = Vec::new();
+    push(&mut archive, &RawHeader::new(b"a", b'5'), &[]);
+    push_end(&mut archive);
+    let padded = [archive.clone(), vec![0u8; 1 << 20]].concat();
+    assert_eq!(
+        scan(
+            Gunzip::new(Cursor::new(gzip(&padded)), &Limits::default()),
+            Limits::default()
+        )
+        .unwrap()
+        .entries,
+        1
+    );
+    let endless = [archive, vec![0u8; 17 << 20]].concat();
+    let error = scan(
+        Gunzip::new(Cursor::new(gzip(&endless)), &Limits::default()),
+        Limits::default(),
+    )
+    .unwrap_err();
+    assert!(
+        error.to_string().contains("follow the end of the archive"),
+        "{error}"
+    );
+}

@@ -346,6 +346,10 @@ impl EnvdClient {
                 ("username", Some(user.to_string())),
                 ("max_bytes", limits.max_bytes.map(|n| n.to_string())),
                 ("max_entries", limits.max_entries.map(|n| n.to_string())),
+                (
+                    "max_header_bytes",
+                    limits.max_header_bytes.map(|n| n.to_string()),
+                ),
                 ("max_ratio", limits.max_ratio.map(|n| n.to_string())),
             ],
         );

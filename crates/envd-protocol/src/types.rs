@@ -179,14 +179,17 @@ pub struct UnpackQuery {
     /// Owner of every file and directory the unpack creates.
     #[serde(default = "default_user")]
     pub username: String,
-    /// Most bytes of file data the archive may hold (added in v1; envd
-    /// also enforces its own ceiling, and the lower one applies).
+    /// Archive limits (added in v1, all optional): each one given replaces
+    /// envd's default for this unpack. Most bytes of file data.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_bytes: Option<u64>,
-    /// Most entries the archive may hold (as `max_bytes`).
+    /// Most entries.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_entries: Option<u64>,
-    /// Gunzip expansion-ratio guard; 0 turns it off (added in v1).
+    /// Longest name, link or PAX record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_header_bytes: Option<u64>,
+    /// Gunzip expansion-ratio guard; 0 turns it off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_ratio: Option<u64>,
 }
@@ -198,6 +201,7 @@ pub struct UnpackQuery {
 pub struct UnpackLimits {
     pub max_bytes: Option<u64>,
     pub max_entries: Option<u64>,
+    pub max_header_bytes: Option<u64>,
     pub max_ratio: Option<u64>,
 }
 

@@ -129,6 +129,7 @@ fn current_samples() -> BTreeMap<String, Value> {
             username: "user".into(),
             max_bytes: None,
             max_entries: None,
+            max_header_bytes: None,
             max_ratio: None,
         },
     );

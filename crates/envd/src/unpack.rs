@@ -64,6 +64,7 @@ pub async fn unpack(
     let limits = Limits {
         max_bytes: query.max_bytes.unwrap_or(defaults.max_bytes),
         max_entries: query.max_entries.unwrap_or(defaults.max_entries),
+        max_header_bytes: query.max_header_bytes.unwrap_or(defaults.max_header_bytes),
         max_ratio: query.max_ratio.unwrap_or(defaults.max_ratio),
         ..defaults
     };

@@ -325,6 +325,7 @@ async fn bombs_and_limits_fail_the_unpack_quickly_naming_why() {
     let limits = |max_bytes, max_entries| envd_protocol::UnpackLimits {
         max_bytes,
         max_entries,
+        max_header_bytes: None,
         max_ratio: None,
     };
     let mut builder = tar::Builder::new(Vec::new());

@@ -30,6 +30,8 @@ enum Progress {
 
 struct Entry {
     volume_id: String,
+    /// The blob's stored size: what a fetch in progress will occupy.
+    expected: u64,
     path: PathBuf,
     progress: watch::Receiver<Progress>,
     last_used: Mutex<Instant>,
@@ -132,6 +134,7 @@ impl BlobCache {
         let (progress_tx, progress) = watch::channel(Progress::Downloading { written: 0 });
         let entry = Arc::new(Entry {
             volume_id: blob.volume_id.clone(),
+            expected: blob.size,
             path,
             progress,
             last_used: Mutex::new(Instant::now()),
@@ -187,9 +190,13 @@ impl BlobCache {
     /// fit the budget; false if entries in use leave too little room.
     /// Never touches an entry someone is reading or fetching.
     fn make_room(&self, entries: &mut HashMap<String, Arc<Entry>>, incoming: u64) -> bool {
+        if incoming > self.max_bytes {
+            return false;
+        }
+        // A fetch in progress is counted at the size it will reach.
         let size_of = |e: &Entry| match *e.progress.borrow() {
             Progress::Complete { size } => size,
-            Progress::Downloading { written } => written,
+            Progress::Downloading { written } => written.max(e.expected),
             Progress::Failed(_) => 0,
         };
         let budget = self.max_bytes.saturating_sub(incoming);

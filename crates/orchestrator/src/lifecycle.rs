@@ -556,6 +556,9 @@ impl Orchestrator {
             return Ok(());
         }
         self.deadlines.cancel(id);
+        // Held from before the row stops being "running" until the teardown
+        // is done, so the orphan sweep never runs a second one beside it.
+        let held = self.unrecorded.hold(id);
         if self.store.mark_sandbox_killed(id).await? {
             metrics::counter!("sandboxes_killed_total").increment(1);
         }
@@ -565,12 +568,15 @@ impl Orchestrator {
             if let Some(orchestrator) = me.upgrade() {
                 orchestrator.destroy_quietly(&id).await;
             }
+            drop(held);
         });
         Ok(())
     }
 
     /// Marks killed, then tears down. Returns whether this call killed it.
     async fn terminate(&self, id: &str) -> bool {
+        // See `kill_in_background`: held across the mark and the teardown.
+        let _held = self.unrecorded.hold(id);
         let killed = match self.store.mark_sandbox_killed(id).await {
             Ok(killed) => killed,
             Err(e) => {

@@ -4,18 +4,22 @@
 //! running row, so a machine whose create panicked, was abandoned or lost
 //! its row is gone within one sweep, not only at the next restart.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+
+/// Held ids with how many holds each has (a create and a destroy may hold
+/// the same id at once; it stays held until both let go).
+type Holds = Arc<Mutex<HashMap<String, usize>>>;
 
 #[derive(Clone, Default)]
 pub struct Unrecorded {
-    ids: Arc<Mutex<HashSet<String>>>,
+    ids: Holds,
 }
 
 impl Unrecorded {
     /// Marks `id` as held until the guard drops (also on panic unwinding).
     pub fn hold(&self, id: &str) -> UnrecordedGuard {
-        self.ids.lock().unwrap().insert(id.to_string());
+        *self.ids.lock().unwrap().entry(id.to_string()).or_default() += 1;
         UnrecordedGuard {
             ids: self.ids.clone(),
             id: id.to_string(),
@@ -23,7 +27,7 @@ impl Unrecorded {
     }
 
     pub fn snapshot(&self) -> HashSet<String> {
-        self.ids.lock().unwrap().clone()
+        self.ids.lock().unwrap().keys().cloned().collect()
     }
 }
 
@@ -31,14 +35,19 @@ impl Unrecorded {
 /// sweep (which destroys it unless a running row names it by then).
 #[derive(Debug)]
 pub struct UnrecordedGuard {
-    ids: Arc<Mutex<HashSet<String>>>,
+    ids: Holds,
     id: String,
 }
 
 impl Drop for UnrecordedGuard {
     fn drop(&mut self) {
         let mut ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
-        ids.remove(&self.id);
+        if let Some(count) = ids.get_mut(&self.id) {
+            *count -= 1;
+            if *count == 0 {
+                ids.remove(&self.id);
+            }
+        }
     }
 }
 
@@ -57,7 +66,10 @@ mod tests {
         let unrecorded = Unrecorded::default();
         let guard = unrecorded.hold("sbx-1");
         assert!(unrecorded.snapshot().contains("sbx-1"));
+        let second = unrecorded.hold("sbx-1");
         drop(guard);
+        assert!(unrecorded.snapshot().contains("sbx-1"), "still held once");
+        drop(second);
         assert!(unrecorded.snapshot().is_empty());
 
         let held = unrecorded.clone();

@@ -51,6 +51,7 @@ pub struct ReconcileConfig {
 #[derive(Debug, Clone, Deserialize)]
 pub struct HttpConfig {
     pub max_connections: usize,
+    pub max_connections_per_ip: usize,
     pub header_read_timeout_secs: u64,
     pub idle_timeout_secs: u64,
     /// An upload (or any request body) that sends nothing for this long is cut.
@@ -67,6 +68,7 @@ impl HttpConfig {
         use std::time::Duration;
         crate::serve::ConnectionLimits {
             max_connections: self.max_connections,
+            max_connections_per_ip: self.max_connections_per_ip,
             header_read_timeout: Duration::from_secs(self.header_read_timeout_secs.max(1)),
             idle_timeout: Duration::from_secs(self.idle_timeout_secs.max(1)),
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),

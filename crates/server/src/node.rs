@@ -181,6 +181,7 @@ pub async fn start(
             unpack_limits: sandbox_orchestrator::UnpackLimits {
                 max_bytes: Some(config.volumes.max_uncompressed_bytes),
                 max_entries: Some(config.volumes.max_entries),
+                max_header_bytes: Some(config.volumes.max_header_bytes),
                 max_ratio: Some(config.volumes.max_expansion_ratio),
             },
         },

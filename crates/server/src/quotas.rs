@@ -1,8 +1,9 @@
 //! Per-owner quotas: running sandboxes, volumes and stored volume bytes,
 //! with defaults from config and per-owner overrides in the database (set
 //! with `sandbox-manager quotas set`). Admission is checked and counted
-//! under a per-owner lock together with what this process has in flight,
-//! so concurrent requests cannot race past a limit.
+//! under a per-owner lock together with what this process has in flight
+//! (creates not yet recorded, uploads and the bytes granted to them), so
+//! concurrent requests of one owner cannot race past a limit.
 
 use crate::config::QuotasConfig;
 use crate::error::ApiError;
@@ -34,14 +35,15 @@ impl Limits {
 struct InFlight {
     creates: usize,
     uploads: usize,
+    granted_bytes: u64,
 }
 
 pub struct Quotas {
     defaults: QuotasConfig,
     store: Arc<dyn Store>,
     in_flight: Arc<Mutex<HashMap<String, InFlight>>>,
-    /// Serialises admission per process (checks are a few queries).
-    admission: tokio::sync::Mutex<()>,
+    /// One lock per owner: admission of one owner never waits on another's.
+    owner_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// An admitted create or upload; releases its in-flight count on drop.
@@ -59,6 +61,7 @@ impl Drop for Admission {
         if let Some(entry) = map.get_mut(&self.owner_id) {
             if self.upload {
                 entry.uploads -= 1;
+                entry.granted_bytes -= self.byte_allowance;
             } else {
                 entry.creates -= 1;
             }
@@ -75,8 +78,17 @@ impl Quotas {
             defaults,
             store,
             in_flight: Arc::default(),
-            admission: tokio::sync::Mutex::new(()),
+            owner_locks: Mutex::default(),
         }
+    }
+
+    fn owner_lock(&self, owner_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.owner_locks
+            .lock()
+            .unwrap()
+            .entry(owner_id.to_string())
+            .or_default()
+            .clone()
     }
 
     async fn limits(&self, owner_id: &str) -> Result<Limits, ApiError> {
@@ -89,6 +101,7 @@ impl Quotas {
         let entry = map.entry(owner_id.to_string()).or_default();
         if upload {
             entry.uploads += 1;
+            entry.granted_bytes += byte_allowance;
         } else {
             entry.creates += 1;
         }
@@ -100,18 +113,21 @@ impl Quotas {
         }
     }
 
-    fn in_flight(&self, owner_id: &str) -> (usize, usize) {
+    /// (creates, uploads, bytes granted to those uploads) in flight.
+    fn in_flight(&self, owner_id: &str) -> (usize, usize, u64) {
         let map = self.in_flight.lock().unwrap();
-        map.get(owner_id)
-            .map_or((0, 0), |entry| (entry.creates, entry.uploads))
+        map.get(owner_id).map_or((0, 0, 0), |entry| {
+            (entry.creates, entry.uploads, entry.granted_bytes)
+        })
     }
 
     /// Admits one more sandbox create for this owner, or 429.
     pub async fn admit_sandbox(&self, owner_id: &str) -> Result<Admission, ApiError> {
-        let _serial = self.admission.lock().await;
+        let lock = self.owner_lock(owner_id);
+        let _serial = lock.lock().await;
         let limits = self.limits(owner_id).await?;
         let usage = self.store.usage(owner_id).await?;
-        let (creates, _) = self.in_flight(owner_id);
+        let (creates, _, _) = self.in_flight(owner_id);
         if usage.running_sandboxes + creates as i64 >= limits.max_running_sandboxes {
             return Err(ApiError::QuotaExceeded(format!(
                 "sandbox quota reached: at most {} running sandboxes per owner; kill one first",
@@ -123,33 +139,35 @@ impl Quotas {
 
     /// Admits one more volume upload for this owner: 413 past the volume
     /// count or stored-bytes quota (the status the SDKs map to a quota
-    /// error), 429 past the concurrent uploads allowed per owner. The
-    /// admission carries how many bytes this upload may still store.
-    pub async fn admit_upload(&self, owner_id: &str) -> Result<Admission, ApiError> {
-        let _serial = self.admission.lock().await;
+    /// error), 429 past the concurrent uploads allowed per owner. Uploads in
+    /// flight count as volumes and hold the bytes granted to them; the
+    /// admission carries how many bytes this one may store (at most `cap`).
+    pub async fn admit_upload(&self, owner_id: &str, cap: u64) -> Result<Admission, ApiError> {
+        let lock = self.owner_lock(owner_id);
+        let _serial = lock.lock().await;
         let limits = self.limits(owner_id).await?;
         let usage = self.store.usage(owner_id).await?;
-        let (_, uploads) = self.in_flight(owner_id);
+        let (_, uploads, granted) = self.in_flight(owner_id);
         if uploads >= self.defaults.max_concurrent_uploads {
             return Err(ApiError::QuotaExceeded(format!(
                 "at most {} uploads per owner may run at once",
                 self.defaults.max_concurrent_uploads
             )));
         }
-        if usage.volumes >= limits.max_volumes {
+        if usage.volumes + uploads as i64 >= limits.max_volumes {
             return Err(ApiError::PayloadTooLarge(format!(
                 "volume quota reached: at most {} volumes per owner; delete one first",
                 limits.max_volumes
             )));
         }
-        let room = limits.max_volume_bytes - usage.volume_bytes;
+        let room = limits.max_volume_bytes - usage.volume_bytes - granted as i64;
         if room <= 0 {
             return Err(ApiError::PayloadTooLarge(format!(
                 "storage quota reached: at most {} stored bytes per owner; delete a volume first",
                 limits.max_volume_bytes
             )));
         }
-        Ok(self.admitted(owner_id, true, room as u64))
+        Ok(self.admitted(owner_id, true, (room as u64).min(cap)))
     }
 }
 

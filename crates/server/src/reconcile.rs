@@ -11,6 +11,8 @@
 //!
 //! Blobs and uploads are touched only under owners this database knows:
 //! a bucket shared with another deployment (or another test) keeps theirs.
+//! Uploads "running here" are this process's: one server process per
+//! database is assumed (API replicas will need the registry in the database).
 //! - blob-cache files of volumes that are no longer ready;
 //! - idempotency keys past their 24 h, and killed sandboxes and deleted
 //!   volume rows past the tombstone retention.
@@ -98,8 +100,7 @@ impl Reconciler {
     /// object-store outage makes the pass partial, never fatal).
     pub async fn run_once(&self) -> Report {
         let mut report = Report::default();
-        let ours = self.uploads.snapshot();
-        match self.remove_pending_volumes(&ours).await {
+        match self.remove_pending_volumes().await {
             Ok(n) => report.pending_volumes = n,
             Err(e) => tracing::warn!(error = %e, "reconcile: pending volumes"),
         }
@@ -107,7 +108,7 @@ impl Reconciler {
             Ok(n) => report.orphan_blobs = n,
             Err(e) => tracing::warn!(error = %e, "reconcile: orphan blobs"),
         }
-        match self.abort_foreign_uploads(&ours).await {
+        match self.abort_foreign_uploads().await {
             Ok(n) => report.stale_uploads = n,
             Err(e) => tracing::warn!(error = %e, "reconcile: unfinished uploads"),
         }
@@ -137,33 +138,32 @@ impl Reconciler {
         report
     }
 
-    async fn remove_pending_volumes(
-        &self,
-        ours: &HashMap<String, String>,
-    ) -> anyhow::Result<usize> {
-        let mut removed = 0;
-        for volume in self
+    async fn remove_pending_volumes(&self) -> anyhow::Result<usize> {
+        let pending = self
             .store
             .volumes_in_state(VolumeState::Pending, Utc::now())
-            .await?
-        {
-            if ours.contains_key(&volume.id) {
-                continue;
-            }
-            // Blob first, then the row: a failure leaves the row for the
-            // next pass, never a blob without one.
-            self.blobs.delete(&volume.blob_key).await?;
-            self.blobs
-                .abort_stale_uploads(&volume.blob_key, Duration::ZERO)
-                .await?;
-            if self
+            .await?;
+        // Taken after the listing: an upload registers before it writes its
+        // row, so every row listed above whose upload runs here is in it.
+        let ours = self.uploads.snapshot();
+        let mut removed = 0;
+        for volume in pending.into_iter().filter(|v| !ours.contains_key(&v.id)) {
+            // The row goes first, and only if still pending: an upload that
+            // finished meanwhile keeps its row and blob. A crash after this
+            // leaves a blob without a row, which the next step removes.
+            if !self
                 .store
                 .delete_volume_row(&volume.id, VolumeState::Pending)
                 .await?
             {
-                tracing::info!(volume_id = %volume.id, owner_id = %volume.owner_id, "removed an unfinished upload's volume");
-                removed += 1;
+                continue;
             }
+            self.blobs.delete(&volume.blob_key).await?;
+            self.blobs
+                .abort_stale_uploads(&volume.blob_key, Duration::ZERO)
+                .await?;
+            tracing::info!(volume_id = %volume.id, owner_id = %volume.owner_id, "removed an unfinished upload's volume");
+            removed += 1;
         }
         Ok(removed)
     }
@@ -186,11 +186,14 @@ impl Reconciler {
         Ok(removed)
     }
 
-    async fn abort_foreign_uploads(&self, ours: &HashMap<String, String>) -> anyhow::Result<usize> {
+    async fn abort_foreign_uploads(&self) -> anyhow::Result<usize> {
+        let unfinished = self.blobs.pending_uploads(VOLUMES_PREFIX).await?;
+        // After the listing, as above: uploads register before they start.
+        let ours = self.uploads.snapshot();
         let our_keys: HashSet<&String> = ours.values().collect();
         let owners: HashSet<String> = self.store.owner_ids().await?.into_iter().collect();
         let mut aborted = 0;
-        for key in self.blobs.pending_uploads(VOLUMES_PREFIX).await? {
+        for key in unfinished {
             if our_keys.contains(&key) || !owned_by_one_of(&key, &owners) {
                 continue;
             }

@@ -29,6 +29,8 @@ use tower::ServiceExt;
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
     pub max_connections: usize,
+    /// Connections one client address may hold; more are closed at once.
+    pub max_connections_per_ip: usize,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
     /// How long in-flight requests may finish after a shutdown signal.
@@ -51,6 +53,7 @@ pub async fn serve(
     builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let per_peer = PerPeer::default();
     tokio::pin!(shutdown);
     loop {
         // Past the cap we stop accepting: new connections wait in the
@@ -71,6 +74,10 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
+        let Some(peer_slot) = per_peer.claim(peer.ip(), limits.max_connections_per_ip) else {
+            tracing::debug!(%peer, "too many connections from this address: closing");
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let activity = Activity::new();
         let io = TokioIo::new(Watched {
@@ -80,6 +87,9 @@ pub async fn serve(
         let router = router.clone();
         let in_flight = activity.clone();
         let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+            if request.version() == axum::http::Version::HTTP_2 {
+                in_flight.mark_http2();
+            }
             let request_guard = in_flight.begin_request();
             let router = router.clone();
             async move {
@@ -104,6 +114,7 @@ pub async fn serve(
                     tracing::debug!(%peer, why, "closing a connection");
                 }
             }
+            drop(peer_slot);
             drop(slot);
         });
     }
@@ -126,13 +137,13 @@ struct ActivityInner {
     epoch: Instant,
     last_millis: AtomicU64,
     requests: AtomicUsize,
-    /// When bytes of a request that has not begun yet first arrived
-    /// (milliseconds since `epoch`, plus one; 0: none pending).
+    /// Since when a request head has been awaited: from accept, then from
+    /// the first byte after each request (milliseconds since `epoch`, plus
+    /// one; 0: none pending).
     head_since: AtomicU64,
-    /// HTTP/2 connections carry control frames between requests, so the
-    /// header deadline applies to HTTP/1 only.
+    /// HTTP/2 connections carry control frames between requests, so after
+    /// their first request the header deadline no longer applies.
     http2: AtomicBool,
-    first_read: AtomicBool,
 }
 
 impl Activity {
@@ -142,9 +153,10 @@ impl Activity {
                 epoch: Instant::now(),
                 last_millis: AtomicU64::new(0),
                 requests: AtomicUsize::new(0),
-                head_since: AtomicU64::new(0),
+                // The first request's head is due from accept: a client
+                // that connects and sends nothing is a slowloris too.
+                head_since: AtomicU64::new(1),
                 http2: AtomicBool::new(false),
-                first_read: AtomicBool::new(true),
             }),
         }
     }
@@ -159,12 +171,13 @@ impl Activity {
             .store(self.now_millis(), Ordering::Relaxed);
     }
 
+    fn mark_http2(&self) {
+        self.inner.http2.store(true, Ordering::Relaxed);
+    }
+
     /// Bytes came in: the start of a request head if none is in flight.
-    fn on_read(&self, data: &[u8]) {
+    fn on_read(&self) {
         self.touch();
-        if self.inner.first_read.swap(false, Ordering::Relaxed) && data.starts_with(b"PRI ") {
-            self.inner.http2.store(true, Ordering::Relaxed);
-        }
         if !self.inner.http2.load(Ordering::Relaxed)
             && self.inner.requests.load(Ordering::SeqCst) == 0
         {
@@ -233,7 +246,7 @@ impl AsyncRead for Watched {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.activity.on_read(&buf.filled()[before..]);
+            self.activity.on_read();
         }
         polled
     }
@@ -274,5 +287,43 @@ impl AsyncWrite for Watched {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// Open connections per client address.
+#[derive(Clone, Default)]
+struct PerPeer {
+    counts: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+}
+
+struct PeerSlot {
+    counts: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    ip: std::net::IpAddr,
+}
+
+impl PerPeer {
+    fn claim(&self, ip: std::net::IpAddr, max: usize) -> Option<PeerSlot> {
+        let mut counts = self.counts.lock().unwrap();
+        let count = counts.entry(ip).or_default();
+        if *count >= max.max(1) {
+            return None;
+        }
+        *count += 1;
+        Some(PeerSlot {
+            counts: self.counts.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = counts.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.ip);
+            }
+        }
     }
 }

@@ -41,7 +41,7 @@ impl VolumeState {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
     pub running_sandboxes: i64,
-    /// Ready and pending volumes.
+    /// Ready volumes (uploads in flight are the caller's to count).
     pub volumes: i64,
     /// Stored (compressed) bytes of those volumes.
     pub volume_bytes: i64,

@@ -344,11 +344,10 @@ macro_rules! sql_store {
                 .await?;
                 let (volumes, volume_bytes): (i64, Option<i64>) = sqlx::query_as(
                     "SELECT COUNT(*), CAST(SUM(size_bytes) AS BIGINT) FROM volumes \
-                     WHERE owner_id = $1 AND state IN ($2, $3)",
+                     WHERE owner_id = $1 AND state = $2",
                 )
                 .bind(owner_id)
                 .bind(VolumeState::Ready.as_str())
-                .bind(VolumeState::Pending.as_str())
                 .fetch_one(&self.pool)
                 .await?;
                 Ok(Usage {

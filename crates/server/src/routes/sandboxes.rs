@@ -122,22 +122,18 @@ pub async fn create(
             "Idempotency-Key is longer than {MAX_IDEMPOTENCY_KEY_LEN} bytes"
         )));
     }
-    let admission = state.quotas.admit_sandbox(&owner.id).await?;
-    // Detached, admission included: a client that hangs up mid-create
-    // leaves neither a half-made sandbox nor an unsettled idempotency key,
-    // and the quota counts the create until its row exists.
+    // Detached: a client that hangs up mid-create leaves neither a
+    // half-made sandbox nor an unsettled idempotency key, and the quota
+    // counts the create until its row exists.
     tokio::spawn(async move {
-        let outcome = match key {
-            None => state
-                .orchestrator
-                .create(&owner.id, request)
-                .await
-                .map(|sandbox| (StatusCode::CREATED, Json(sandbox_json(&sandbox))).into_response())
-                .map_err(ApiError::from),
+        match key {
+            None => {
+                let _admission = state.quotas.admit_sandbox(&owner.id).await?;
+                let sandbox = state.orchestrator.create(&owner.id, request).await?;
+                Ok((StatusCode::CREATED, Json(sandbox_json(&sandbox))).into_response())
+            }
             Some(key) => create_idempotent(state, owner, key, body, request).await,
-        };
-        drop(admission);
-        outcome
+        }
     })
     .await
     .map_err(|e| ApiError::Internal(anyhow::anyhow!("create task failed: {e}")))?
@@ -178,6 +174,15 @@ async fn create_idempotent(
             })
         }
     }
+    // Only a fresh claim counts against the quota: a retry of a create that
+    // succeeded gets its stored answer above, never a 429.
+    let _admission = match state.quotas.admit_sandbox(&owner.id).await {
+        Ok(admission) => admission,
+        Err(e) => {
+            state.store.release_idempotency_key(&owner.id, key).await?;
+            return Err(e);
+        }
+    };
     match state.orchestrator.create(&owner.id, request).await {
         Ok(sandbox) => {
             let response = sandbox_json(&sandbox).to_string();

@@ -192,8 +192,8 @@ pub async fn create(
     if super::declared_length(&headers).is_some_and(|len| len > configured_cap) {
         return Err(UploadFailure::TooLarge(configured_cap).into());
     }
-    let admission = state.quotas.admit_upload(&owner.id).await?;
-    let cap = configured_cap.min(admission.byte_allowance);
+    let admission = state.quotas.admit_upload(&owner.id, configured_cap).await?;
+    let cap = admission.byte_allowance;
     if super::declared_length(&headers).is_some_and(|len| len > cap) {
         return Err(UploadFailure::TooLarge(cap).into());
     }
