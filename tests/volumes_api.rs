@@ -4,25 +4,12 @@ mod common;
 
 use common::{garage, noise, sha256_hex, targz, ServerOptions, TestServer};
 use reqwest::StatusCode;
-use sandbox_blobs::{BlobStore, S3BlobStore, S3Settings};
+use sandbox_blobs::{BlobStore, S3BlobStore};
 use serde_json::Value;
 use std::time::Duration;
 
 fn garage_store(bucket_key: &str) -> S3BlobStore {
-    let g = garage();
-    S3BlobStore::new(S3Settings {
-        endpoint: Some(g["S3_ENDPOINT"].clone()),
-        region: g["S3_REGION"].clone(),
-        bucket: g[bucket_key].clone(),
-        path_style: true,
-        credentials: Some((
-            g["AWS_ACCESS_KEY_ID"].clone(),
-            g["AWS_SECRET_ACCESS_KEY"].clone(),
-        )),
-        part_size: 8 << 20,
-        max_inflight_parts: 2,
-    })
-    .unwrap()
+    common::s3_store(garage(), bucket_key)
 }
 
 /// Uploads an empty "probe" volume for the default owner; returns the

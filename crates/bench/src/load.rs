@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use testkit::{noise, targz, ServerOptions, TestServer};
+use testkit::{noise, open_fds, rss_kib, targz, ServerOptions, TestServer};
 
 const OPS: [&str; 5] = ["upload", "create+hydrate", "command", "file read", "kill"];
 
@@ -129,19 +129,6 @@ async fn client(
             let _ = server.delete(&format!("/volumes/{uploaded}")).send().await;
         }
     }
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
 async fn pass(server: &Arc<TestServer>, volume: &str, clients: usize, seconds: u64) -> Tally {

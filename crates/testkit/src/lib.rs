@@ -12,8 +12,10 @@ use std::time::Duration;
 
 pub mod hostile;
 mod private_postgres;
+mod process;
 
 pub use private_postgres::PrivatePostgres;
+pub use process::{open_fds, rss_kib};
 
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -649,4 +651,38 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
 pub fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(data))
+}
+
+/// A client of the bucket named `bucket_key` in `s3` (the settings
+/// `scripts/garage.sh env` prints), to look at what the server stored.
+pub fn s3_store(s3: &HashMap<String, String>, bucket_key: &str) -> sandbox_blobs::S3BlobStore {
+    sandbox_blobs::S3BlobStore::new(sandbox_blobs::S3Settings {
+        endpoint: Some(s3["S3_ENDPOINT"].clone()),
+        region: s3["S3_REGION"].clone(),
+        bucket: s3[bucket_key].clone(),
+        path_style: true,
+        credentials: Some((
+            s3["AWS_ACCESS_KEY_ID"].clone(),
+            s3["AWS_SECRET_ACCESS_KEY"].clone(),
+        )),
+        part_size: 8 << 20,
+        max_inflight_parts: 2,
+    })
+    .unwrap()
+}
+
+/// Polls `check` every 200 ms until it holds; panics naming `what` after `within`.
+pub async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = std::time::Instant::now();
+    while started.elapsed() < within {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("{what}: not within {within:?}");
 }
