@@ -202,10 +202,13 @@ pub async fn create(
             "volume name is limited to {MAX_NAME_LEN} bytes"
         )));
     }
+    // The body is checked to be a gzip tarball, so that is what is stored,
+    // whatever a client's defaults said (curl's --data-binary sends
+    // application/x-www-form-urlencoded); a gzip flavour it named is kept.
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .filter(|ct| !ct.is_empty() && !ct.starts_with("application/json"))
+        .filter(|ct| ct.len() <= 128 && ct.contains("gzip"))
         .unwrap_or("application/gzip")
         .to_string();
 
