@@ -13,8 +13,9 @@ if ! g layout show | grep -q "Current cluster layout version: [1-9]"; then
   g layout assign -z dc1 -c 10G "$node"
   g layout apply --version 1
 fi
-g key info GK5a4d2c6e1f0b9a8c7d6e5f4a >/dev/null 2>&1 || \
-  g key import --yes -n sandbox-manager GK5a4d2c6e1f0b9a8c7d6e5f4a \
-    3f1e2d4c5b6a79880796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0
+# The key comes from .env (scripts/compose-env.sh), never from this file.
+: "${GARAGE_KEY_ID:?}" "${GARAGE_SECRET_KEY:?}"
+g key info "$GARAGE_KEY_ID" >/dev/null 2>&1 || \
+  g key import --yes -n sandbox-manager "$GARAGE_KEY_ID" "$GARAGE_SECRET_KEY"
 g bucket info sandbox-volumes >/dev/null 2>&1 || g bucket create sandbox-volumes
-g bucket allow --read --write --owner sandbox-volumes --key GK5a4d2c6e1f0b9a8c7d6e5f4a
+g bucket allow --read --write --owner sandbox-volumes --key "$GARAGE_KEY_ID"

@@ -30,6 +30,8 @@ step "docker-compose.yml is valid"
 if ! command -v docker-compose >/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose >/dev/null
 fi
+# The compose file takes its secrets from .env (never committed).
+scripts/compose-env.sh 2>/dev/null
 docker-compose -f docker-compose.yml config -q
 
 step "Rust tests"
