@@ -342,17 +342,6 @@ async fn list_and_body_inputs_are_bounded() {
     let body: Value = response.json().await.unwrap();
     assert!(body["message"].as_str().unwrap().contains("at most 100"));
 
-    let files: Vec<Value> = (0..101)
-        .map(|i| json!({ "path": format!("/f{i}"), "data": "x" }))
-        .collect();
-    let response = server
-        .post("/sandboxes/sbx-none/files/batch")
-        .json(&json!({ "files": files }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
-
     let volumes: Vec<Value> = (0..17)
         .map(|i| json!({ "volume_id": "vol-1", "mount_path": format!("/d{i}") }))
         .collect();

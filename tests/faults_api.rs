@@ -452,6 +452,25 @@ async fn abandoned_creates_odd_timeouts_and_runaway_output_leak_nothing() {
     assert_eq!(running_ids(&server).await.len(), 4);
 
     let id = huge["sandbox_id"].as_str().unwrap();
+    // A batch past the list cap (1000) is refused before any file is written.
+    let files: Vec<Value> = (0..1001)
+        .map(|i| json!({ "path": format!("/tmp/f{i}"), "data": "x" }))
+        .collect();
+    let response = server
+        .post(&format!("/sandboxes/{id}/files/batch"))
+        .json(&json!({ "files": files }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body: Value = response.json().await.unwrap();
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("at most 1000 files"),
+        "{body}"
+    );
     // A run whose output is 2 x 16 MiB of NULs: refused as too large for
     // the server to hold, not buffered as ~200 MB of JSON.
     let response = server

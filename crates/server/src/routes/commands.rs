@@ -1,11 +1,10 @@
 //! `/sandboxes/{id}/commands`: run (foreground or background), list, wait,
 //! stdin, kill, and streamed output as Server-Sent Events.
 
-use crate::app::AppState;
-use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
+use crate::extract::SandboxAgent;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::Path;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -81,14 +80,8 @@ fn parse_pid(pid: &str) -> ApiResult<u32> {
         .map_err(|_| ApiError::BadRequest(format!("pid must be an integer, got {pid:?}")))
 }
 
-pub async fn run(
-    State(state): State<AppState>,
-    Caller(owner): Caller,
-    Path(id): Path<String>,
-    body: Bytes,
-) -> ApiResult<Response> {
+pub async fn run(SandboxAgent(agent): SandboxAgent, body: Bytes) -> ApiResult<Response> {
     let (request, background) = parse_run(&body)?;
-    let agent = state.orchestrator.agent(&owner.id, &id).await?;
     if background {
         let pid = agent.start(&request).await?;
         return Ok(Json(json!({ "pid": pid })).into_response());
@@ -96,12 +89,7 @@ pub async fn run(
     Ok(result_json(agent.run(&request).await?).into_response())
 }
 
-pub async fn list(
-    State(state): State<AppState>,
-    Caller(owner): Caller,
-    Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
-    let agent = state.orchestrator.agent(&owner.id, &id).await?;
+pub async fn list(SandboxAgent(agent): SandboxAgent) -> ApiResult<Json<Value>> {
     let processes: Vec<Value> = agent
         .list_processes()
         .await?
@@ -113,12 +101,10 @@ pub async fn list(
 }
 
 pub async fn wait(
-    State(state): State<AppState>,
-    Caller(owner): Caller,
-    Path((id, pid)): Path<(String, String)>,
+    SandboxAgent(agent): SandboxAgent,
+    Path((_, pid)): Path<(String, String)>,
 ) -> ApiResult<Json<RunResultView>> {
     let pid = parse_pid(&pid)?;
-    let agent = state.orchestrator.agent(&owner.id, &id).await?;
     Ok(result_json(agent.wait(pid).await?))
 }
 
@@ -128,26 +114,22 @@ struct StdinBody {
 }
 
 pub async fn stdin(
-    State(state): State<AppState>,
-    Caller(owner): Caller,
-    Path((id, pid)): Path<(String, String)>,
+    SandboxAgent(agent): SandboxAgent,
+    Path((_, pid)): Path<(String, String)>,
     body: Bytes,
 ) -> ApiResult<Json<Value>> {
     let pid = parse_pid(&pid)?;
     let body: StdinBody = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("expected {{\"data\": text}}: {e}")))?;
-    let agent = state.orchestrator.agent(&owner.id, &id).await?;
     agent.write_stdin(pid, &body.data).await?;
     Ok(Json(json!({})))
 }
 
 pub async fn kill(
-    State(state): State<AppState>,
-    Caller(owner): Caller,
-    Path((id, pid)): Path<(String, String)>,
+    SandboxAgent(agent): SandboxAgent,
+    Path((_, pid)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     let pid = parse_pid(&pid)?;
-    let agent = state.orchestrator.agent(&owner.id, &id).await?;
     let killed = match agent.kill(pid).await {
         Ok(killed) => killed,
         Err(e) if e.status() == Some(404) => false,
@@ -275,14 +257,8 @@ where
     tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok)
 }
 
-pub async fn stream(
-    State(state): State<AppState>,
-    Caller(owner): Caller,
-    Path(id): Path<String>,
-    body: Bytes,
-) -> ApiResult<Response> {
+pub async fn stream(SandboxAgent(agent): SandboxAgent, body: Bytes) -> ApiResult<Response> {
     let (request, _) = parse_run(&body)?;
-    let agent = state.orchestrator.agent(&owner.id, &id).await?;
     let events = agent.stream(&request).await?;
     // Comments keep the SDK's read timeout (the command timeout, or 60 s) fed.
     let keep_alive = KeepAlive::new()

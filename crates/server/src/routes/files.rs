@@ -1,11 +1,11 @@
 //! `/sandboxes/{id}/files`: everything goes through the sandbox's envd.
 
 use crate::app::AppState;
-use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
+use crate::extract::SandboxAgent;
 use crate::timefmt::iso_utc;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -66,12 +66,9 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
 }
 
 pub async fn read(
-    State(state): State<AppState>,
-    Caller(owner): Caller,
-    Path(id): Path<String>,
+    SandboxAgent(agent): SandboxAgent,
     Query(params): Query<PathParams>,
 ) -> ApiResult<Response> {
-    let agent = state.orchestrator.agent(&owner.id, &id).await?;
     let stream = agent.read_file(params.path()?, params.user()).await?;
     let body = Body::from_stream(stream.map(|chunk| chunk.map_err(std::io::Error::other)));
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response())
@@ -86,14 +83,8 @@ struct WriteBody {
     data: String,
 }
 
-pub async fn write(
-    State(state): State<AppState>,
-    Caller(owner): Caller,
-    Path(id): Path<String>,
-    body: Bytes,
-) -> ApiResult<Json<Value>> {
+pub async fn write(SandboxAgent(agent): SandboxAgent, body: Bytes) -> ApiResult<Json<Value>> {
     let body: WriteBody = parse_json(&body)?;
-    let agent = state.orchestrator.agent(&owner.id, &id).await?;
     let info = agent
         .write_bytes(
             &body.path,
@@ -105,9 +96,7 @@ pub async fn write(
 }
 
 pub async fn write_raw(
-    State(state): State<AppState>,
-    Caller(owner): Caller,
-    Path(id): Path<String>,
+    SandboxAgent(agent): SandboxAgent,
     Query(params): Query<PathParams>,
     headers: HeaderMap,
     body: Body,
@@ -121,7 +110,6 @@ pub async fn write_raw(
     if super::declared_length(&headers).is_some_and(|len| len > RAW_FILE_LIMIT) {
         return Err(too_large());
     }
-    let agent = state.orchestrator.agent(&owner.id, &id).await?;
     // Count as we stream: a chunked body has no declared length.
     let mut seen = 0u64;
     let capped = body.into_data_stream().map(move |chunk| {
@@ -158,8 +146,7 @@ struct BatchBody {
 
 pub async fn write_batch(
     State(state): State<AppState>,
-    Caller(owner): Caller,
-    Path(id): Path<String>,
+    SandboxAgent(agent): SandboxAgent,
     body: Bytes,
 ) -> ApiResult<Json<Value>> {
     let body: BatchBody = parse_json(&body)?;
@@ -170,7 +157,6 @@ pub async fn write_batch(
             body.files.len()
         )));
     }
-    let agent = state.orchestrator.agent(&owner.id, &id).await?;
     let user = user_or_default(&body.username);
     let agent = &agent;
     let writes = body.files.into_iter().map(|file| async move {
@@ -191,12 +177,9 @@ pub async fn write_batch(
 }
 
 pub async fn list(
-    State(state): State<AppState>,
-    Caller(owner): Caller,
-    Path(id): Path<String>,
+    SandboxAgent(agent): SandboxAgent,
     Query(params): Query<PathParams>,
 ) -> ApiResult<Json<Value>> {
-    let agent = state.orchestrator.agent(&owner.id, &id).await?;
     let entries = agent
         .list(
             params.path()?,
@@ -210,35 +193,26 @@ pub async fn list(
 }
 
 pub async fn exists(
-    State(state): State<AppState>,
-    Caller(owner): Caller,
-    Path(id): Path<String>,
+    SandboxAgent(agent): SandboxAgent,
     Query(params): Query<PathParams>,
 ) -> ApiResult<Json<Value>> {
-    let agent = state.orchestrator.agent(&owner.id, &id).await?;
     let exists = agent.exists(params.path()?, params.user()).await?;
     Ok(Json(json!({ "exists": exists })))
 }
 
 pub async fn info(
-    State(state): State<AppState>,
-    Caller(owner): Caller,
-    Path(id): Path<String>,
+    SandboxAgent(agent): SandboxAgent,
     Query(params): Query<PathParams>,
 ) -> ApiResult<Json<Value>> {
-    let agent = state.orchestrator.agent(&owner.id, &id).await?;
     Ok(Json(entry_json(
         agent.stat(params.path()?, params.user()).await?,
     )))
 }
 
 pub async fn remove(
-    State(state): State<AppState>,
-    Caller(owner): Caller,
-    Path(id): Path<String>,
+    SandboxAgent(agent): SandboxAgent,
     Query(params): Query<PathParams>,
 ) -> ApiResult<Json<Value>> {
-    let agent = state.orchestrator.agent(&owner.id, &id).await?;
     agent.remove(params.path()?, params.user()).await?;
     Ok(Json(json!({})))
 }
@@ -251,14 +225,8 @@ struct RenameBody {
     username: Option<String>,
 }
 
-pub async fn rename(
-    State(state): State<AppState>,
-    Caller(owner): Caller,
-    Path(id): Path<String>,
-    body: Bytes,
-) -> ApiResult<Json<Value>> {
+pub async fn rename(SandboxAgent(agent): SandboxAgent, body: Bytes) -> ApiResult<Json<Value>> {
     let body: RenameBody = parse_json(&body)?;
-    let agent = state.orchestrator.agent(&owner.id, &id).await?;
     let entry = agent
         .rename(
             &body.old_path,
@@ -276,26 +244,16 @@ struct MkdirBody {
     username: Option<String>,
 }
 
-pub async fn mkdir(
-    State(state): State<AppState>,
-    Caller(owner): Caller,
-    Path(id): Path<String>,
-    body: Bytes,
-) -> ApiResult<Json<Value>> {
+pub async fn mkdir(SandboxAgent(agent): SandboxAgent, body: Bytes) -> ApiResult<Json<Value>> {
     let body: MkdirBody = parse_json(&body)?;
-    let agent = state.orchestrator.agent(&owner.id, &id).await?;
     let created = agent
         .mkdir(&body.path, user_or_default(&body.username))
         .await?;
     Ok(Json(json!({ "created": created })))
 }
 
-/// Accepted for SDK compatibility; no events are delivered (as upstream).
-pub async fn watch(
-    State(state): State<AppState>,
-    Caller(owner): Caller,
-    Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
-    state.orchestrator.agent(&owner.id, &id).await?;
+/// Accepted for SDK compatibility (for a running sandbox of the caller's);
+/// no events are delivered (as upstream).
+pub async fn watch(SandboxAgent(_): SandboxAgent) -> ApiResult<Json<Value>> {
     Ok(Json(json!({})))
 }
