@@ -41,6 +41,15 @@ async fn upload(server: &TestServer, body: Vec<u8>) -> (StatusCode, Value, Durat
         .await
         .expect("upload");
     let status = response.status();
+    if status.is_client_error() {
+        // Refused with its body maybe unread: the connection is not reused.
+        let connection = response.headers().get("connection");
+        assert_eq!(
+            connection.map(|v| v.as_bytes()),
+            Some(&b"close"[..]),
+            "{status}"
+        );
+    }
     let body = response.json().await.unwrap_or(Value::Null);
     (status, body, started.elapsed())
 }

@@ -7,6 +7,8 @@ use crate::routes::{commands, files, health, sandboxes, volumes};
 use crate::{auth, metrics, node};
 use anyhow::Context;
 use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::{header, HeaderValue, Version};
+use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
 use sandbox_blobs::{BlobStore, LocalBlobStore, S3BlobStore, S3Settings};
@@ -101,7 +103,12 @@ pub async fn open_blobs(config: &Config) -> anyhow::Result<Arc<dyn BlobStore>> {
 pub fn router(state: AppState) -> Router {
     let http = state.config.http.clone();
     let api = Router::new()
-        .route("/volumes", get(volumes::list).post(volumes::create))
+        .route(
+            "/volumes",
+            get(volumes::list)
+                .post(volumes::create)
+                .layer(axum::middleware::from_fn(close_after_refused_upload)),
+        )
         .route("/volumes/{id}", get(volumes::get).delete(volumes::delete))
         .route("/volumes/{id}/download", get(volumes::download))
         .route("/sandboxes", get(sandboxes::list).post(sandboxes::create))
@@ -142,7 +149,9 @@ pub fn router(state: AppState) -> Router {
         )
         .route(
             "/sandboxes/{id}/files/raw",
-            get(files::read).put(files::write_raw),
+            get(files::read)
+                .put(files::write_raw)
+                .layer(axum::middleware::from_fn(close_after_refused_upload)),
         )
         .route("/sandboxes/{id}/files/batch", post(files::write_batch))
         .route("/sandboxes/{id}/files/list", get(files::list))
@@ -176,6 +185,23 @@ pub fn router(state: AppState) -> Router {
         )
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+}
+
+/// An upload refused before its body was read (413 on a declared length,
+/// a bad archive) leaves unread bytes on an HTTP/1 connection, which the
+/// server then closes. Saying so in the response keeps clients from
+/// reusing it for their next request (seen: httpx's next call failed with
+/// "Server disconnected" when it raced the close).
+async fn close_after_refused_upload(request: Request, next: axum::middleware::Next) -> Response {
+    let http1 = request.version() < Version::HTTP_2;
+    let mut response = next.run(request).await;
+    let status = response.status();
+    if http1 && (status.is_client_error() || status.is_server_error()) {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }
 
 /// On first start (no keys at all) create owner `default` with a key, print
