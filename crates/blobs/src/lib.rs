@@ -11,7 +11,6 @@ mod s3;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
-use std::time::Duration;
 
 pub use local::LocalBlobStore;
 pub use s3::{S3BlobStore, S3Settings};
@@ -48,9 +47,9 @@ pub trait BlobStore: Send + Sync + 'static {
     async fn list_keys(&self, prefix: &str) -> BlobResult<Vec<String>>;
     /// Keys of unfinished uploads under `prefix`.
     async fn pending_uploads(&self, prefix: &str) -> BlobResult<Vec<String>>;
-    /// Aborts unfinished uploads under `prefix` started more than
-    /// `older_than` ago (leftovers of a crash); returns how many.
-    async fn abort_stale_uploads(&self, prefix: &str, older_than: Duration) -> BlobResult<usize>;
+    /// Aborts the unfinished uploads under `prefix` (a directory prefix or
+    /// a whole key); returns how many. The caller decides which are dead.
+    async fn abort_uploads(&self, prefix: &str) -> BlobResult<usize>;
 }
 
 #[async_trait]

@@ -7,7 +7,6 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use std::path::{Component, Path, PathBuf};
-use std::time::{Duration, SystemTime};
 use tokio::fs;
 use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio_util::io::ReaderStream;
@@ -101,11 +100,7 @@ impl BlobStore for LocalBlobStore {
 
     async fn list_keys(&self, prefix: &str) -> BlobResult<Vec<String>> {
         let files = self.files_under(prefix).await?;
-        Ok(files
-            .into_iter()
-            .filter(|(key, _)| !is_partial(key))
-            .map(|(key, _)| key)
-            .collect())
+        Ok(files.into_iter().filter(|key| !is_partial(key)).collect())
     }
 
     /// Keys (of the blobs they would become) of partial files.
@@ -114,22 +109,19 @@ impl BlobStore for LocalBlobStore {
             .partials_under(prefix)
             .await?
             .into_iter()
-            .map(|(_, target, _)| target)
+            .map(|(_, target)| target)
             .collect();
         keys.dedup();
         Ok(keys)
     }
 
-    async fn abort_stale_uploads(&self, prefix: &str, older_than: Duration) -> BlobResult<usize> {
-        let cutoff = SystemTime::now() - older_than;
+    async fn abort_uploads(&self, prefix: &str) -> BlobResult<usize> {
         let mut removed = 0;
-        for (key, _, modified) in self.partials_under(prefix).await? {
-            if modified <= cutoff {
-                fs::remove_file(self.root.join(&key))
-                    .await
-                    .or_else(ignore_not_found)?;
-                removed += 1;
-            }
+        for (key, _) in self.partials_under(prefix).await? {
+            fs::remove_file(self.root.join(&key))
+                .await
+                .or_else(ignore_not_found)?;
+            removed += 1;
         }
         Ok(removed)
     }
@@ -155,47 +147,32 @@ fn partial_target(key: &str) -> Option<String> {
 
 impl LocalBlobStore {
     /// Partial files whose target key starts with `prefix` (a directory
-    /// prefix or a whole key), as (own key, target key, mtime).
-    async fn partials_under(&self, prefix: &str) -> BlobResult<Vec<(String, String, SystemTime)>> {
+    /// prefix or a whole key), as (own key, target key).
+    async fn partials_under(&self, prefix: &str) -> BlobResult<Vec<(String, String)>> {
         let dir = if prefix.ends_with('/') {
             prefix
         } else {
             prefix.rsplit_once('/').map_or("", |(dir, _)| dir)
         };
-        let files = if dir.is_empty() {
-            self.files_under_root().await?
-        } else {
-            self.files_under(dir).await?
-        };
-        Ok(files
+        Ok(self
+            .files_under(dir)
+            .await?
             .into_iter()
-            .filter_map(|(key, modified)| {
+            .filter_map(|key| {
                 let target = partial_target(&key)?;
-                target
-                    .starts_with(prefix)
-                    .then_some((key, target, modified))
+                target.starts_with(prefix).then_some((key, target))
             })
             .collect())
     }
 
-    async fn files_under_root(&self) -> BlobResult<Vec<(String, SystemTime)>> {
-        let mut found = Vec::new();
-        let mut entries = fs::read_dir(&self.root).await?;
-        while let Some(entry) = entries.next_entry().await? {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if entry.file_type().await?.is_dir() {
-                found.extend(self.files_under(&name).await?);
-            } else {
-                let modified = entry.metadata().await?.modified()?;
-                found.push((name, modified));
-            }
-        }
-        Ok(found)
-    }
-
-    /// Every file below `prefix`, as (key relative to the root, mtime).
-    async fn files_under(&self, prefix: &str) -> BlobResult<Vec<(String, SystemTime)>> {
-        let start = self.path_of(prefix.trim_end_matches('/'))?;
+    /// Every file below `prefix` (the whole store for ""), as keys.
+    async fn files_under(&self, prefix: &str) -> BlobResult<Vec<String>> {
+        let prefix = prefix.trim_end_matches('/');
+        let start = if prefix.is_empty() {
+            self.root.clone()
+        } else {
+            self.path_of(prefix)?
+        };
         let root = self.root.clone();
         let walk = move || {
             let mut found = Vec::new();
@@ -210,8 +187,7 @@ impl LocalBlobStore {
                     if meta.is_dir() {
                         pending.push(path);
                     } else if let Ok(relative) = path.strip_prefix(&root) {
-                        let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-                        found.push((relative.to_string_lossy().into_owned(), modified));
+                        found.push(relative.to_string_lossy().into_owned());
                     }
                 }
             }

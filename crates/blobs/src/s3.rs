@@ -13,7 +13,6 @@ use aws_sdk_s3::Client;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::io::ReaderStream;
@@ -188,13 +187,9 @@ impl BlobStore for S3BlobStore {
             .collect())
     }
 
-    async fn abort_stale_uploads(&self, prefix: &str, older_than: Duration) -> BlobResult<usize> {
-        let cutoff = (chrono::Utc::now() - older_than).timestamp();
+    async fn abort_uploads(&self, prefix: &str) -> BlobResult<usize> {
         let mut aborted = 0;
         for upload in self.multipart_uploads(prefix).await? {
-            if upload.initiated_secs > cutoff {
-                continue;
-            }
             self.client
                 .abort_multipart_upload()
                 .bucket(&self.settings.bucket)
@@ -203,7 +198,7 @@ impl BlobStore for S3BlobStore {
                 .send()
                 .await
                 .map_err(|e| backend_error("abort multipart upload", e))?;
-            tracing::info!(key = %upload.key, upload_id = %upload.upload_id, "aborted stale multipart upload");
+            tracing::info!(key = %upload.key, upload_id = %upload.upload_id, "aborted multipart upload");
             aborted += 1;
         }
         Ok(aborted)
@@ -213,7 +208,6 @@ impl BlobStore for S3BlobStore {
 struct PendingUpload {
     key: String,
     upload_id: String,
-    initiated_secs: i64,
 }
 
 impl S3BlobStore {
@@ -238,7 +232,6 @@ impl S3BlobStore {
                 found.push(PendingUpload {
                     key: key.to_string(),
                     upload_id: id.to_string(),
-                    initiated_secs: upload.initiated().map(|t| t.secs()).unwrap_or(0),
                 });
             }
             if page.is_truncated() != Some(true) {

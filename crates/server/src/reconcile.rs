@@ -104,17 +104,24 @@ impl Reconciler {
             Ok(n) => report.pending_volumes = n,
             Err(e) => tracing::warn!(error = %e, "reconcile: pending volumes"),
         }
-        match self.remove_orphan_blobs().await {
-            Ok(n) => report.orphan_blobs = n,
-            Err(e) => tracing::warn!(error = %e, "reconcile: orphan blobs"),
-        }
-        match self.abort_foreign_uploads().await {
-            Ok(n) => report.stale_uploads = n,
-            Err(e) => tracing::warn!(error = %e, "reconcile: unfinished uploads"),
-        }
-        match self.prune_cache().await {
-            Ok(n) => report.cache_entries = n,
-            Err(e) => tracing::warn!(error = %e, "reconcile: blob cache"),
+        // Owners only ever appear: one read serves the pass (an owner created
+        // meanwhile just keeps its blobs until the next one).
+        match self.store.owner_ids().await {
+            Ok(owners) => {
+                let owners: HashSet<String> = owners.into_iter().collect();
+                match self.remove_orphan_blobs(&owners).await {
+                    Ok((n, live)) => {
+                        report.orphan_blobs = n;
+                        report.cache_entries = self.prune_cache(&live);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "reconcile: orphan blobs"),
+                }
+                match self.abort_foreign_uploads(&owners).await {
+                    Ok(n) => report.stale_uploads = n,
+                    Err(e) => tracing::warn!(error = %e, "reconcile: unfinished uploads"),
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reconcile: listing owners"),
         }
         let now = Utc::now();
         let retention = chrono::Duration::seconds(
@@ -159,59 +166,54 @@ impl Reconciler {
                 continue;
             }
             self.blobs.delete(&volume.blob_key).await?;
-            self.blobs
-                .abort_stale_uploads(&volume.blob_key, Duration::ZERO)
-                .await?;
+            self.blobs.abort_uploads(&volume.blob_key).await?;
             tracing::info!(volume_id = %volume.id, owner_id = %volume.owner_id, "removed an unfinished upload's volume");
             removed += 1;
         }
         Ok(removed)
     }
 
-    async fn remove_orphan_blobs(&self) -> anyhow::Result<usize> {
+    /// Returns how many it removed and the blob keys of live volumes.
+    async fn remove_orphan_blobs(
+        &self,
+        owners: &HashSet<String>,
+    ) -> anyhow::Result<(usize, HashSet<String>)> {
         // Keys are listed before rows: a blob committed in between belongs
         // to a row that is already pending (rows are written first).
         let keys = self.blobs.list_keys(VOLUMES_PREFIX).await?;
         let live: HashSet<String> = self.store.live_volume_keys().await?.into_iter().collect();
-        let owners: HashSet<String> = self.store.owner_ids().await?.into_iter().collect();
         let mut removed = 0;
         for key in keys
             .into_iter()
-            .filter(|key| !live.contains(key) && owned_by_one_of(key, &owners))
+            .filter(|key| !live.contains(key) && owned_by_one_of(key, owners))
         {
             self.blobs.delete(&key).await?;
             tracing::info!(key, "removed a blob without a volume");
             removed += 1;
         }
-        Ok(removed)
+        Ok((removed, live))
     }
 
-    async fn abort_foreign_uploads(&self) -> anyhow::Result<usize> {
+    async fn abort_foreign_uploads(&self, owners: &HashSet<String>) -> anyhow::Result<usize> {
         let unfinished = self.blobs.pending_uploads(VOLUMES_PREFIX).await?;
         // After the listing, as above: uploads register before they start.
         let ours = self.uploads.snapshot();
         let our_keys: HashSet<&String> = ours.values().collect();
-        let owners: HashSet<String> = self.store.owner_ids().await?.into_iter().collect();
         let mut aborted = 0;
         for key in unfinished {
-            if our_keys.contains(&key) || !owned_by_one_of(&key, &owners) {
+            if our_keys.contains(&key) || !owned_by_one_of(&key, owners) {
                 continue;
             }
-            aborted += self.blobs.abort_stale_uploads(&key, Duration::ZERO).await?;
+            aborted += self.blobs.abort_uploads(&key).await?;
             tracing::info!(key, "aborted an unfinished upload no request owns");
         }
         Ok(aborted)
     }
 
-    async fn prune_cache(&self) -> anyhow::Result<usize> {
-        let live: HashSet<String> = self
-            .store
-            .live_volume_keys()
-            .await?
-            .iter()
-            .filter_map(|key| volume_id_of(key))
-            .collect();
-        Ok(self.orchestrator.prune_blob_cache(&live))
+    /// Drops cache entries of volumes whose blob key is not in `live_keys`.
+    fn prune_cache(&self, live_keys: &HashSet<String>) -> usize {
+        let live: HashSet<String> = live_keys.iter().filter_map(|k| volume_id_of(k)).collect();
+        self.orchestrator.prune_blob_cache(&live)
     }
 }
 

@@ -65,7 +65,6 @@ pub trait Store: Send + Sync + 'static {
     async fn owner_by_key_hash(&self, key_hash: &str) -> StoreResult<Option<Owner>>;
     async fn count_api_keys(&self) -> StoreResult<i64>;
 
-    async fn insert_volume(&self, volume: &NewVolume) -> StoreResult<Volume>;
     /// A ready volume of this owner; deleted and foreign volumes are `None`.
     async fn get_volume(&self, owner_id: &str, id: &str) -> StoreResult<Option<Volume>>;
     /// Any volume of this owner, including deleted tombstones.

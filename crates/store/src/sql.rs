@@ -138,46 +138,6 @@ macro_rules! sql_store {
                 Ok(count)
             }
 
-            async fn insert_volume(&self, v: &NewVolume) -> StoreResult<Volume> {
-                let now = Utc::now();
-                sqlx::query(
-                    "INSERT INTO volumes (id, owner_id, name, blob_key, size_bytes, sha256, \
-                     content_type, uncompressed_bytes, entry_count, metadata, state, \
-                     created_at, updated_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
-                )
-                .bind(&v.id)
-                .bind(&v.owner_id)
-                .bind(&v.name)
-                .bind(&v.blob_key)
-                .bind(v.size_bytes)
-                .bind(&v.sha256)
-                .bind(&v.content_type)
-                .bind(v.uncompressed_bytes)
-                .bind(v.entry_count)
-                .bind(sqlx::types::Json(&v.metadata))
-                .bind(VolumeState::Ready.as_str())
-                .bind(now)
-                .bind(now)
-                .execute(&self.pool)
-                .await?;
-                Ok(Volume {
-                    id: v.id.clone(),
-                    owner_id: v.owner_id.clone(),
-                    name: v.name.clone(),
-                    blob_key: v.blob_key.clone(),
-                    size_bytes: v.size_bytes,
-                    sha256: v.sha256.clone(),
-                    content_type: v.content_type.clone(),
-                    uncompressed_bytes: v.uncompressed_bytes,
-                    entry_count: v.entry_count,
-                    metadata: v.metadata.clone(),
-                    state: VolumeState::Ready,
-                    created_at: now,
-                    updated_at: now,
-                })
-            }
-
             async fn get_volume(&self, owner_id: &str, id: &str) -> StoreResult<Option<Volume>> {
                 Ok(self
                     .get_volume_any_state(owner_id, id)

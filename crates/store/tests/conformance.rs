@@ -3,7 +3,7 @@
 
 use chrono::Utc;
 use rand::Rng;
-use sandbox_store::{NewVolume, QuotaOverride, Store, SweepCounts, VolumeState};
+use sandbox_store::{NewVolume, QuotaOverride, Store, SweepCounts, Volume, VolumeState};
 use sqlx::Connection;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -45,6 +45,15 @@ fn sample_volume(id: &str, owner_id: &str, name: &str) -> NewVolume {
     }
 }
 
+/// A volume made the way the server makes one: a pending row, then ready.
+async fn insert_ready(store: &dyn Store, volume: &NewVolume) -> sandbox_store::StoreResult<Volume> {
+    store.insert_pending_volume(volume).await?;
+    Ok(store
+        .finish_pending_volume(volume)
+        .await?
+        .expect("a pending row turns ready"))
+}
+
 async fn conformance(store: Arc<dyn Store>) {
     store.migrate().await.expect("migrate");
     store.migrate().await.expect("migrate is idempotent");
@@ -72,23 +81,21 @@ async fn conformance(store: Arc<dyn Store>) {
     assert_eq!(store.owner_by_key_hash("nope").await.unwrap(), None);
 
     // Volumes are owner scoped and listed newest first.
-    let first = store
-        .insert_volume(&sample_volume("vol-00000001", &alice.id, "one"))
+    let first = insert_ready(&*store, &sample_volume("vol-00000001", &alice.id, "one"))
         .await
         .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    let second = store
-        .insert_volume(&sample_volume("vol-00000002", &alice.id, "two"))
+    let second = insert_ready(&*store, &sample_volume("vol-00000002", &alice.id, "two"))
         .await
         .unwrap();
-    store
-        .insert_volume(&sample_volume("vol-00000003", &bob.id, "bobs"))
+    insert_ready(&*store, &sample_volume("vol-00000003", &bob.id, "bobs"))
         .await
         .unwrap();
-    assert!(store
-        .insert_volume(&sample_volume("vol-00000001", &bob.id, "dup"))
-        .await
-        .is_err());
+    assert!(
+        insert_ready(&*store, &sample_volume("vol-00000001", &bob.id, "dup"))
+            .await
+            .is_err()
+    );
 
     let fetched = store
         .get_volume(&alice.id, "vol-00000001")
