@@ -221,12 +221,7 @@ mod tests {
 
     /// Gone, or a zombie waiting for whoever inherited it.
     fn is_gone(pid: u32) -> bool {
-        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            Err(_) => true,
-            Ok(stat) => stat
-                .rsplit_once(") ")
-                .is_some_and(|(_, rest)| rest.starts_with('Z')),
-        }
+        crate::process::ProcessInfo::read(pid as i32).is_none_or(|p| p.is_zombie())
     }
 
     fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {

@@ -6,6 +6,9 @@
 //!   cgroups, envd bind-mounted in and reached over a unix socket).
 //! - [`templates`]: root filesystems built from Debian packages, cached by a
 //!   hash of their definition.
+//! - [`process`]: what both drivers share about the host processes they
+//!   start (PID records, liveness, log tails, locks, external commands);
+//!   [`slots`]: the host id ranges they hand out per sandbox.
 //! - [`remove_tree`]: the recursive delete used for everything under our data
 //!   and state dirs; it never crosses a mount point.
 //!
@@ -48,14 +51,17 @@ mod build_ns;
 pub mod egress;
 pub mod microvm;
 pub mod namespace;
+pub mod process;
 pub mod runtime;
 pub mod safe_remove;
+pub mod slots;
 pub mod templates;
 
 pub use egress::{Cidr, EgressPolicy};
 pub use microvm::{Accel, AccelChoice, MicrovmConfig, MicrovmRuntime};
 pub use namespace::launcher::launcher_main;
-pub use namespace::{LauncherCommand, NamespaceConfig, NamespaceRuntime};
+pub use namespace::{NamespaceConfig, NamespaceRuntime};
+pub use process::LauncherCommand;
 pub use runtime::{BootSpec, Booted, Limits, Runtime, RuntimeError};
 pub use safe_remove::{remove_tree, MountPointsLeft};
 pub use templates::{TemplateCatalog, TemplateDef, TemplateError, TemplateStatus};

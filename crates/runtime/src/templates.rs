@@ -7,9 +7,8 @@
 //! an exclusive `flock` on `TEMPLATES_DIR/NAME.lock`.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -18,6 +17,7 @@ use tokio::process::Command;
 use tracing::{debug, error, info, warn};
 
 use crate::build_ns;
+use crate::process::{self, FileLock, ProcessError};
 use crate::runtime::Limits;
 use crate::safe_remove::{remove_tree, MountPointsLeft};
 
@@ -119,8 +119,14 @@ pub enum TemplateError {
     Definition { name: String, message: String },
     #[error("neither mmdebstrap nor debootstrap is installed")]
     NoBootstrapTool,
-    #[error("building template {name:?} failed: {message}")]
-    Build { name: String, message: String },
+    #[error("building template {name:?} failed: {source}")]
+    Build {
+        name: String,
+        #[source]
+        source: ProcessError,
+    },
+    #[error(transparent)]
+    Lock(ProcessError),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -223,11 +229,8 @@ impl TemplateCatalog {
         if built == TemplateStatus::Ready {
             return Ok(built);
         }
-        if let Ok(lock) = open_lock_file(&self.lock_path(name)) {
-            // SAFETY: flock on an fd we own.
-            if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-                return Ok(TemplateStatus::Building);
-            }
+        if let Ok(None) = FileLock::try_acquire(&self.lock_path(name)) {
+            return Ok(TemplateStatus::Building);
         }
         Ok(built)
     }
@@ -305,38 +308,19 @@ fn is_valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-fn open_lock_file(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-}
-
 /// Exclusive flock, taken on a blocking thread (it may wait minutes for
-/// another process's build). Released when the returned file is dropped.
-async fn acquire_lock(path: PathBuf) -> Result<File, TemplateError> {
-    tokio::task::spawn_blocking(move || {
-        let file = open_lock_file(&path).map_err(io_err(format!("opening {}", path.display())))?;
-        // SAFETY: flock on an fd we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+/// another process's build). Released when the returned lock is dropped.
+async fn acquire_lock(path: PathBuf) -> Result<FileLock, TemplateError> {
+    tokio::task::spawn_blocking(move || match FileLock::try_acquire(&path)? {
+        Some(lock) => Ok(lock),
+        None => {
             info!(lock = %path.display(), "template is being built elsewhere; waiting");
-            loop {
-                // SAFETY: as above.
-                if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
-                    break;
-                }
-                let err = io::Error::last_os_error();
-                if err.kind() != io::ErrorKind::Interrupted {
-                    return Err(io_err(format!("locking {}", path.display()))(err));
-                }
-            }
+            FileLock::acquire(&path)
         }
-        Ok(file)
     })
     .await
     .expect("lock task panicked")
+    .map_err(TemplateError::Lock)
 }
 
 /// Staging/retired trees left by a build that crashed (we hold the lock, so
@@ -447,31 +431,13 @@ async fn customize_rootfs(def: &TemplateDef, rootfs: &Path) -> Result<(), Templa
 async fn run_checked(template: &str, mut command: Command) -> Result<(), TemplateError> {
     build_ns::isolate(&mut command);
     debug!(template, command = ?command.as_std(), "running");
-    let output = command.output().await.map_err(io_err(format!(
-        "spawning {:?}",
-        command.as_std().get_program()
-    )))?;
-    if output.status.success() {
-        return Ok(());
-    }
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let tail: String = stderr
-        .lines()
-        .rev()
-        .take(20)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect::<Vec<_>>()
-        .join("\n");
-    Err(TemplateError::Build {
-        name: template.to_string(),
-        message: format!(
-            "{:?} exited with {}: {tail}",
-            command.as_std().get_program(),
-            output.status
-        ),
-    })
+    process::output_async(&mut command)
+        .await
+        .map(drop)
+        .map_err(|source| TemplateError::Build {
+            name: template.to_string(),
+            source,
+        })
 }
 
 #[cfg(test)]
@@ -536,9 +502,7 @@ mod tests {
 
         // Another open file description holding the lock reads as Building
         // unless the template is already Ready.
-        let held = open_lock_file(&catalog.lock_path("t")).unwrap();
-        // SAFETY: flock on an fd we own.
-        assert_eq!(unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX) }, 0);
+        let held = FileLock::acquire(&catalog.lock_path("t")).unwrap();
         assert_eq!(catalog.status("t").unwrap(), TemplateStatus::Building);
         drop(held);
 
@@ -546,9 +510,7 @@ mod tests {
         assert_eq!(catalog.status("t").unwrap(), TemplateStatus::Stale);
         fs::write(catalog.stamp_path("t"), def(&["bash"]).content_hash()).unwrap();
         assert_eq!(catalog.status("t").unwrap(), TemplateStatus::Ready);
-        let held = open_lock_file(&catalog.lock_path("t")).unwrap();
-        // SAFETY: as above.
-        assert_eq!(unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX) }, 0);
+        let held = FileLock::acquire(&catalog.lock_path("t")).unwrap();
         assert_eq!(catalog.status("t").unwrap(), TemplateStatus::Ready);
         drop(held);
 

@@ -6,6 +6,8 @@
 use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
 
+use super::MicrovmError;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AccelChoice {
@@ -44,46 +46,56 @@ pub struct AccelDecision {
     pub reason: String,
 }
 
+/// Why hardware KVM is not usable here.
+#[derive(Debug, thiserror::Error)]
+pub enum KvmUnusable {
+    #[error("/dev/kvm is PVM (kvm_pvm loaded), not hardware KVM")]
+    Pvm,
+    #[error("the CPU shows no vmx/svm flag (no hardware virtualisation)")]
+    NoCpuFlag,
+    #[error("/dev/kvm cannot be opened: {0}")]
+    Open(#[source] std::io::Error),
+    #[error("/dev/kvm reports API version {0}, expected 12")]
+    ApiVersion(i32),
+    #[error("/dev/kvm refuses to create a VM: {0}")]
+    CreateVm(#[source] std::io::Error),
+}
+
 /// Whether hardware KVM is usable, with the reason when it is not.
-pub fn hardware_kvm() -> Result<(), String> {
+pub fn hardware_kvm() -> Result<(), KvmUnusable> {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let has_flag = cpuinfo
         .lines()
         .filter(|line| line.starts_with("flags"))
         .any(|line| line.split_whitespace().any(|f| f == "vmx" || f == "svm"));
     if std::path::Path::new("/sys/module/kvm_pvm").exists() {
-        return Err("/dev/kvm is PVM (kvm_pvm loaded), not hardware KVM".into());
+        return Err(KvmUnusable::Pvm);
     }
     if !has_flag {
-        return Err("the CPU shows no vmx/svm flag (no hardware virtualisation)".into());
+        return Err(KvmUnusable::NoCpuFlag);
     }
     let kvm = OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/kvm")
-        .map_err(|e| format!("/dev/kvm cannot be opened: {e}"))?;
+        .map_err(KvmUnusable::Open)?;
     const KVM_GET_API_VERSION: libc::Ioctl = 0xAE00;
     const KVM_CREATE_VM: libc::Ioctl = 0xAE01;
     // SAFETY: ioctls without arguments on a /dev/kvm fd we own.
     let version = unsafe { libc::ioctl(kvm.as_raw_fd(), KVM_GET_API_VERSION, 0) };
     if version != 12 {
-        return Err(format!(
-            "/dev/kvm reports API version {version}, expected 12"
-        ));
+        return Err(KvmUnusable::ApiVersion(version));
     }
     // SAFETY: as above; the returned fd is closed right away.
     let vm = unsafe { libc::ioctl(kvm.as_raw_fd(), KVM_CREATE_VM, 0) };
     if vm < 0 {
-        return Err(format!(
-            "/dev/kvm refuses to create a VM: {}",
-            std::io::Error::last_os_error()
-        ));
+        return Err(KvmUnusable::CreateVm(std::io::Error::last_os_error()));
     }
     unsafe { libc::close(vm) };
     Ok(())
 }
 
-pub fn decide(choice: AccelChoice) -> Result<AccelDecision, String> {
+pub fn decide(choice: AccelChoice) -> Result<AccelDecision, MicrovmError> {
     match (choice, hardware_kvm()) {
         (AccelChoice::Tcg, _) => Ok(AccelDecision {
             accel: Accel::Tcg,
@@ -93,9 +105,7 @@ pub fn decide(choice: AccelChoice) -> Result<AccelDecision, String> {
             accel: Accel::Kvm,
             reason: "hardware KVM is usable".into(),
         }),
-        (AccelChoice::Kvm, Err(why)) => Err(format!(
-            "runtime.microvm.accel = kvm but KVM is not usable: {why}"
-        )),
+        (AccelChoice::Kvm, Err(why)) => Err(MicrovmError::KvmRequired(why)),
         (AccelChoice::Auto, Err(why)) => Ok(AccelDecision {
             accel: Accel::Tcg,
             reason: format!("software emulation (TCG, much slower): {why}"),

@@ -24,11 +24,12 @@
 //!
 //! (A gid, not a uid: the template VMs keep root's file access.)
 
-use std::io::Write;
 use std::net::IpAddr;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
+use super::MicrovmError;
 use crate::egress::{Cidr, EgressPolicy, BLOCKED_BY_DEFAULT};
+use crate::process;
 
 const TABLE: &str = "sandbox_manager_egress";
 /// The table of earlier versions (one global rule set), removed at start.
@@ -45,29 +46,27 @@ pub struct GuardSettings {
 }
 
 /// Creates the system user and group `user` if missing; returns its gid.
-pub fn ensure_group(user: &str) -> Result<u32, String> {
+pub fn ensure_group(user: &str) -> Result<u32, MicrovmError> {
     if let Some(gid) = gid_of(user) {
         return Ok(gid);
     }
-    let status = Command::new("useradd")
-        .args([
-            "--system",
-            "--no-create-home",
-            "--shell",
-            "/usr/sbin/nologin",
-            user,
-        ])
-        .status()
-        .map_err(|e| format!("running useradd: {e}"))?;
-    if !status.success() {
-        return Err(format!("useradd {user} failed ({status})"));
-    }
-    gid_of(user).ok_or_else(|| format!("user {user} missing after useradd"))
+    process::output(Command::new("useradd").args([
+        "--system",
+        "--no-create-home",
+        "--shell",
+        "/usr/sbin/nologin",
+        user,
+    ]))
+    .map_err(|source| MicrovmError::AddUser {
+        user: user.to_string(),
+        source,
+    })?;
+    gid_of(user).ok_or_else(|| MicrovmError::UserMissing(user.to_string()))
 }
 
 /// Creates the table if missing and (re)writes its shared part; the
 /// per-VM chains and the map that reaches them are left alone.
-pub fn install(settings: &GuardSettings) -> Result<(), String> {
+pub fn install(settings: &GuardSettings) -> Result<(), MicrovmError> {
     let last = settings.first_vm_gid + settings.vm_gids.saturating_sub(1);
     let (blocked4, blocked6) = split(
         BLOCKED_BY_DEFAULT
@@ -121,7 +120,7 @@ pub fn install(settings: &GuardSettings) -> Result<(), String> {
 /// Installs (replacing) the chain of the VM running with `gid`: the
 /// operator's `allow` ranges, then the blocked ranges, then the sandbox's
 /// own `policy`.
-pub fn apply(gid: u32, allow: &[Cidr], policy: &EgressPolicy) -> Result<(), String> {
+pub fn apply(gid: u32, allow: &[Cidr], policy: &EgressPolicy) -> Result<(), MicrovmError> {
     let chain = format!("sbx_{gid}");
     let own = format!("sbx_{gid}_own");
     let mut script = String::new();
@@ -200,33 +199,13 @@ fn set(name: &str, kind: &str, elements: &[String]) -> String {
     script
 }
 
-fn nft(script: &str) -> Result<(), String> {
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("running nft (install nftables: scripts/microvm-deps.sh): {e}"))?;
-    child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(script.as_bytes())
-        .map_err(|e| e.to_string())?;
-    let output = child.wait_with_output().map_err(|e| e.to_string())?;
-    if !output.status.success() {
-        return Err(format!(
-            "nft refused the egress rules: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        ));
-    }
-    Ok(())
+fn nft(script: &str) -> Result<(), MicrovmError> {
+    process::output_with_input(Command::new("nft").args(["-f", "-"]), script.as_bytes())
+        .map(drop)
+        .map_err(MicrovmError::Nft)
 }
 
 fn gid_of(user: &str) -> Option<u32> {
-    let output = Command::new("id").args(["-g", user]).output().ok()?;
-    if !output.status.success() {
-        return None;
-    }
+    let output = process::output(Command::new("id").args(["-g", user])).ok()?;
     String::from_utf8_lossy(&output.stdout).trim().parse().ok()
 }

@@ -9,15 +9,17 @@
 //! - `kernel/KEY/vmlinux`, `kernel/build.log`, `kernel.lock`;
 //! - `templates/NAME/KEY/base.ext4` (+ the template's snapshots beside it).
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read};
-use std::os::fd::AsRawFd;
+use std::fs::{self, File};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
 
 use sha2::{Digest, Sha256};
 use tracing::info;
+
+use super::MicrovmError;
+use crate::process::{self, FileLock};
 
 /// Applied on top of `make tinyconfig`.
 pub const KERNEL_FRAGMENT: &str = include_str!("../../../../config/microvm/kernel.config");
@@ -86,21 +88,19 @@ impl Images {
     }
 
     /// Builds the kernel unless it is cached. Blocking (minutes).
-    pub fn build_kernel(&self) -> Result<PathBuf, String> {
+    pub fn build_kernel(&self) -> Result<PathBuf, MicrovmError> {
         let out = self.kernel_path();
         if out.is_file() {
             return Ok(out);
         }
         if !self.kernel_source.is_file() {
-            return Err(format!(
-                "kernel source {} not found (install linux-source-6.1, see scripts/microvm-deps.sh)",
-                self.kernel_source.display()
+            return Err(MicrovmError::KernelSourceMissing(
+                self.kernel_source.clone(),
             ));
         }
         let kernel_dir = self.dir.join("kernel");
-        fs::create_dir_all(&kernel_dir)
-            .map_err(|e| format!("creating {}: {e}", kernel_dir.display()))?;
-        let _lock = lock_exclusive(&self.dir.join("kernel.lock"))?;
+        fs::create_dir_all(&kernel_dir).map_err(MicrovmError::file("creating", &kernel_dir))?;
+        let _lock = FileLock::acquire(&self.dir.join("kernel.lock"))?;
         if out.is_file() {
             return Ok(out); // built by whoever held the lock
         }
@@ -108,11 +108,10 @@ impl Images {
         info!(source = %self.kernel_source.display(), "building the guest kernel (a few minutes)");
         let work = kernel_dir.join("build");
         let _ = crate::remove_tree(&work);
-        fs::create_dir_all(&work).map_err(|e| format!("creating {}: {e}", work.display()))?;
+        fs::create_dir_all(&work).map_err(MicrovmError::file("creating", &work))?;
         let log_path = kernel_dir.join("build.log");
-        let log =
-            File::create(&log_path).map_err(|e| format!("creating {}: {e}", log_path.display()))?;
-        let step = |what: &str, command: &mut Command| run_logged(what, command, &log, &log_path);
+        let log = File::create(&log_path).map_err(MicrovmError::file("creating", &log_path))?;
+        let step = |what, command: &mut Command| run_logged(what, command, &log, &log_path);
         step(
             "unpacking the kernel source",
             Command::new("tar")
@@ -122,7 +121,8 @@ impl Images {
                 .arg(&work)
                 .arg("--strip-components=1"),
         )?;
-        fs::write(work.join("sandbox.config"), KERNEL_FRAGMENT).map_err(|e| e.to_string())?;
+        let fragment = work.join("sandbox.config");
+        fs::write(&fragment, KERNEL_FRAGMENT).map_err(MicrovmError::file("writing", &fragment))?;
         step(
             "make tinyconfig",
             Command::new("make").current_dir(&work).arg("tinyconfig"),
@@ -137,18 +137,18 @@ impl Images {
             "make olddefconfig",
             Command::new("make").current_dir(&work).arg("olddefconfig"),
         )?;
-        let config = fs::read_to_string(work.join(".config")).map_err(|e| e.to_string())?;
-        let missing: Vec<&str> = KERNEL_FRAGMENT
+        let config_path = work.join(".config");
+        let config = fs::read_to_string(&config_path)
+            .map_err(MicrovmError::file("reading", &config_path))?;
+        let missing: Vec<String> = KERNEL_FRAGMENT
             .lines()
             .map(str::trim)
             .filter(|line| line.starts_with("CONFIG_") && line.ends_with("=y"))
             .filter(|line| !config.lines().any(|have| have.trim() == *line))
+            .map(str::to_string)
             .collect();
         if !missing.is_empty() {
-            return Err(format!(
-                "kernel config options did not stick (missing dependencies?): {}",
-                missing.join(" ")
-            ));
+            return Err(MicrovmError::KernelConfig(missing));
         }
         let jobs = std::thread::available_parallelism()
             .map(|n| n.get())
@@ -161,25 +161,29 @@ impl Images {
                 .arg("vmlinux"),
         )?;
         let out_dir = out.parent().expect("kernel path has a parent");
-        fs::create_dir_all(out_dir).map_err(|e| e.to_string())?;
+        fs::create_dir_all(out_dir).map_err(MicrovmError::file("creating", out_dir))?;
         let tmp = out_dir.join("vmlinux.tmp");
-        fs::copy(work.join("vmlinux"), &tmp).map_err(|e| format!("copying vmlinux: {e}"))?;
-        fs::rename(&tmp, &out).map_err(|e| format!("installing vmlinux: {e}"))?;
+        fs::copy(work.join("vmlinux"), &tmp)
+            .map_err(MicrovmError::file("copying vmlinux to", &tmp))?;
+        fs::rename(&tmp, &out).map_err(MicrovmError::file("installing", &out))?;
         let _ = crate::remove_tree(&work);
         info!(kernel = %out.display(), elapsed = ?started.elapsed(), "guest kernel built");
         Ok(out)
     }
 
-    fn envd_hash(&self) -> Result<String, String> {
+    fn envd_hash(&self) -> Result<String, MicrovmError> {
         if let Some(hash) = self.envd_hash.get() {
             return Ok(hash.clone());
         }
-        let mut file = File::open(&self.envd_binary)
-            .map_err(|e| format!("reading envd {}: {e}", self.envd_binary.display()))?;
+        let unreadable = |source| MicrovmError::EnvdUnreadable {
+            path: self.envd_binary.clone(),
+            source,
+        };
+        let mut file = File::open(&self.envd_binary).map_err(unreadable)?;
         let mut hasher = Sha256::new();
         let mut buffer = vec![0u8; 1 << 20];
         loop {
-            let n = file.read(&mut buffer).map_err(|e| e.to_string())?;
+            let n = file.read(&mut buffer).map_err(unreadable)?;
             if n == 0 {
                 break;
             }
@@ -191,15 +195,20 @@ impl Images {
 
     /// `templates/NAME/KEY/` for a template rootfs (`TEMPLATES_DIR/NAME/rootfs`,
     /// whose `stamp` beside it names the exact build).
-    pub fn template_dir(&self, rootfs: &Path) -> Result<PathBuf, String> {
-        let template = rootfs.parent().ok_or("rootfs has no parent")?;
+    pub fn template_dir(&self, rootfs: &Path) -> Result<PathBuf, MicrovmError> {
+        let not_a_template = || MicrovmError::NotATemplate(rootfs.to_path_buf());
+        let template = rootfs.parent().ok_or_else(not_a_template)?;
         let name = template
             .file_name()
-            .ok_or("rootfs has no template name")?
+            .ok_or_else(not_a_template)?
             .to_string_lossy()
             .into_owned();
-        let stamp = fs::read_to_string(template.join("stamp"))
-            .map_err(|e| format!("template {name} is not built (no stamp: {e})"))?;
+        let stamp = fs::read_to_string(template.join("stamp")).map_err(|source| {
+            MicrovmError::TemplateNotBuilt {
+                name: name.clone(),
+                source,
+            }
+        })?;
         let key = sha256_hex(&[
             stamp.trim().as_bytes(),
             self.envd_hash()?.as_bytes(),
@@ -210,14 +219,14 @@ impl Images {
     }
 
     /// Builds `base.ext4` for a template unless cached. Blocking (seconds).
-    pub fn build_template_image(&self, rootfs: &Path) -> Result<PathBuf, String> {
+    pub fn build_template_image(&self, rootfs: &Path) -> Result<PathBuf, MicrovmError> {
         let dir = self.template_dir(rootfs)?;
         let image = dir.join("base.ext4");
         if image.is_file() {
             return Ok(image);
         }
-        fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-        let _lock = lock_exclusive(&dir.join("image.lock"))?;
+        fs::create_dir_all(&dir).map_err(MicrovmError::file("creating", &dir))?;
+        let _lock = FileLock::acquire(&dir.join("image.lock"))?;
         if image.is_file() {
             return Ok(image);
         }
@@ -228,9 +237,9 @@ impl Images {
         // sees the full size for its own writes and hydrated volumes.
         File::create(&tmp)
             .and_then(|f| f.set_len(self.disk_bytes))
-            .map_err(|e| format!("creating {}: {e}", tmp.display()))?;
+            .map_err(MicrovmError::file("creating", &tmp))?;
         let log_path = dir.join("image.log");
-        let log = File::create(&log_path).map_err(|e| e.to_string())?;
+        let log = File::create(&log_path).map_err(MicrovmError::file("creating", &log_path))?;
         run_logged(
             "mkfs.ext4 -d",
             Command::new("mkfs.ext4")
@@ -258,7 +267,7 @@ impl Images {
                 envd = self.envd_binary.display()
             ),
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(MicrovmError::file("writing", &script))?;
         run_logged(
             "debugfs (installing envd)",
             Command::new("debugfs")
@@ -269,19 +278,18 @@ impl Images {
             &log,
             &log_path,
         )?;
-        let listing = Command::new("debugfs")
-            .args(["-R", &format!("stat {GUEST_ENVD}")])
-            .arg(&tmp)
-            .output()
-            .map_err(|e| format!("running debugfs: {e}"))?;
+        let listing = process::output(
+            Command::new("debugfs")
+                .args(["-R", &format!("stat {GUEST_ENVD}")])
+                .arg(&tmp),
+        )?;
         if !String::from_utf8_lossy(&listing.stdout).contains("Mode:  0755") {
-            return Err(format!(
-                "envd did not land in {} (see {})",
-                tmp.display(),
-                log_path.display()
-            ));
+            return Err(MicrovmError::EnvdNotInstalled {
+                image: tmp,
+                log: log_path,
+            });
         }
-        fs::rename(&tmp, &image).map_err(|e| format!("installing {}: {e}", image.display()))?;
+        fs::rename(&tmp, &image).map_err(MicrovmError::file("installing", &image))?;
         info!(image = %image.display(), elapsed = ?started.elapsed(), "template image built");
         Ok(image)
     }
@@ -290,49 +298,14 @@ impl Images {
 /// Runs a build step with its output appended to `log`; on failure the
 /// error carries the log's last lines.
 fn run_logged(
-    what: &str,
+    step: &'static str,
     command: &mut Command,
     log: &File,
     log_path: &Path,
-) -> Result<(), String> {
-    let stdout = log.try_clone().map_err(|e| e.to_string())?;
-    let stderr = log.try_clone().map_err(|e| e.to_string())?;
-    let status = command
-        .stdin(Stdio::null())
-        .stdout(stdout)
-        .stderr(stderr)
-        .status()
-        .map_err(|e| format!("{what}: cannot run: {e}"))?;
-    if status.success() {
-        return Ok(());
-    }
-    let text = fs::read_to_string(log_path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    Err(format!(
-        "{what} failed ({status}); {}: {}",
-        log_path.display(),
-        lines[lines.len().saturating_sub(8)..].join(" | ")
-    ))
-}
-
-/// Exclusive flock (blocking), released when the file is dropped: builds
-/// by other processes sharing the images dir wait instead of colliding.
-pub fn lock_exclusive(path: &Path) -> Result<File, String> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .map_err(|e| format!("opening {}: {e}", path.display()))?;
-    loop {
-        // SAFETY: flock on an fd we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
-            return Ok(file);
-        }
-        let error = io::Error::last_os_error();
-        if error.kind() != io::ErrorKind::Interrupted {
-            return Err(format!("locking {}: {error}", path.display()));
-        }
-    }
+) -> Result<(), MicrovmError> {
+    process::run_logged(command, log, log_path).map_err(|source| MicrovmError::BuildStep {
+        step,
+        log: log_path.to_path_buf(),
+        source,
+    })
 }

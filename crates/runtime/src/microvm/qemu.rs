@@ -1,12 +1,17 @@
-//! The QEMU command line of one microVM. Template VMs (snapshotted) and
-//! their clones must use identical device lists in the same order, so both
-//! come from [`VmLaunch::args`].
+//! The QEMU of one microVM: its files, its command line and its start.
+//! Template VMs (snapshotted) and their clones must use identical device
+//! lists in the same order, so both come from [`VmLaunch::args`].
 
 use std::ffi::OsString;
+use std::fs;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
 
 use super::accel::Accel;
 use super::images::GUEST_ENVD;
+use super::MicrovmError;
+use crate::process::{self, ProcessInfo};
 use crate::runtime::Limits;
 
 /// Files of one running QEMU (a sandbox, or a template VM being snapshotted).
@@ -259,5 +264,81 @@ impl VmLaunch<'_> {
             push(&["-incoming", "defer"]);
         }
         args
+    }
+
+    /// Runs QEMU, which daemonizes once the VM is set up (so it outlives a
+    /// server restart and is never our zombie); records `PID STARTTIME`.
+    /// With `gid`, QEMU runs with that group only (see `hostguard`).
+    pub async fn spawn(
+        &self,
+        qemu: &Path,
+        accel: Accel,
+        gid: Option<u32>,
+    ) -> Result<i32, MicrovmError> {
+        let mut command = tokio::process::Command::new(qemu);
+        if let Some(gid) = gid {
+            command.gid(gid);
+            // SAFETY: setgroups is async-signal-safe; drops root's
+            // supplementary groups so the guard's gid is the only one.
+            unsafe {
+                command.pre_exec(|| {
+                    if libc::setgroups(0, std::ptr::null()) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        // The overlay disk on fds 3 (read-write) and 4 (read-only), see
+        // `VmLaunch::disk_path`; QEMU keeps them, ours close on return.
+        let disk_fds = match self.run_as {
+            Some(_) => {
+                let disk = self.files.disk();
+                let open = |write: bool| {
+                    fs::OpenOptions::new()
+                        .read(true)
+                        .write(write)
+                        .open(&disk)
+                        .map_err(MicrovmError::file("opening", &disk))
+                };
+                vec![open(true)?, open(false)?]
+            }
+            None => Vec::new(),
+        };
+        if !disk_fds.is_empty() {
+            let sources: Vec<i32> = disk_fds.iter().map(AsRawFd::as_raw_fd).collect();
+            // SAFETY: only dup/dup2/fcntl (async-signal-safe) between fork
+            // and exec. Sources are first moved above the targets so that
+            // placing one cannot overwrite another.
+            unsafe {
+                command.pre_exec(move || {
+                    let mut high = Vec::with_capacity(sources.len());
+                    for fd in &sources {
+                        let moved = libc::fcntl(*fd, libc::F_DUPFD, 10);
+                        if moved < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        high.push(moved);
+                    }
+                    for (fd, target) in high.iter().zip(DISK_FDS) {
+                        if libc::dup2(*fd, target) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        libc::close(*fd);
+                    }
+                    Ok(())
+                });
+            }
+        }
+        command.args(self.args(accel)).stdin(Stdio::null());
+        process::output_async(&mut command)
+            .await
+            .map_err(MicrovmError::QemuStart)?;
+        let pid = process::read_pid_file(&self.files.pid_file()).ok_or(MicrovmError::NoPidFile)?;
+        let start_time = ProcessInfo::read(pid)
+            .map(|p| p.start_time)
+            .ok_or(MicrovmError::QemuExitedAtOnce)?;
+        process::record_as(&self.files.identity_file(), pid, start_time)?;
+        Ok(pid)
     }
 }

@@ -9,6 +9,8 @@
 //! both are bound. With `--run-as` it then drops to that uid/gid (the
 //! sandbox's own ids), without capabilities and with `no_new_privs`: it
 //! only ever moves bytes between sockets it already holds.
+//!
+//! The server starts it with `spawn` (below).
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -18,9 +20,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use envd_protocol::mux::{read_frame, Frame, FrameKind, MAX_PAYLOAD};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
 use tokio::sync::mpsc;
+
+use super::qemu::VmFiles;
+use super::MicrovmError;
+use crate::process::{self, LauncherCommand};
 
 pub const READY_LINE: &str = "READY";
 /// How long the relay waits for QEMU to connect.
@@ -179,5 +185,56 @@ async fn run(
         }
     }
     let _ = std::fs::remove_file(&agent_path);
+    Ok(())
+}
+
+/// Starts the VM's relay and waits until it listens (QEMU connects to it
+/// on start-up, so it must come first).
+pub(super) async fn spawn(
+    relay: &LauncherCommand,
+    files: &VmFiles,
+    run_as: Option<(u32, u32)>,
+) -> Result<(), MicrovmError> {
+    let mut command = tokio::process::Command::new(&relay.program);
+    command
+        .args(&relay.args_prefix)
+        .arg("--serial")
+        .arg(files.serial_socket())
+        .arg("--agent")
+        .arg(files.agent_socket());
+    if let Some((uid, gid)) = run_as {
+        command.arg("--run-as").arg(format!("{uid}:{gid}"));
+    }
+    command
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(false);
+    // Its own session: a terminal's Ctrl-C to the server must not reach it.
+    // SAFETY: setsid is async-signal-safe.
+    unsafe {
+        command.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().map_err(MicrovmError::RelaySpawn)?;
+    let pid = child.id().ok_or(MicrovmError::RelayExited)? as i32;
+    let stdout = child.stdout.take().expect("piped");
+    let mut line = String::new();
+    let mut stdout = tokio::io::BufReader::new(stdout);
+    let read = stdout.read_line(&mut line);
+    match tokio::time::timeout(Duration::from_secs(10), read).await {
+        Ok(Ok(_)) if line.trim() == READY_LINE => {}
+        _ => {
+            let _ = child.start_kill();
+            return Err(MicrovmError::RelayNotReady(line));
+        }
+    }
+    process::record(&files.relay_identity_file(), pid)?;
+    // Reap it whenever it exits so it never lingers as our zombie.
+    tokio::spawn(async move {
+        let _ = child.wait().await;
+    });
     Ok(())
 }

@@ -18,6 +18,7 @@ use std::path::Path;
 use std::process::Command;
 
 use super::os_error;
+use crate::process;
 
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
 const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
@@ -63,24 +64,12 @@ pub fn create_image(image: &Path, bytes: u64) -> io::Result<()> {
         .open(image)?;
     file.set_len(bytes)?;
     drop(file);
-    let output = Command::new(mkfs_ext4())
-        .args(["-q", "-F", "-O", "^has_journal", "-m", "0"])
-        .args(["-E", "nodiscard,lazy_itable_init=1,root_owner=0:0"])
-        .arg(image)
-        .output()
-        .map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("running mkfs.ext4 (install e2fsprogs): {e}"),
-            )
-        })?;
-    if !output.status.success() {
-        return Err(io::Error::other(format!(
-            "mkfs.ext4 {} failed: {}",
-            image.display(),
-            String::from_utf8_lossy(&output.stderr).trim()
-        )));
-    }
+    process::output(
+        Command::new(mkfs_ext4())
+            .args(["-q", "-F", "-O", "^has_journal", "-m", "0"])
+            .args(["-E", "nodiscard,lazy_itable_init=1,root_owner=0:0"])
+            .arg(image),
+    )?;
     Ok(())
 }
 

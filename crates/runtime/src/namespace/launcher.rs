@@ -32,8 +32,9 @@ use std::path::PathBuf;
 
 use super::cgroups::SandboxCgroup;
 use super::mounts::{self, RootLayout, AGENT_MOUNT};
-use super::userns::{self, IdRange};
+use super::userns;
 use super::{caps, os_error, seccomp};
+use crate::slots::IdRange;
 
 /// Parsed command line of the launcher (see [`LaunchArgs::to_args`]).
 #[derive(Debug, Clone, PartialEq, Eq)]

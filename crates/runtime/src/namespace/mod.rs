@@ -37,11 +37,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
+use crate::process::{self, LauncherCommand};
 use crate::runtime::{validate_id, BootSpec, Booted, Runtime, RuntimeError};
+use crate::slots::{IdRange, SlotAllocator, SLOTS_ROOT};
 use cgroups::SandboxCgroup;
 use launcher::{LaunchArgs, DISK_IMAGE};
 use protections::Protections;
-use userns::{IdRange, SlotAllocator};
 
 /// Unix socket paths are limited to 108 bytes including the NUL.
 const MAX_SOCKET_PATH: usize = 107;
@@ -49,14 +50,6 @@ const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(10);
 const HEALTH_POLL_INTERVAL: Duration = Duration::from_millis(5);
 const HEALTH_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 const DESTROY_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How to exec the launcher (see [`launcher::launcher_main`]). The server
-/// passes its own `current_exe()` and `["__sandbox-launcher"]`.
-#[derive(Debug, Clone)]
-pub struct LauncherCommand {
-    pub program: PathBuf,
-    pub args_prefix: Vec<String>,
-}
 
 #[derive(Debug, Clone)]
 pub struct NamespaceConfig {
@@ -66,6 +59,7 @@ pub struct NamespaceConfig {
     /// against the sandbox's libc, so it must be static or built for a libc
     /// no newer than the templates'.
     pub envd_binary: PathBuf,
+    /// How to exec the launcher (see [`launcher::launcher_main`]).
     pub launcher: LauncherCommand,
     /// First host id of the per-sandbox ranges (each 65,536 ids).
     pub uid_base: u32,
@@ -98,7 +92,7 @@ impl NamespaceRuntime {
     pub fn new(config: NamespaceConfig) -> Self {
         Self {
             slots: SlotAllocator::new(
-                Path::new(userns::SLOTS_ROOT).join("uid-slots"),
+                Path::new(SLOTS_ROOT).join("uid-slots"),
                 config.uid_base,
                 userns::IDS_PER_SANDBOX,
                 config.uid_slots,
@@ -147,12 +141,7 @@ impl NamespaceRuntime {
 
     /// The launcher recorded for `id`, if it is still that same process.
     fn running_launcher(&self, id: &str) -> Option<i32> {
-        let text = fs::read_to_string(self.sandbox_dir(id).join("launcher.pid")).ok()?;
-        let mut fields = text.split_whitespace();
-        let pid: i32 = fields.next()?.parse().ok()?;
-        let start_time: u64 = fields.next()?.parse().ok()?;
-        let info = ProcessInfo::read(pid)?;
-        (info.start_time == start_time && !info.is_zombie()).then_some(pid)
+        process::running(&self.sandbox_dir(id).join("launcher.pid"))
     }
 
     /// Creates `state_dir/ID/...`, the token file and the cgroup; returns
@@ -289,9 +278,8 @@ impl NamespaceRuntime {
             source,
         })?;
         let pid = child.id().expect("a just-spawned child has a pid") as i32;
-        let start_time = ProcessInfo::read(pid).map(|p| p.start_time).unwrap_or(0);
-        fs::write(dir.join("launcher.pid"), format!("{pid} {start_time}\n"))
-            .map_err(|e| RuntimeError::io("writing launcher.pid", e))?;
+        process::record(&dir.join("launcher.pid"), pid)
+            .map_err(|e| RuntimeError::io("recording the launcher", e.into()))?;
 
         // Reap the launcher whenever it exits so it never lingers as a zombie.
         let (exited_tx, exited_rx) = oneshot::channel();
@@ -348,10 +336,7 @@ impl NamespaceRuntime {
     }
 
     fn log_tail(&self, id: &str) -> String {
-        let text =
-            fs::read_to_string(self.sandbox_dir(id).join("launcher.log")).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(10)..].join(" | ")
+        process::tail(&self.sandbox_dir(id).join("launcher.log"), 10)
     }
 
     fn validate_spec(&self, spec: &BootSpec) -> Result<(), RuntimeError> {
@@ -407,8 +392,7 @@ impl NamespaceRuntime {
         if let Some(pid) = launcher {
             // PID 1 of the sandbox has PDEATHSIG=SIGKILL, so this takes the
             // whole pid namespace (and with it the mount namespace) down.
-            // SAFETY: plain kill(2) of a pid we verified by start time.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            process::kill(pid);
         }
         // Sweep the cgroup too: it also catches processes from a launcher that
         // died before we could record it, and waits until all have exited.
@@ -419,7 +403,7 @@ impl NamespaceRuntime {
             Err(e) => warn!(sandbox = id, error = %e, "no cgroups to clean up"),
         }
         if let Some(pid) = launcher {
-            wait_until_gone(pid, DESTROY_TIMEOUT)
+            process::wait_until_gone(pid, DESTROY_TIMEOUT)
                 .map_err(|_| fail(format!("launcher {pid} did not exit")))?;
         }
         // Mounts live in the sandbox's own namespace, so the host should see
@@ -556,41 +540,6 @@ pub(crate) fn os_error(what: &str) -> io::Error {
     io::Error::new(err.kind(), format!("{what}: {err}"))
 }
 
-/// The fields of `/proc/PID/stat` we need.
-pub(crate) struct ProcessInfo {
-    state: char,
-    /// Clock ticks since boot; with the pid, identifies a process uniquely.
-    pub(crate) start_time: u64,
-}
-
-impl ProcessInfo {
-    pub(crate) fn read(pid: i32) -> Option<Self> {
-        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        // comm may contain spaces and parens: fields start after the last ')'.
-        let rest = &stat[stat.rfind(')')? + 1..];
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        Some(Self {
-            state: fields.first()?.chars().next()?,
-            start_time: fields.get(19)?.parse().ok()?,
-        })
-    }
-
-    pub(crate) fn is_zombie(&self) -> bool {
-        matches!(self.state, 'Z' | 'X')
-    }
-}
-
-pub(crate) fn wait_until_gone(pid: i32, timeout: Duration) -> Result<(), ()> {
-    let deadline = Instant::now() + timeout;
-    while ProcessInfo::read(pid).is_some_and(|p| !p.is_zombie()) {
-        if Instant::now() > deadline {
-            return Err(());
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    Ok(())
-}
-
 /// Mount points in the host (our) mount namespace at or below `dir`,
 /// deepest first.
 pub fn host_mounts_under(dir: &Path) -> Vec<PathBuf> {
@@ -637,12 +586,5 @@ mod tests {
     fn mountinfo_unescaping() {
         assert_eq!(unescape_mountinfo(r"/a\040b"), "/a b");
         assert_eq!(unescape_mountinfo("/plain"), "/plain");
-    }
-
-    #[test]
-    fn own_process_info_is_readable() {
-        let me = ProcessInfo::read(std::process::id() as i32).unwrap();
-        assert!(!me.is_zombie());
-        assert!(me.start_time > 0);
     }
 }

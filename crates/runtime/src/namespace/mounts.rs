@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use super::disk;
 use super::os_error;
-use super::userns::IdRange;
+use crate::slots::IdRange;
 
 /// Inside the sandbox: where the host's agent dir is mounted.
 pub const AGENT_MOUNT: &str = "/.envd";

@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 
 use super::cgroups::{self, CgroupVersion};
 use super::{caps, disk, seccomp, NamespaceConfig};
+use crate::process::{self, ProcessError};
 use crate::runtime::RuntimeError;
 
 /// The launcher flag that only tests idmapped mounts on a path.
@@ -122,21 +123,24 @@ pub fn probe(config: &NamespaceConfig) -> Result<Protections, RuntimeError> {
 fn probe_idmap(config: &NamespaceConfig) -> Result<(), RuntimeError> {
     fs::create_dir_all(&config.state_dir)
         .map_err(|e| RuntimeError::io(format!("creating {}", config.state_dir.display()), e))?;
-    let output = Command::new(&config.launcher.program)
-        .args(&config.launcher.args_prefix)
-        .arg(PROBE_IDMAP_FLAG)
-        .arg(&config.state_dir)
-        .arg(config.uid_base.to_string())
-        .output()
-        .map_err(|e| RuntimeError::io("running the launcher's idmap probe", e))?;
-    if output.status.success() {
-        return Ok(());
+    let probe = process::output(
+        Command::new(&config.launcher.program)
+            .args(&config.launcher.args_prefix)
+            .arg(PROBE_IDMAP_FLAG)
+            .arg(&config.state_dir)
+            .arg(config.uid_base.to_string()),
+    );
+    match probe {
+        Ok(_) => Ok(()),
+        Err(ProcessError::Failed { output, .. }) => Err(RuntimeError::Unsupported(format!(
+            "user namespaces with idmapped mounts do not work here (Linux 5.12+ and a filesystem \
+             that supports them are needed): {output}"
+        ))),
+        Err(e) => Err(RuntimeError::io(
+            "running the launcher's idmap probe",
+            e.into(),
+        )),
     }
-    Err(RuntimeError::Unsupported(format!(
-        "user namespaces with idmapped mounts do not work here (Linux 5.12+ and a filesystem \
-         that supports them are needed): {}",
-        String::from_utf8_lossy(&output.stderr).trim()
-    )))
 }
 
 #[cfg(test)]
