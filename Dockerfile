@@ -1,6 +1,18 @@
 # sandbox-manager control plane image. Build: docker build -t sandbox-manager .
-FROM rust:1-bookworm AS build
+#
+# Dependencies are compiled in their own layer (cargo-chef): a change to
+# our sources rebuilds only our crates, not the ~400 dependencies.
+FROM rust:1-bookworm AS chef
+RUN cargo install --locked cargo-chef@0.1.78
 WORKDIR /src
+
+FROM chef AS plan
+COPY . .
+RUN cargo chef prepare --recipe-path recipe.json
+
+FROM chef AS build
+COPY --from=plan /src/recipe.json recipe.json
+RUN cargo chef cook --release --recipe-path recipe.json -p sandbox-manager -p envd
 COPY . .
 RUN cargo build --release -p sandbox-manager -p envd \
  && cp target/release/sandbox-manager target/release/envd /usr/local/bin/

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+import openapi_check
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -162,6 +164,22 @@ def _kill_processes_mentioning(path: str) -> None:
                 except OSError:
                     pass
         time.sleep(0.2)
+
+
+_recorder = openapi_check.Recorder()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def openapi_conformance():
+    """Every answer the SDK gets in this session must match /openapi.json."""
+    with pytest.MonkeyPatch.context() as patch:
+        _recorder.install(patch)
+        yield
+    if not _recorder.records:
+        pytest.fail("openapi: no SDK response was recorded; is the SDK still on httpx?")
+    problems, summary = openapi_check.check(_binary(), _recorder.records)
+    print("\n" + summary)
+    assert not problems, "answers that do not match the OpenAPI document:\n" + "\n".join(problems)
 
 
 @pytest.fixture

@@ -1,7 +1,10 @@
 use envd_protocol::client::EnvdError;
+use sandbox_runtime::RuntimeError;
+use sandbox_store::StoreError;
 
-/// Everything a sandbox operation can fail with; the server maps each
-/// variant to an HTTP status in one place.
+/// Everything a sandbox operation can fail with. The server maps each
+/// variant (never its message) to an HTTP status in one place; variants
+/// that wrap a lower layer's error keep it as their `source` for the logs.
 #[derive(Debug, thiserror::Error)]
 pub enum OrchestratorError {
     #[error("sandbox {0} not found")]
@@ -16,28 +19,54 @@ pub enum OrchestratorError {
     InvalidRequest(String),
     #[error("{0}")]
     Forbidden(String),
+    /// The driver could not start a machine for this create.
     #[error("no sandbox capacity: {0}")]
-    NoCapacity(String),
+    NoCapacity(#[source] RuntimeError),
+    /// No runtime on this host (the reason was found at start-up).
     #[error("sandbox runtime unavailable: {0}")]
     RuntimeUnavailable(String),
+    #[error("database unavailable: {0}")]
+    DatabaseUnavailable(#[source] StoreError),
     #[error("sandbox agent unreachable: {0}")]
     AgentUnreachable(String),
     #[error(transparent)]
     Agent(EnvdError),
     #[error("{0}")]
     QuotaExceeded(String),
-    #[error("volume hydration failed: {0}")]
-    HydrateFailed(String),
-    #[error("internal error: {0}")]
-    Internal(String),
+    #[error("volume {volume_id} into {mount_path}: hydration failed: {reason}")]
+    HydrateFailed {
+        volume_id: String,
+        mount_path: String,
+        reason: String,
+    },
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    /// A create's task panicked; its machine was released.
+    #[error("the create failed unexpectedly; nothing was kept")]
+    CreateAborted,
+    /// A driver step failed on a machine this service owns.
+    #[error("{step}: {source}")]
+    Runtime {
+        step: &'static str,
+        #[source]
+        source: RuntimeError,
+    },
+    #[error("database error: {0}")]
+    Store(#[source] StoreError),
 }
 
-impl From<sandbox_store::StoreError> for OrchestratorError {
-    fn from(e: sandbox_store::StoreError) -> Self {
+impl OrchestratorError {
+    pub(crate) fn runtime(step: &'static str) -> impl FnOnce(RuntimeError) -> Self {
+        move |source| OrchestratorError::Runtime { step, source }
+    }
+}
+
+impl From<StoreError> for OrchestratorError {
+    fn from(e: StoreError) -> Self {
         if e.is_unavailable() {
-            OrchestratorError::RuntimeUnavailable(format!("database unavailable: {e}"))
+            OrchestratorError::DatabaseUnavailable(e)
         } else {
-            OrchestratorError::Internal(e.to_string())
+            OrchestratorError::Store(e)
         }
     }
 }

@@ -20,13 +20,31 @@ pub struct Attachment {
     pub mount_path: String,
 }
 
+/// Whether an attachment's copy is there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HydrateOutcome {
+    /// The whole archive is unpacked under the mount path.
+    Ready,
+    /// It is not (`error` says why); the sandbox runs anyway unless strict.
+    Failed,
+}
+
+impl HydrateOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HydrateOutcome::Ready => "ready",
+            HydrateOutcome::Failed => "failed",
+        }
+    }
+}
+
 /// Per-attachment outcome, reported on the sandbox (`volumes` in its JSON).
 #[derive(Debug, Clone, Serialize)]
 pub struct HydrateStatus {
     pub volume_id: String,
     pub mount_path: String,
-    /// `ready` or `failed`.
-    pub status: &'static str,
+    pub status: HydrateOutcome,
     pub files: u64,
     pub bytes: u64,
     pub skipped: u64,
@@ -37,7 +55,7 @@ pub struct HydrateStatus {
 
 impl HydrateStatus {
     pub fn failed(&self) -> bool {
-        self.status == "failed"
+        self.status == HydrateOutcome::Failed
     }
 }
 
@@ -60,7 +78,7 @@ pub async fn hydrate(
     let mut status = HydrateStatus {
         volume_id: volume.id.clone(),
         mount_path: mount_path.to_string(),
-        status: "ready",
+        status: HydrateOutcome::Ready,
         files: 0,
         bytes: 0,
         skipped: 0,
@@ -114,12 +132,12 @@ pub async fn hydrate(
         }
         Ok(None) => {}
         Err(error) => {
-            status.status = "failed";
+            status.status = HydrateOutcome::Failed;
             status.error = Some(error);
         }
     }
     status.duration_ms = started.elapsed().as_millis() as u64;
-    let outcome = status.status;
+    let outcome = status.status.as_str();
     metrics::counter!("volume_hydrations_total", "status" => outcome).increment(1);
     metrics::histogram!("volume_hydrate_seconds").record(started.elapsed().as_secs_f64());
     tracing::info!(

@@ -14,6 +14,6 @@ mod unrecorded;
 
 pub use cache::BlobCache;
 pub use error::OrchestratorError;
-pub use hydrate::{Attachment, HydrateStatus, UnpackLimits};
+pub use hydrate::{Attachment, HydrateOutcome, HydrateStatus, UnpackLimits};
 pub use ids::new_sandbox_id;
 pub use lifecycle::{CreateSandbox, Orchestrator, OrchestratorConfig};

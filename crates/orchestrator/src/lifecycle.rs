@@ -195,7 +195,7 @@ impl Orchestrator {
                 RuntimeError::NotReady(why) => {
                     OrchestratorError::TemplateNotReady(format!("{template}: {why}"))
                 }
-                e => OrchestratorError::NoCapacity(e.to_string()),
+                e => OrchestratorError::NoCapacity(e),
             })?;
         metrics::histogram!("sandbox_boot_seconds", "template" => template.to_string())
             .record(started.elapsed().as_secs_f64());
@@ -370,18 +370,13 @@ impl Orchestrator {
     /// away (a disconnected client) does not abandon a claimed machine
     /// half-way, and a panic anywhere in it is an error, never a leak.
     pub async fn create(&self, owner_id: &str, request: CreateSandbox) -> Result<Sandbox> {
-        let me = self
-            .me
-            .upgrade()
-            .ok_or_else(|| OrchestratorError::Internal("shutting down".into()))?;
+        let me = self.me.upgrade().ok_or(OrchestratorError::ShuttingDown)?;
         let owner_id = owner_id.to_string();
         match tokio::spawn(async move { me.create_attached(&owner_id, request).await }).await {
             Ok(outcome) => outcome,
             Err(e) => {
                 tracing::error!(error = %e, "sandbox create task failed");
-                Err(OrchestratorError::Internal(
-                    "the create failed unexpectedly; nothing was kept".into(),
-                ))
+                Err(OrchestratorError::CreateAborted)
             }
         }
     }
@@ -407,9 +402,7 @@ impl Orchestrator {
             Err(_panic) => {
                 tracing::error!(sandbox_id = %id, "create panicked: releasing its machine");
                 self.destroy_quietly(&id).await;
-                Err(OrchestratorError::Internal(
-                    "the create failed unexpectedly; its machine was released".into(),
-                ))
+                Err(OrchestratorError::CreateAborted)
             }
         }
     }
@@ -430,14 +423,12 @@ impl Orchestrator {
             runtime
                 .set_network(&warm.booted.id, false)
                 .await
-                .map_err(|e| OrchestratorError::Internal(format!("cutting the network: {e}")))?;
+                .map_err(OrchestratorError::runtime("cutting the network"))?;
         } else if !egress.is_empty() {
             runtime
                 .set_egress(&warm.booted.id, &egress)
                 .await
-                .map_err(|e| {
-                    OrchestratorError::Internal(format!("applying network policy: {e}"))
-                })?;
+                .map_err(OrchestratorError::runtime("applying the network policy"))?;
         }
         if !request.envs.is_empty() {
             client.set_env(request.envs.clone()).await?;
@@ -507,12 +498,11 @@ impl Orchestrator {
                 return Err(volume_forbidden(&status.volume_id));
             }
             if strict.unwrap_or(self.config.strict_hydrate) {
-                return Err(OrchestratorError::HydrateFailed(format!(
-                    "volume {} into {}: {}",
-                    status.volume_id,
-                    status.mount_path,
-                    status.error.as_deref().unwrap_or("unknown error")
-                )));
+                return Err(OrchestratorError::HydrateFailed {
+                    volume_id: status.volume_id.clone(),
+                    mount_path: status.mount_path.clone(),
+                    reason: status.error.clone().unwrap_or_default(),
+                });
             }
         }
         Ok(())
@@ -650,7 +640,7 @@ impl Orchestrator {
         let present: HashSet<String> = runtime
             .list()
             .await
-            .map_err(|e| OrchestratorError::Internal(e.to_string()))?
+            .map_err(OrchestratorError::runtime("listing machines"))?
             .into_iter()
             .collect();
         let mut kept = HashSet::new();
@@ -679,9 +669,11 @@ impl Orchestrator {
         Ok(())
     }
 
-    /// Destroys the warm pool (running sandboxes stay, for re-adoption).
+    /// Destroys the warm pool (running sandboxes stay, for re-adoption)
+    /// and stops the deadlines (the next start arms them again).
     pub async fn shutdown(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
+        self.deadlines.cancel_all();
         // A boot the refill loop started finishes into the pool first.
         let _refilling = self.refilling.lock().await;
         for warm in self.pool.drain() {

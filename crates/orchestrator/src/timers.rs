@@ -34,6 +34,14 @@ impl Deadlines {
         }
     }
 
+    /// Stops every timer (the process is handing over to its successor,
+    /// which arms them again from the database).
+    pub fn cancel_all(&self) {
+        for (_, task) in self.tasks.lock().unwrap().drain() {
+            task.abort();
+        }
+    }
+
     /// Forgets a finished timer without aborting it (called from the timer).
     pub fn forget(&self, id: &str) {
         self.tasks.lock().unwrap().remove(id);

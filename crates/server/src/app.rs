@@ -9,7 +9,7 @@ use anyhow::Context;
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::{header, HeaderValue, Version};
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::Router;
 use sandbox_blobs::{BlobStore, LocalBlobStore, S3BlobStore, S3Settings};
 use sandbox_orchestrator::Orchestrator;
@@ -20,6 +20,9 @@ use tokio::net::TcpListener;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::RequestBodyTimeoutLayer;
 use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
+use utoipa_axum::routes;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -100,67 +103,63 @@ pub async fn open_blobs(config: &Config) -> anyhow::Result<Arc<dyn BlobStore>> {
     })
 }
 
+/// The API router and its OpenAPI document, built from the same handler
+/// list (`routes!` reads each handler's `#[utoipa::path]`), so a route is
+/// served exactly when it is documented.
+pub fn api_router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
+    let (router, document) = api_routes().split_for_parts();
+    (router.with_state(state), document)
+}
+
+/// The OpenAPI document alone (`sandbox-manager openapi` prints it).
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    api_routes().split_for_parts().1
+}
+
+fn api_routes() -> OpenApiRouter<AppState> {
+    let refused_upload_closes = || axum::middleware::from_fn(close_after_refused_upload);
+    OpenApiRouter::with_openapi(crate::openapi::ApiDoc::openapi())
+        .routes(routes!(volumes::list, volumes::create).layer(refused_upload_closes()))
+        .routes(routes!(volumes::get, volumes::delete))
+        .routes(routes!(volumes::download))
+        .routes(routes!(sandboxes::list, sandboxes::create))
+        .routes(routes!(sandboxes::kill_many))
+        .routes(routes!(sandboxes::get, sandboxes::kill))
+        .routes(routes!(sandboxes::status))
+        .routes(routes!(sandboxes::set_timeout))
+        .routes(routes!(sandboxes::metrics_not_implemented))
+        .routes(routes!(commands::list, commands::run))
+        .routes(routes!(commands::stream))
+        .routes(routes!(commands::kill))
+        .routes(routes!(commands::wait))
+        .routes(routes!(commands::stdin))
+        .routes(routes!(
+            files::read,
+            files::write,
+            files::remove,
+            files::rename
+        ))
+        .routes(routes!(files::read_raw, files::write_raw).layer(refused_upload_closes()))
+        .routes(routes!(files::write_batch))
+        .routes(routes!(files::list))
+        .routes(routes!(files::exists))
+        .routes(routes!(files::info))
+        .routes(routes!(files::mkdir))
+        .routes(routes!(files::watch))
+        .routes(routes!(health::health))
+}
+
 pub fn router(state: AppState) -> Router {
     let http = state.config.http.clone();
-    let api = Router::new()
-        .route(
-            "/volumes",
-            get(volumes::list)
-                .post(volumes::create)
-                .layer(axum::middleware::from_fn(close_after_refused_upload)),
-        )
-        .route("/volumes/{id}", get(volumes::get).delete(volumes::delete))
-        .route("/volumes/{id}/download", get(volumes::download))
-        .route("/sandboxes", get(sandboxes::list).post(sandboxes::create))
-        .route("/sandboxes/kill-many", post(sandboxes::kill_many))
-        .route(
-            "/sandboxes/{id}",
-            get(sandboxes::get).delete(sandboxes::kill),
-        )
-        .route("/sandboxes/{id}/status", get(sandboxes::status))
-        .route(
-            "/sandboxes/{id}/timeout",
-            axum::routing::patch(sandboxes::set_timeout),
-        )
-        .route(
-            "/sandboxes/{id}/metrics",
-            get(sandboxes::metrics_not_implemented),
-        )
-        .route(
-            "/sandboxes/{id}/commands",
-            get(commands::list).post(commands::run),
-        )
-        .route("/sandboxes/{id}/commands/stream", post(commands::stream))
-        .route(
-            "/sandboxes/{id}/commands/{pid}",
-            axum::routing::delete(commands::kill),
-        )
-        .route("/sandboxes/{id}/commands/{pid}/wait", get(commands::wait))
-        .route(
-            "/sandboxes/{id}/commands/{pid}/stdin",
-            post(commands::stdin),
-        )
-        .route(
-            "/sandboxes/{id}/files",
-            get(files::read)
-                .post(files::write)
-                .delete(files::remove)
-                .patch(files::rename),
-        )
-        .route(
-            "/sandboxes/{id}/files/raw",
-            get(files::read)
-                .put(files::write_raw)
-                .layer(axum::middleware::from_fn(close_after_refused_upload)),
-        )
-        .route("/sandboxes/{id}/files/batch", post(files::write_batch))
-        .route("/sandboxes/{id}/files/list", get(files::list))
-        .route("/sandboxes/{id}/files/exists", get(files::exists))
-        .route("/sandboxes/{id}/files/info", get(files::info))
-        .route("/sandboxes/{id}/files/mkdir", post(files::mkdir))
-        .route("/sandboxes/{id}/files/watch", post(files::watch))
-        .route("/health", get(health::health))
-        .with_state(state);
+    let (api, document) = api_router(state);
+    let document = Arc::new(document);
+    let api = api.route(
+        "/openapi.json",
+        get(move || {
+            let document = document.clone();
+            async move { axum::Json(document) }
+        }),
+    );
     let metrics_routes = Router::new()
         .route("/metrics", get(metrics::render))
         .with_state(metrics::recorder());

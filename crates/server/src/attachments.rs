@@ -11,10 +11,13 @@ const SYSTEM_DIRS: [&str; 12] = [
     "/boot",
 ];
 
-#[derive(Deserialize)]
-struct RawAttachment {
+/// One entry of a create's `volumes`: a private copy of the volume under
+/// `mount_path` (absolute, not `/`, not in a system directory).
+#[derive(Deserialize, utoipa::ToSchema)]
+pub struct RawAttachment {
     volume_id: String,
     mount_path: String,
+    /// Only `rw` (the default) is supported.
     #[serde(default)]
     mode: Option<String>,
     #[serde(default)]

@@ -99,7 +99,10 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        if status.is_server_error() {
+        if let ApiError::Internal(cause) = &self {
+            // The whole chain goes to the log; the client gets the top line.
+            tracing::error!(error = format!("{cause:#}"), "request failed");
+        } else if status.is_server_error() {
             tracing::error!(error = %self, "request failed");
         }
         let body = Json(json!({ "message": self.to_string(), "code": self.code() }));
@@ -138,24 +141,25 @@ impl From<sandbox_blobs::BlobError> for ApiError {
 
 impl From<OrchestratorError> for ApiError {
     fn from(e: OrchestratorError) -> Self {
-        let message = e.to_string();
+        use OrchestratorError as E;
         match e {
-            OrchestratorError::SandboxNotFound(_) | OrchestratorError::TemplateNotFound(_) => {
-                ApiError::NotFound(message.trim_end_matches(" not found").to_string())
-            }
-            OrchestratorError::SandboxKilled(_) => ApiError::Gone(message),
-            OrchestratorError::TemplateNotReady(_) => ApiError::Conflict {
+            E::SandboxNotFound(id) => ApiError::NotFound(format!("sandbox {id}")),
+            E::TemplateNotFound(name) => ApiError::NotFound(format!("template {name:?}")),
+            E::SandboxKilled(_) => ApiError::Gone(e.to_string()),
+            E::TemplateNotReady(_) => ApiError::Conflict {
                 code: "template_not_ready",
-                message,
+                message: e.to_string(),
                 retry_after: None,
             },
-            OrchestratorError::InvalidRequest(_) => ApiError::BadRequest(message),
-            OrchestratorError::Forbidden(_) => ApiError::Forbidden(message),
-            OrchestratorError::NoCapacity(_) | OrchestratorError::RuntimeUnavailable(_) => {
-                ApiError::Unavailable(message)
-            }
-            OrchestratorError::AgentUnreachable(_) => ApiError::BadGateway(message),
-            OrchestratorError::Agent(EnvdError::Api {
+            E::InvalidRequest(message) => ApiError::BadRequest(message),
+            E::Forbidden(message) => ApiError::Forbidden(message),
+            E::NoCapacity(_)
+            | E::RuntimeUnavailable(_)
+            | E::DatabaseUnavailable(_)
+            | E::ShuttingDown
+            | E::HydrateFailed { .. } => ApiError::Unavailable(e.to_string()),
+            E::AgentUnreachable(_) => ApiError::BadGateway(e.to_string()),
+            E::Agent(EnvdError::Api {
                 status,
                 code,
                 message,
@@ -164,10 +168,9 @@ impl From<OrchestratorError> for ApiError {
                 code,
                 message,
             },
-            OrchestratorError::Agent(other) => ApiError::BadGateway(other.to_string()),
-            OrchestratorError::QuotaExceeded(_) => ApiError::QuotaExceeded(message),
-            OrchestratorError::HydrateFailed(_) => ApiError::Unavailable(message),
-            OrchestratorError::Internal(_) => ApiError::Internal(anyhow::anyhow!(message)),
+            E::Agent(other) => ApiError::BadGateway(other.to_string()),
+            E::QuotaExceeded(message) => ApiError::QuotaExceeded(message),
+            E::CreateAborted | E::Runtime { .. } | E::Store(_) => ApiError::Internal(e.into()),
         }
     }
 }
@@ -179,3 +182,168 @@ impl From<EnvdError> for ApiError {
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sandbox_runtime::RuntimeError;
+    use sandbox_store::StoreError;
+
+    fn answer(error: impl Into<ApiError>) -> (StatusCode, String, String) {
+        let error = error.into();
+        let (status, code) = (error.status(), error.code().to_string());
+        (status, code, error.to_string())
+    }
+
+    fn pool_timeout() -> StoreError {
+        StoreError::Database(sqlx::Error::PoolTimedOut)
+    }
+
+    /// The whole orchestrator table: each variant to its status and code.
+    #[test]
+    fn orchestrator_errors_map_to_the_contract_status_by_variant() {
+        use OrchestratorError as E;
+        let runtime_fault = || RuntimeError::InvalidSpec("x".into());
+        let cases: Vec<(OrchestratorError, u16, &str)> = vec![
+            (E::SandboxNotFound("sbx-1".into()), 404, "not_found"),
+            (E::TemplateNotFound("gpu".into()), 404, "not_found"),
+            (E::SandboxKilled("sbx-1".into()), 410, "sandbox_killed"),
+            (
+                E::TemplateNotReady("python".into()),
+                409,
+                "template_not_ready",
+            ),
+            (E::InvalidRequest("bad".into()), 400, "bad_request"),
+            (E::Forbidden("no".into()), 403, "forbidden"),
+            (E::NoCapacity(runtime_fault()), 503, "unavailable"),
+            (E::RuntimeUnavailable("no root".into()), 503, "unavailable"),
+            (E::DatabaseUnavailable(pool_timeout()), 503, "unavailable"),
+            (E::ShuttingDown, 503, "unavailable"),
+            (
+                E::HydrateFailed {
+                    volume_id: "vol-1".into(),
+                    mount_path: "/data".into(),
+                    reason: "corrupt".into(),
+                },
+                503,
+                "unavailable",
+            ),
+            (E::AgentUnreachable("reset".into()), 502, "envd_unreachable"),
+            (
+                E::Agent(EnvdError::Decode("junk".into())),
+                502,
+                "envd_unreachable",
+            ),
+            (
+                E::Agent(EnvdError::TooLarge { limit: 1 }),
+                502,
+                "envd_unreachable",
+            ),
+            (
+                E::QuotaExceeded("100 running".into()),
+                429,
+                "quota_exceeded",
+            ),
+            (E::CreateAborted, 500, "internal"),
+            (
+                E::Runtime {
+                    step: "listing machines",
+                    source: runtime_fault(),
+                },
+                500,
+                "internal",
+            ),
+            (
+                E::Store(StoreError::UnsupportedUrl("x".into())),
+                500,
+                "internal",
+            ),
+        ];
+        for (error, status, code) in cases {
+            let name = format!("{error:?}");
+            let (got_status, got_code, _) = answer(error);
+            assert_eq!(
+                (got_status.as_u16(), got_code.as_str()),
+                (status, code),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn agent_errors_pass_through_with_their_own_status_and_code() {
+        let (status, code, message) = answer(OrchestratorError::Agent(EnvdError::Api {
+            status: 404,
+            code: "not_found".into(),
+            message: "/nope does not exist".into(),
+        }));
+        assert_eq!((status.as_u16(), code.as_str()), (404, "not_found"));
+        assert_eq!(message, "/nope does not exist");
+        // A status no HTTP library accepts is the agent's fault: 502.
+        let (status, ..) = answer(OrchestratorError::Agent(EnvdError::Api {
+            status: 1000,
+            code: "weird".into(),
+            message: String::new(),
+        }));
+        assert_eq!(status, StatusCode::BAD_GATEWAY);
+    }
+
+    #[test]
+    fn not_found_messages_name_the_thing() {
+        let (_, _, message) = answer(OrchestratorError::SandboxNotFound("sbx-9".into()));
+        assert_eq!(message, "sandbox sbx-9 not found");
+        let (_, _, message) = answer(OrchestratorError::TemplateNotFound("gpu".into()));
+        assert_eq!(message, "template \"gpu\" not found");
+    }
+
+    #[test]
+    fn internal_errors_keep_their_cause_for_the_log() {
+        let error: ApiError = OrchestratorError::Runtime {
+            step: "cutting the network",
+            source: RuntimeError::Io {
+                context: "nft".into(),
+                source: std::io::Error::other("exit 1"),
+            },
+        }
+        .into();
+        let ApiError::Internal(cause) = &error else {
+            panic!("expected Internal, got {error:?}");
+        };
+        let chain = format!("{cause:#}");
+        assert!(
+            chain.contains("cutting the network") && chain.contains("exit 1"),
+            "{chain}"
+        );
+    }
+
+    #[test]
+    fn store_and_blob_errors_map_by_kind() {
+        assert_eq!(answer(pool_timeout()).0, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            answer(StoreError::UnsupportedUrl("x".into())).0,
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+        let missing = sandbox_blobs::BlobError::NotFound("k".into());
+        assert_eq!(answer(missing).0, StatusCode::NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn every_answer_is_a_json_message_and_code() {
+        let response = ApiError::Conflict {
+            code: "template_not_ready",
+            message: "later".into(),
+            retry_after: Some(3),
+        }
+        .into_response();
+        assert_eq!(response.status(), StatusCode::CONFLICT);
+        assert_eq!(response.headers()["retry-after"], "3");
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            body,
+            json!({ "message": "later", "code": "template_not_ready" })
+        );
+    }
+}

@@ -23,6 +23,8 @@ enum Command {
     Serve,
     /// Apply database migrations and exit.
     Migrate,
+    /// Print the API's OpenAPI 3.1 document (also served at /openapi.json).
+    Openapi,
     /// Manage API keys.
     Keys {
         #[command(subcommand)]
@@ -120,6 +122,10 @@ fn main() -> anyhow::Result<()> {
 async fn run(command: Command, config: Config) -> anyhow::Result<()> {
     match command {
         Command::Serve => app::serve(config).await,
+        Command::Openapi => {
+            println!("{}", app::openapi_document().to_pretty_json()?);
+            Ok(())
+        }
         Command::Migrate => {
             let store = app::open_store(&config).await?;
             println!("migrations applied ({})", store.backend());

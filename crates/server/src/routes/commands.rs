@@ -3,21 +3,23 @@
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::SandboxAgent;
-use axum::body::Bytes;
+use crate::json::JsonBody;
+use crate::views::{EmptyView, KilledView, ProcessView, RunResultView, StartedView};
 use axum::extract::Path;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use envd_protocol::types::{ProcessEvent, ProcessRequest, RunResult};
+use envd_protocol::types::{ProcessEvent, ProcessRequest};
 use futures::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::time::Duration;
+use utoipa::ToSchema;
 
-#[derive(Deserialize)]
-struct RunBody {
+#[derive(Deserialize, ToSchema)]
+pub struct RunBody {
     cmd: String,
     #[serde(default)]
     background: bool,
@@ -34,9 +36,7 @@ struct RunBody {
     stdin: Option<Value>,
 }
 
-fn parse_run(body: &[u8]) -> ApiResult<(ProcessRequest, bool)> {
-    let body: RunBody = serde_json::from_slice(body)
-        .map_err(|e| ApiError::BadRequest(format!("invalid command request: {e}")))?;
+fn parse_run(body: RunBody) -> ApiResult<(ProcessRequest, bool)> {
     if body.cmd.trim().is_empty() {
         return Err(ApiError::BadRequest("cmd must not be empty".into()));
     }
@@ -56,86 +56,95 @@ fn parse_run(body: &[u8]) -> ApiResult<(ProcessRequest, bool)> {
     Ok((request, body.background))
 }
 
-/// A run's result as the SDKs read it, serialized straight from the
-/// agent's strings (no intermediate JSON tree: outputs can be megabytes).
-#[derive(serde::Serialize)]
-pub struct RunResultView {
-    stdout: String,
-    stderr: String,
-    exit_code: i32,
-    timed_out: bool,
-}
-
-fn result_json(result: RunResult) -> Json<RunResultView> {
-    Json(RunResultView {
-        stdout: result.stdout,
-        stderr: result.stderr,
-        exit_code: result.exit_code,
-        timed_out: result.timed_out,
-    })
-}
-
 fn parse_pid(pid: &str) -> ApiResult<u32> {
     pid.parse()
         .map_err(|_| ApiError::BadRequest(format!("pid must be an integer, got {pid:?}")))
 }
 
-pub async fn run(SandboxAgent(agent): SandboxAgent, body: Bytes) -> ApiResult<Response> {
-    let (request, background) = parse_run(&body)?;
+#[utoipa::path(
+    post, path = "/sandboxes/{id}/commands", tag = "commands", params(("id" = String, Path, description = "Sandbox id (`sbx-…`)")),
+    request_body = RunBody,
+    responses((status = 200, description = "Finished (or, with `background`, started: `{\"pid\"}`)", body = RunResultView), (status = 400, description = "Malformed request", body = crate::views::ErrorView), (status = 401, description = "Missing or invalid API key", body = crate::views::ErrorView), (status = 404, description = "Unknown, or another owner's", body = crate::views::ErrorView), (status = 410, description = "The sandbox was killed", body = crate::views::ErrorView), (status = 502, description = "The sandbox agent failed", body = crate::views::ErrorView))
+)]
+pub async fn run(
+    SandboxAgent(agent): SandboxAgent,
+    JsonBody(body): JsonBody<RunBody>,
+) -> ApiResult<Response> {
+    let (request, background) = parse_run(body)?;
     if background {
         let pid = agent.start(&request).await?;
-        return Ok(Json(json!({ "pid": pid })).into_response());
+        return Ok(Json(StartedView { pid }).into_response());
     }
-    Ok(result_json(agent.run(&request).await?).into_response())
+    Ok(Json(RunResultView::from(agent.run(&request).await?)).into_response())
 }
 
-pub async fn list(SandboxAgent(agent): SandboxAgent) -> ApiResult<Json<Value>> {
-    let processes: Vec<Value> = agent
+#[utoipa::path(
+    get, path = "/sandboxes/{id}/commands", tag = "commands", params(("id" = String, Path, description = "Sandbox id (`sbx-…`)")),
+    responses((status = 200, description = "Running commands", body = Vec<ProcessView>), (status = 401, description = "Missing or invalid API key", body = crate::views::ErrorView), (status = 404, description = "Unknown, or another owner's", body = crate::views::ErrorView), (status = 410, description = "The sandbox was killed", body = crate::views::ErrorView))
+)]
+pub async fn list(SandboxAgent(agent): SandboxAgent) -> ApiResult<Json<Vec<ProcessView>>> {
+    let processes = agent
         .list_processes()
         .await?
         .into_iter()
         .filter(|p| p.running)
-        .map(|p| json!({ "pid": p.pid, "cmd": p.cmd, "is_pty": false, "envs": p.envs }))
+        .map(|p| ProcessView {
+            pid: p.pid,
+            cmd: p.cmd,
+            is_pty: false,
+            envs: p.envs,
+        })
         .collect();
-    Ok(Json(Value::Array(processes)))
+    Ok(Json(processes))
 }
 
+#[utoipa::path(
+    get, path = "/sandboxes/{id}/commands/{pid}/wait", tag = "commands", params(("id" = String, Path, description = "Sandbox id (`sbx-…`)"), ("pid" = u32, Path, description = "Process id inside the sandbox")),
+    responses((status = 200, description = "Its result once it exits", body = RunResultView), (status = 400, description = "Malformed request", body = crate::views::ErrorView), (status = 401, description = "Missing or invalid API key", body = crate::views::ErrorView), (status = 404, description = "Unknown, or another owner's", body = crate::views::ErrorView), (status = 410, description = "The sandbox was killed", body = crate::views::ErrorView))
+)]
 pub async fn wait(
     SandboxAgent(agent): SandboxAgent,
     Path((_, pid)): Path<(String, String)>,
 ) -> ApiResult<Json<RunResultView>> {
     let pid = parse_pid(&pid)?;
-    Ok(result_json(agent.wait(pid).await?))
+    Ok(Json(RunResultView::from(agent.wait(pid).await?)))
 }
 
-#[derive(Deserialize)]
-struct StdinBody {
+#[derive(Deserialize, ToSchema)]
+pub struct StdinBody {
     data: String,
 }
 
+#[utoipa::path(
+    post, path = "/sandboxes/{id}/commands/{pid}/stdin", tag = "commands", params(("id" = String, Path, description = "Sandbox id (`sbx-…`)"), ("pid" = u32, Path, description = "Process id inside the sandbox")),
+    request_body = StdinBody,
+    responses((status = 200, description = "Written", body = EmptyView), (status = 400, description = "Malformed request", body = crate::views::ErrorView), (status = 401, description = "Missing or invalid API key", body = crate::views::ErrorView), (status = 404, description = "Unknown, or another owner's", body = crate::views::ErrorView), (status = 410, description = "The sandbox was killed", body = crate::views::ErrorView))
+)]
 pub async fn stdin(
     SandboxAgent(agent): SandboxAgent,
     Path((_, pid)): Path<(String, String)>,
-    body: Bytes,
-) -> ApiResult<Json<Value>> {
+    JsonBody(body): JsonBody<StdinBody>,
+) -> ApiResult<Json<EmptyView>> {
     let pid = parse_pid(&pid)?;
-    let body: StdinBody = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::BadRequest(format!("expected {{\"data\": text}}: {e}")))?;
     agent.write_stdin(pid, &body.data).await?;
-    Ok(Json(json!({})))
+    Ok(Json(EmptyView {}))
 }
 
+#[utoipa::path(
+    delete, path = "/sandboxes/{id}/commands/{pid}", tag = "commands", params(("id" = String, Path, description = "Sandbox id (`sbx-…`)"), ("pid" = u32, Path, description = "Process id inside the sandbox")),
+    responses((status = 200, description = "`killed` false when the pid is not tracked", body = KilledView), (status = 400, description = "Malformed request", body = crate::views::ErrorView), (status = 401, description = "Missing or invalid API key", body = crate::views::ErrorView), (status = 404, description = "Unknown, or another owner's", body = crate::views::ErrorView), (status = 410, description = "The sandbox was killed", body = crate::views::ErrorView))
+)]
 pub async fn kill(
     SandboxAgent(agent): SandboxAgent,
     Path((_, pid)): Path<(String, String)>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<KilledView>> {
     let pid = parse_pid(&pid)?;
     let killed = match agent.kill(pid).await {
         Ok(killed) => killed,
         Err(e) if e.status() == Some(404) => false,
         Err(e) => return Err(e.into()),
     };
-    Ok(Json(json!({ "killed": killed })))
+    Ok(Json(KilledView { killed }))
 }
 
 /// Longest line sent as one event; a longer one is split into several.
@@ -257,8 +266,16 @@ where
     tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok)
 }
 
-pub async fn stream(SandboxAgent(agent): SandboxAgent, body: Bytes) -> ApiResult<Response> {
-    let (request, _) = parse_run(&body)?;
+#[utoipa::path(
+    post, path = "/sandboxes/{id}/commands/stream", tag = "commands", params(("id" = String, Path, description = "Sandbox id (`sbx-…`)")),
+    request_body = RunBody,
+    responses((status = 200, description = "Server-Sent Events: `stdout`/`stderr` (`{\"type\",\"stream\",\"data\"}`, one line each), then `exit` (`{\"exit_code\",\"timed_out\"}`) or `error` (`{\"error\"}`)", content_type = "text/event-stream", body = String), (status = 400, description = "Malformed request", body = crate::views::ErrorView), (status = 401, description = "Missing or invalid API key", body = crate::views::ErrorView), (status = 404, description = "Unknown, or another owner's", body = crate::views::ErrorView), (status = 410, description = "The sandbox was killed", body = crate::views::ErrorView))
+)]
+pub async fn stream(
+    SandboxAgent(agent): SandboxAgent,
+    JsonBody(body): JsonBody<RunBody>,
+) -> ApiResult<Response> {
+    let (request, _) = parse_run(body)?;
     let events = agent.stream(&request).await?;
     // Comments keep the SDK's read timeout (the command timeout, or 60 s) fed.
     let keep_alive = KeepAlive::new()

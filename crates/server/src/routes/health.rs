@@ -6,6 +6,13 @@ use serde_json::{json, Value};
 
 /// Unauthenticated liveness and dependency check: 200 when the store and
 /// the blob store both answer, 503 otherwise, naming what failed.
+#[utoipa::path(
+    get, path = "/health", tag = "service", security(()),
+    responses(
+        (status = 200, description = "The store and the blob store answer; `runtime` says what runs sandboxes (or why nothing does)", body = Object),
+        (status = 503, description = "A dependency is down; its entry says which", body = Object),
+    )
+)]
 pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     let (store, blobs) = tokio::join!(state.store.ping(), state.blobs.check());
     let status_of = |ok: bool| if ok { "ok" } else { "unavailable" };

@@ -4,7 +4,11 @@ use crate::app::AppState;
 use crate::auth::Caller;
 use crate::config::SandboxesConfig;
 use crate::error::{ApiError, ApiResult};
-use crate::timefmt::iso_utc;
+use crate::json::{JsonBody, JsonWithBytes};
+use crate::views::{
+    KillManyView, KillOutcomeView, KilledView, OkView, QueuedView, SandboxListView,
+    SandboxStatusView, SandboxView,
+};
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -13,47 +17,19 @@ use axum::Json;
 use sandbox_orchestrator::CreateSandbox;
 use sandbox_store::{Owner, Sandbox, SandboxPage, SandboxState};
 use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::time::Duration;
+use utoipa::ToSchema;
 
-/// The port envd listens on in the SDKs' world; reported, never dialled.
-const ENVD_PORT: u16 = 49983;
 /// How long a create may run before its idempotency claim counts as abandoned.
 const IDEMPOTENCY_STALE_SECS: i64 = 600;
 const MAX_LIST_LIMIT: i64 = 1000;
 const MAX_IDEMPOTENCY_KEY_LEN: usize = 256;
 
-pub fn sandbox_json(sandbox: &Sandbox) -> Value {
-    let mut body = json!({
-        "sandbox_id": sandbox.id,
-        "template_id": format!("tpl-{}", sandbox.template),
-        "name": sandbox.template,
-        "state": sandbox.state.as_str(),
-        "timeout": sandbox.timeout_secs,
-        "metadata": sandbox.metadata,
-        "envs": sandbox.envs,
-        "envd_port": ENVD_PORT,
-        "started_at": iso_utc(sandbox.started_at),
-        "end_at": sandbox.end_at.map(iso_utc),
-        "volumes": sandbox.volumes,
-    });
-    if let Some(killed_at) = sandbox.killed_at {
-        body["killed_at"] = json!(iso_utc(killed_at));
-    }
-    // Echo accepted-but-inert create fields (network, lifecycle, …).
-    for (key, value) in &sandbox.extra {
-        body.as_object_mut()
-            .unwrap()
-            .entry(key.clone())
-            .or_insert_with(|| value.clone());
-    }
-    body
-}
-
-#[derive(Deserialize)]
-struct CreateBody {
+#[derive(Deserialize, ToSchema)]
+pub struct CreateBody {
     #[serde(default)]
     template: Option<String>,
     #[serde(default)]
@@ -63,21 +39,18 @@ struct CreateBody {
     #[serde(default)]
     envs: Option<BTreeMap<String, String>>,
     #[serde(default)]
+    #[schema(value_type = Option<Vec<crate::attachments::RawAttachment>>)]
     volumes: Option<Value>,
     /// Extension: fail the create if a volume cannot be hydrated.
     #[serde(default)]
     hydrate_strict: Option<bool>,
+    /// Anything else (`network`, `lifecycle`, …) is kept and echoed back.
     #[serde(flatten)]
+    #[schema(ignore)]
     extra: Map<String, Value>,
 }
 
-fn parse_create(body: &[u8], sandboxes: &SandboxesConfig) -> ApiResult<CreateSandbox> {
-    let body: CreateBody = if body.is_empty() {
-        serde_json::from_str("{}").unwrap()
-    } else {
-        serde_json::from_slice(body)
-            .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?
-    };
+fn parse_create(body: CreateBody, sandboxes: &SandboxesConfig) -> ApiResult<CreateSandbox> {
     if body.extra.contains_key("resources") {
         return Err(ApiError::Forbidden(
             "per-request resources are not allowed; they come from the template".into(),
@@ -102,13 +75,19 @@ fn parse_create(body: &[u8], sandboxes: &SandboxesConfig) -> ApiResult<CreateSan
     })
 }
 
+#[utoipa::path(
+    post, path = "/sandboxes", tag = "sandboxes",
+    request_body = CreateBody,
+    params(("Idempotency-Key" = Option<String>, Header, description = "A retry with the same key and body gets the first answer")),
+    responses((status = 201, description = "Created, volumes hydrated", body = SandboxView), (status = 400, description = "Malformed request", body = crate::views::ErrorView), (status = 401, description = "Missing or invalid API key", body = crate::views::ErrorView), (status = 403, description = "Per-request resources, or a deleted or foreign volume", body = crate::views::ErrorView), (status = 404, description = "Unknown template", body = crate::views::ErrorView), (status = 409, description = "Template still building, or the same Idempotency-Key in flight", body = crate::views::ErrorView), (status = 422, description = "Idempotency-Key reused with another body", body = crate::views::ErrorView), (status = 429, description = "Running-sandbox quota reached", body = crate::views::ErrorView), (status = 503, description = "No capacity, no runtime, or a strict hydrate failed", body = crate::views::ErrorView))
+)]
 pub async fn create(
     State(state): State<AppState>,
     Caller(owner): Caller,
     headers: HeaderMap,
-    body: Bytes,
+    JsonWithBytes { value, bytes: body }: JsonWithBytes<CreateBody>,
 ) -> ApiResult<Response> {
-    let request = parse_create(&body, &state.config.sandboxes)?;
+    let request = parse_create(value, &state.config.sandboxes)?;
     let key = headers
         .get("idempotency-key")
         .and_then(|v| v.to_str().ok())
@@ -130,7 +109,7 @@ pub async fn create(
             None => {
                 let _admission = state.quotas.admit_sandbox(&owner.id).await?;
                 let sandbox = state.orchestrator.create(&owner.id, request).await?;
-                Ok((StatusCode::CREATED, Json(sandbox_json(&sandbox))).into_response())
+                Ok((StatusCode::CREATED, Json(SandboxView::from(&sandbox))).into_response())
             }
             Some(key) => create_idempotent(state, owner, key, body, request).await,
         }
@@ -185,7 +164,8 @@ async fn create_idempotent(
     };
     match state.orchestrator.create(&owner.id, request).await {
         Ok(sandbox) => {
-            let response = sandbox_json(&sandbox).to_string();
+            let response = serde_json::to_string(&SandboxView::from(&sandbox))
+                .map_err(|e| ApiError::Internal(e.into()))?;
             if let Err(e) = record_idempotent_result(&state, &owner.id, key, &response).await {
                 // Without the record a retry would create a second sandbox:
                 // take this one back and let the retry start clean.
@@ -237,24 +217,32 @@ async fn record_idempotent_result(
     }
 }
 
+#[utoipa::path(
+    get, path = "/sandboxes/{id}", tag = "sandboxes", params(("id" = String, Path, description = "Sandbox id (`sbx-…`)")),
+    responses((status = 200, description = "The sandbox", body = SandboxView), (status = 401, description = "Missing or invalid API key", body = crate::views::ErrorView), (status = 404, description = "Unknown, or another owner's", body = crate::views::ErrorView))
+)]
 pub async fn get(
     State(state): State<AppState>,
     Caller(owner): Caller,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<SandboxView>> {
     let sandbox = state.orchestrator.get(&owner.id, &id).await?;
-    Ok(Json(sandbox_json(&sandbox)))
+    Ok(Json(SandboxView::from(&sandbox)))
 }
 
+#[utoipa::path(
+    get, path = "/sandboxes/{id}/status", tag = "sandboxes", params(("id" = String, Path, description = "Sandbox id (`sbx-…`)")),
+    responses((status = 200, description = "Whether it runs", body = SandboxStatusView), (status = 401, description = "Missing or invalid API key", body = crate::views::ErrorView), (status = 404, description = "Unknown, or another owner's", body = crate::views::ErrorView))
+)]
 pub async fn status(
     State(state): State<AppState>,
     Caller(owner): Caller,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<SandboxStatusView>> {
     let sandbox = state.orchestrator.get(&owner.id, &id).await?;
-    Ok(Json(
-        json!({ "is_running": sandbox.state == SandboxState::Running }),
-    ))
+    Ok(Json(SandboxStatusView {
+        is_running: sandbox.state == SandboxState::Running,
+    }))
 }
 
 /// Cursor: `{started_at µs}_{id}` of the last sandbox on the page.
@@ -270,11 +258,18 @@ fn decode_cursor(token: &str) -> ApiResult<(chrono::DateTime<chrono::Utc>, Strin
     Ok((at, id.to_string()))
 }
 
+#[utoipa::path(
+    get, path = "/sandboxes", tag = "sandboxes",
+    params(("state" = Option<String>, Query, description = "`running` (default), `killed` or `all`; repeatable"),
+           ("limit" = Option<i64>, Query, description = "Page size, 1..=1000 (100)"),
+           ("next_token" = Option<String>, Query, description = "The previous page's `next_token`")),
+    responses((status = 200, description = "Newest first", body = SandboxListView), (status = 400, description = "Malformed request", body = crate::views::ErrorView), (status = 401, description = "Missing or invalid API key", body = crate::views::ErrorView))
+)]
 pub async fn list(
     State(state): State<AppState>,
     Caller(owner): Caller,
     RawQuery(query): RawQuery,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<SandboxListView>> {
     let pairs: Vec<(String, String)> =
         serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
             .map_err(|e| ApiError::BadRequest(format!("invalid query: {e}")))?;
@@ -309,7 +304,10 @@ pub async fn list(
         // only states we never have matches nothing.
         let asked_for_states = pairs.iter().any(|(k, _)| k == "state");
         if asked_for_states {
-            return Ok(Json(json!({ "sandboxes": [], "next_token": null })));
+            return Ok(Json(SandboxListView {
+                sandboxes: Vec::new(),
+                next_token: None,
+            }));
         }
         page.states.push(SandboxState::Running);
     }
@@ -322,25 +320,28 @@ pub async fn list(
     } else {
         None
     };
-    let items: Vec<Value> = sandboxes.iter().map(sandbox_json).collect();
-    Ok(Json(
-        json!({ "sandboxes": items, "next_token": next_token }),
-    ))
+    Ok(Json(SandboxListView {
+        sandboxes: sandboxes.iter().map(SandboxView::from).collect(),
+        next_token,
+    }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 pub struct TimeoutBody {
     timeout: u64,
 }
 
+#[utoipa::path(
+    patch, path = "/sandboxes/{id}/timeout", tag = "sandboxes", params(("id" = String, Path, description = "Sandbox id (`sbx-…`)")),
+    request_body = TimeoutBody,
+    responses((status = 200, description = "New deadline set", body = OkView), (status = 400, description = "Malformed request", body = crate::views::ErrorView), (status = 401, description = "Missing or invalid API key", body = crate::views::ErrorView), (status = 404, description = "Unknown, or another owner's", body = crate::views::ErrorView), (status = 410, description = "The sandbox was killed", body = crate::views::ErrorView))
+)]
 pub async fn set_timeout(
     State(state): State<AppState>,
     Caller(owner): Caller,
     Path(id): Path<String>,
-    body: Bytes,
-) -> ApiResult<Json<Value>> {
-    let body: TimeoutBody = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::BadRequest(format!("expected {{\"timeout\": seconds}}: {e}")))?;
+    JsonBody(body): JsonBody<TimeoutBody>,
+) -> ApiResult<Json<OkView>> {
     state
         .orchestrator
         .set_timeout(
@@ -349,7 +350,7 @@ pub async fn set_timeout(
             state.config.sandboxes.effective_timeout(Some(body.timeout)),
         )
         .await?;
-    Ok(Json(json!({ "ok": true })))
+    Ok(Json(OkView { ok: true }))
 }
 
 #[derive(Deserialize, Default)]
@@ -364,6 +365,11 @@ impl KillQuery {
     }
 }
 
+#[utoipa::path(
+    delete, path = "/sandboxes/{id}", tag = "sandboxes",
+    params(("id" = String, Path, description = "Sandbox id (`sbx-…`)"), ("async" = Option<bool>, Query, description = "Answer 202 at once and kill in the background")),
+    responses((status = 200, description = "Killed", body = KilledView), (status = 202, description = "Queued", body = QueuedView), (status = 401, description = "Missing or invalid API key", body = crate::views::ErrorView), (status = 404, description = "Unknown, or another owner's", body = crate::views::ErrorView))
+)]
 pub async fn kill(
     State(state): State<AppState>,
     Caller(owner): Caller,
@@ -375,25 +381,29 @@ pub async fn kill(
             .orchestrator
             .kill_in_background(&owner.id, &id)
             .await?;
-        return Ok((StatusCode::ACCEPTED, Json(json!({ "queued": true }))).into_response());
+        return Ok((StatusCode::ACCEPTED, Json(QueuedView { queued: true })).into_response());
     }
     let killed = state.orchestrator.kill(&owner.id, &id).await?;
-    Ok(Json(json!({ "killed": killed })).into_response())
+    Ok(Json(KilledView { killed }).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 pub struct KillManyBody {
     sandbox_ids: Vec<String>,
 }
 
+#[utoipa::path(
+    post, path = "/sandboxes/kill-many", tag = "sandboxes",
+    params(("async" = Option<bool>, Query, description = "Answer 202 and kill in the background")),
+    request_body = KillManyBody,
+    responses((status = 200, description = "Per-id outcome", body = KillManyView), (status = 202, description = "Queued", body = KillManyView), (status = 400, description = "Malformed request", body = crate::views::ErrorView), (status = 401, description = "Missing or invalid API key", body = crate::views::ErrorView))
+)]
 pub async fn kill_many(
     State(state): State<AppState>,
     Caller(owner): Caller,
     axum::extract::Query(query): axum::extract::Query<KillQuery>,
-    body: Bytes,
+    JsonBody(body): JsonBody<KillManyBody>,
 ) -> ApiResult<Response> {
-    let body: KillManyBody = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::BadRequest(format!("expected {{\"sandbox_ids\": [...]}}: {e}")))?;
     let cap = state.config.http.max_list_items;
     if body.sandbox_ids.len() > cap {
         return Err(ApiError::BadRequest(format!(
@@ -412,15 +422,17 @@ pub async fn kill_many(
     });
     let outcomes = futures::future::join_all(kills).await;
     let asynchronous = query.is_async();
-    let results: Map<String, Value> = outcomes
+    let results = outcomes
         .into_iter()
         .map(|(id, outcome)| {
-            let value = match outcome {
-                Ok(_) if asynchronous => json!({ "queued": true }),
-                Ok(killed) => json!({ "killed": killed }),
-                Err(e) => json!({ "error": e.to_string() }),
+            let outcome = match outcome {
+                Ok(_) if asynchronous => KillOutcomeView::Queued { queued: true },
+                Ok(killed) => KillOutcomeView::Killed { killed },
+                Err(e) => KillOutcomeView::Failed {
+                    error: e.to_string(),
+                },
             };
-            (id, value)
+            (id, outcome)
         })
         .collect();
     let status = if asynchronous {
@@ -428,9 +440,13 @@ pub async fn kill_many(
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(json!({ "results": results }))).into_response())
+    Ok((status, Json(KillManyView { results })).into_response())
 }
 
+#[utoipa::path(
+    get, path = "/sandboxes/{id}/metrics", tag = "sandboxes", params(("id" = String, Path, description = "Sandbox id (`sbx-…`)")),
+    responses((status = 501, description = "Not implemented yet", body = crate::views::ErrorView))
+)]
 pub async fn metrics_not_implemented() -> ApiError {
     ApiError::NotImplemented("per-sandbox metrics are not implemented".into())
 }

@@ -4,7 +4,7 @@ use crate::app::AppState;
 use crate::archive::{ArchiveError, ArchiveInspector, ArchiveSummary, GZIP_MAGIC};
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
-use crate::timefmt::iso_utc;
+use crate::views::{VolumeListView, VolumeView};
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -14,50 +14,9 @@ use futures::StreamExt;
 use rand::Rng;
 use sandbox_blobs::{volume_key, BlobUpload};
 use sandbox_store::{NewVolume, Volume};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
-
-/// The Volume JSON the SDKs parse (the shape in their `Volume` types). `size_bytes` is the
-/// stored (compressed) blob size.
-#[derive(Serialize)]
-pub struct VolumeBody {
-    volume_id: String,
-    owner_id: String,
-    name: String,
-    blob_key: String,
-    size_bytes: i64,
-    content_type: String,
-    metadata: BTreeMap<String, String>,
-    created_at: String,
-    updated_at: String,
-    backend: &'static str,
-    quota_bytes: i64,
-    sha256: String,
-    uncompressed_bytes: i64,
-    entry_count: i64,
-}
-
-impl From<Volume> for VolumeBody {
-    fn from(v: Volume) -> Self {
-        VolumeBody {
-            volume_id: v.id,
-            owner_id: v.owner_id,
-            name: v.name,
-            blob_key: v.blob_key,
-            size_bytes: v.size_bytes,
-            content_type: v.content_type,
-            metadata: v.metadata,
-            created_at: iso_utc(v.created_at),
-            updated_at: iso_utc(v.updated_at),
-            backend: "tarball",
-            quota_bytes: 0,
-            sha256: v.sha256,
-            uncompressed_bytes: v.uncompressed_bytes,
-            entry_count: v.entry_count,
-        }
-    }
-}
 
 #[derive(Deserialize)]
 pub struct CreateQuery {
@@ -181,6 +140,12 @@ async fn stream_into(
 /// (invisible to the API), then the blob, then the row turns `ready`. A
 /// failed upload removes its row; a crashed one is removed by the
 /// reconciler (see `crate::reconcile`).
+#[utoipa::path(
+    post, path = "/volumes", tag = "volumes",
+    params(("name" = Option<String>, Query, description = "Volume name (default `volume`)")),
+    request_body(content = Vec<u8>, content_type = "application/gzip", description = "A gzip-compressed tar archive, streamed"),
+    responses((status = 201, description = "Stored", body = VolumeView), (status = 400, description = "Malformed request", body = crate::views::ErrorView), (status = 401, description = "Missing or invalid API key", body = crate::views::ErrorView), (status = 408, description = "The body stopped arriving", body = crate::views::ErrorView), (status = 413, description = "Body or quota too large", body = crate::views::ErrorView), (status = 429, description = "Owner quota reached", body = crate::views::ErrorView), (status = 503, description = "A dependency is unavailable", body = crate::views::ErrorView))
+)]
 pub async fn create(
     State(state): State<AppState>,
     Caller(owner): Caller,
@@ -272,7 +237,7 @@ pub async fn create(
         entries = blob.summary.entries, elapsed_ms = started.elapsed().as_millis() as u64,
         "volume uploaded"
     );
-    Ok((StatusCode::CREATED, Json(VolumeBody::from(volume))).into_response())
+    Ok((StatusCode::CREATED, Json(VolumeView::from(volume))).into_response())
 }
 
 /// Undoes a failed upload: its blob (if committed), then its pending row.
@@ -290,18 +255,22 @@ async fn forget_pending(state: &AppState, id: &str, key: &str) {
     }
 }
 
+#[utoipa::path(
+    get, path = "/volumes", tag = "volumes",
+    responses((status = 200, description = "The caller's ready volumes", body = VolumeListView), (status = 401, description = "Missing or invalid API key", body = crate::views::ErrorView))
+)]
 pub async fn list(
     State(state): State<AppState>,
     Caller(owner): Caller,
-) -> ApiResult<Json<serde_json::Value>> {
-    let volumes: Vec<VolumeBody> = state
+) -> ApiResult<Json<VolumeListView>> {
+    let volumes = state
         .store
         .list_volumes(&owner.id)
         .await?
         .into_iter()
-        .map(VolumeBody::from)
+        .map(VolumeView::from)
         .collect();
-    Ok(Json(serde_json::json!({ "volumes": volumes })))
+    Ok(Json(VolumeListView { volumes }))
 }
 
 async fn owned_volume(state: &AppState, owner_id: &str, id: &str) -> ApiResult<Volume> {
@@ -312,14 +281,22 @@ async fn owned_volume(state: &AppState, owner_id: &str, id: &str) -> ApiResult<V
         .ok_or_else(|| ApiError::NotFound(format!("volume {id}")))
 }
 
+#[utoipa::path(
+    get, path = "/volumes/{id}", tag = "volumes", params(("id" = String, Path, description = "Volume id (`vol-…`)")),
+    responses((status = 200, description = "The volume", body = VolumeView), (status = 401, description = "Missing or invalid API key", body = crate::views::ErrorView), (status = 404, description = "Unknown, or another owner's", body = crate::views::ErrorView))
+)]
 pub async fn get(
     State(state): State<AppState>,
     Caller(owner): Caller,
     Path(id): Path<String>,
-) -> ApiResult<Json<VolumeBody>> {
+) -> ApiResult<Json<VolumeView>> {
     Ok(Json(owned_volume(&state, &owner.id, &id).await?.into()))
 }
 
+#[utoipa::path(
+    get, path = "/volumes/{id}/download", tag = "volumes", params(("id" = String, Path, description = "Volume id (`vol-…`)")),
+    responses((status = 200, description = "The archive as uploaded", content_type = "application/gzip", body = Vec<u8>), (status = 401, description = "Missing or invalid API key", body = crate::views::ErrorView), (status = 404, description = "Unknown, or another owner's", body = crate::views::ErrorView), (status = 503, description = "A dependency is unavailable", body = crate::views::ErrorView))
+)]
 pub async fn download(
     State(state): State<AppState>,
     Caller(owner): Caller,
@@ -337,6 +314,10 @@ pub async fn download(
         .into_response())
 }
 
+#[utoipa::path(
+    delete, path = "/volumes/{id}", tag = "volumes", params(("id" = String, Path, description = "Volume id (`vol-…`)")),
+    responses((status = 204, description = "Deleted; copies in running sandboxes stay"), (status = 401, description = "Missing or invalid API key", body = crate::views::ErrorView), (status = 404, description = "Unknown, or another owner's", body = crate::views::ErrorView))
+)]
 pub async fn delete(
     State(state): State<AppState>,
     Caller(owner): Caller,

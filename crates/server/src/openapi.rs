@@ -1,0 +1,108 @@
+//! The API's machine-readable contract, generated from the handlers'
+//! annotations and the typed request and response structs, served at
+//! `GET /openapi.json` (the router registers the paths, see
+//! `app::api_router`). The test suites check real answers against it.
+
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "sandbox-manager",
+        description = "Disposable, isolated Linux sandboxes and the volumes they attach, \
+            driven over HTTP. Compatible with the Declaw SDKs. Every error answers \
+            `{\"message\", \"code\"}`.",
+        license(name = "Apache-2.0", identifier = "Apache-2.0"),
+    ),
+    components(schemas(crate::views::AttachmentView, crate::views::StartedView)),
+    modifiers(&ApiKeyAuth),
+    security(("bearer" = []), ("api_key" = [])),
+    tags(
+        (name = "volumes", description = "Upload a tar.gz once; attach it to any number of sandboxes"),
+        (name = "sandboxes", description = "Create (from a warm pool), inspect, extend, kill"),
+        (name = "commands", description = "Run commands through the sandbox's agent"),
+        (name = "files", description = "Read and write files inside a sandbox"),
+        (name = "service", description = "Health"),
+    )
+)]
+pub struct ApiDoc;
+
+/// Either header carries the key: `Authorization: Bearer KEY` or `X-API-Key: KEY`.
+struct ApiKeyAuth;
+
+impl Modify for ApiKeyAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("X-API-Key"))),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The paths come from the router (`app::api_router`); the document
+    /// alone has none. A minimal state is not needed: the test builds the
+    /// document the same way without serving.
+    fn document() -> serde_json::Value {
+        serde_json::to_value(crate::app::openapi_document()).unwrap()
+    }
+
+    #[test]
+    fn the_document_is_openapi_3_1_with_every_route() {
+        let doc = document();
+        assert_eq!(doc["openapi"], "3.1.0");
+        let paths = doc["paths"].as_object().unwrap();
+        for path in [
+            "/volumes",
+            "/volumes/{id}",
+            "/sandboxes",
+            "/sandboxes/{id}/commands/stream",
+            "/sandboxes/{id}/files/raw",
+            "/health",
+        ] {
+            assert!(paths.contains_key(path), "{path} missing");
+        }
+        assert_eq!(
+            paths["/sandboxes"].as_object().unwrap().len(),
+            2,
+            "get and post"
+        );
+        let schemas = doc["components"]["schemas"].as_object().unwrap();
+        for schema in [
+            "SandboxView",
+            "VolumeView",
+            "RunResultView",
+            "ErrorView",
+            "CreateBody",
+        ] {
+            assert!(schemas.contains_key(schema), "{schema} missing");
+        }
+    }
+
+    #[test]
+    fn every_error_answer_is_the_error_schema() {
+        let doc = document();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, operation) in item.as_object().unwrap() {
+                for (status, response) in operation["responses"].as_object().unwrap() {
+                    // /health's 503 is its own report, not an error answer.
+                    let error = status.starts_with('4') || status.starts_with('5');
+                    if error && path != "/health" {
+                        let schema = &response["content"]["application/json"]["schema"]["$ref"];
+                        assert_eq!(
+                            schema, "#/components/schemas/ErrorView",
+                            "{method} {path} {status}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
