@@ -1,4 +1,5 @@
-//! The metadata repository: owners, API keys and volumes.
+//! The metadata repository: owners, API keys, volumes, sandboxes,
+//! idempotency keys and quota overrides.
 //!
 //! One [`Store`] trait, two backends: Postgres (production) and SQLite (the
 //! embedded default). Both run the same SQL text, so one conformance suite

@@ -10,8 +10,10 @@
 //! clock, entropy and hostname then arrive through envd's `POST /init`, so
 //! no secret ever appears on a QEMU command line.
 //!
-//! Per sandbox, `state_dir/ID/` holds `disk.qcow2`, `agent.sock`,
-//! `qmp.sock`, `console.log`, `qemu.pid` and `vm.pid` (`PID STARTTIME`).
+//! Per sandbox, `state_dir/ID/` holds `disk.qcow2`, `agent.sock` (the
+//! relay's), `serial.sock` (QEMU's end of the agent port), `qmp.sock`,
+//! `console.log`, `qemu.pid`, `vm.pid` and `relay.pid` (`PID STARTTIME`)
+//! and `gid` (the uid/gid its QEMU runs as).
 
 pub mod accel;
 mod error;
@@ -101,8 +103,9 @@ struct Inner {
     /// snapshot's state file after dropping root, so every directory above
     /// `images_dir` must be searchable by other users.
     unprivileged_qemu: Result<(), MicrovmError>,
-    /// One client (one HTTP/2 connection) per VM: QEMU's chardev socket
-    /// takes a single connection, so every caller must share it.
+    /// One client (one HTTP/2 connection to the VM's relay) per VM, reused
+    /// by every caller so calls share one session instead of opening one
+    /// each (the relay frames each connection as its own session).
     agents: Mutex<HashMap<String, EnvdClient>>,
     /// Background builds in flight (kernel, template images + snapshots).
     building: Mutex<HashSet<PathBuf>>,

@@ -81,9 +81,9 @@ pub struct VmLaunch<'a> {
     pub run_as: Option<(u32, u32)>,
 }
 
-/// Kernel command line; envd is init.
-/// `pic=off` on the machine and these flags come from measurements: with
-/// the PIC on, half of the TCG boots panicked.
+/// Kernel command line; envd is init. The timing flags come from
+/// measurements under TCG, where the machine keeps its PIC and PIT (see
+/// [`MACHINE`]).
 fn kernel_cmdline() -> String {
     // Without a PIT or HPET the guest cannot calibrate its TSC; under TCG
     // the guest TSC ticks at the host's rate, so hand it the host's.

@@ -1,5 +1,5 @@
 //! The namespace driver: overlayfs over the template rootfs, fresh
-//! mount/pid/uts/ipc/net namespaces, cgroup limits, envd bind-mounted in and
+//! user/mount/pid/uts/ipc/net/cgroup namespaces, cgroup limits, envd bind-mounted in and
 //! reached over a unix socket in the sandbox's `agent/` directory.
 //!
 //! Per sandbox, `state_dir/ID/` holds:
