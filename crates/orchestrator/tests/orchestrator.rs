@@ -22,19 +22,9 @@ async fn the_pool_fills_and_refills_after_a_claim() {
         ..Default::default()
     })
     .await;
-    assert!(
-        eventually(Duration::from_secs(20), async || h.runtime.machines().len()
-            == 2)
-        .await,
-        "pool never filled: {:?}",
-        h.runtime.machines()
-    );
+    h.wait_for_machines(2).await;
     let pooled: HashSet<String> = h.runtime.machines().into_iter().collect();
-    let sandbox = h
-        .orchestrator
-        .create(&h.owner.id, h.request(&[]))
-        .await
-        .unwrap();
+    let sandbox = h.create(h.request(&[])).await.unwrap();
     assert!(
         pooled.contains(&sandbox.id),
         "the create took a pooled machine"
@@ -62,12 +52,8 @@ async fn concurrent_creates_never_share_a_machine() {
         ..Default::default()
     })
     .await;
-    assert!(
-        eventually(Duration::from_secs(20), async || h.runtime.machines().len()
-            == 2)
-        .await
-    );
-    let creates = (0..6).map(|_| h.orchestrator.create(&h.owner.id, h.request(&[])));
+    h.wait_for_machines(2).await;
+    let creates = (0..6).map(|_| h.create(h.request(&[])));
     let sandboxes: Vec<_> = futures::future::join_all(creates)
         .await
         .into_iter()
@@ -94,11 +80,7 @@ async fn concurrent_creates_never_share_a_machine() {
 async fn a_failing_boot_is_an_error_and_leaves_no_machine() {
     let h = Harness::start(Options::default()).await;
     h.runtime.failing_boots.store(1, Ordering::SeqCst);
-    let error = h
-        .orchestrator
-        .create(&h.owner.id, h.request(&[]))
-        .await
-        .unwrap_err();
+    let error = h.create(h.request(&[])).await.unwrap_err();
     assert!(
         matches!(error, OrchestratorError::NoCapacity(_)),
         "{error:?}"
@@ -109,10 +91,7 @@ async fn a_failing_boot_is_an_error_and_leaves_no_machine() {
         h.runtime.machines()
     );
     // The next one works.
-    h.orchestrator
-        .create(&h.owner.id, h.request(&[]))
-        .await
-        .unwrap();
+    h.create(h.request(&[])).await.unwrap();
 }
 
 #[tokio::test]
@@ -120,24 +99,14 @@ async fn a_deadline_kills_and_patch_moves_it() {
     let h = Harness::start(Options::default()).await;
     let mut short = h.request(&[]);
     short.timeout_secs = 1;
-    let doomed = h
-        .orchestrator
-        .create(&h.owner.id, short.clone())
-        .await
-        .unwrap();
-    let extended = h.orchestrator.create(&h.owner.id, short).await.unwrap();
+    let doomed = h.create(short.clone()).await.unwrap();
+    let extended = h.create(short).await.unwrap();
     h.orchestrator
         .set_timeout(&h.owner.id, &extended.id, 60)
         .await
         .unwrap();
-    assert!(
-        eventually(Duration::from_secs(10), async || !h
-            .is_recorded_running(&doomed.id)
-            .await)
-        .await,
-        "the deadline did not kill {}",
-        doomed.id
-    );
+    h.wait_until_killed(&doomed.id, "the deadline did not kill it")
+        .await;
     assert!(
         eventually(Duration::from_secs(5), async || !h
             .runtime
@@ -161,11 +130,7 @@ async fn a_deadline_kills_and_patch_moves_it() {
 #[tokio::test]
 async fn another_owner_sees_nothing() {
     let h = Harness::start(Options::default()).await;
-    let sandbox = h
-        .orchestrator
-        .create(&h.owner.id, h.request(&[]))
-        .await
-        .unwrap();
+    let sandbox = h.create(h.request(&[])).await.unwrap();
     let mallory = h.store.ensure_owner("mallory").await.unwrap();
     assert!(matches!(
         h.orchestrator.agent(&mallory.id, &sandbox.id).await,
@@ -195,24 +160,12 @@ async fn a_restart_re_adopts_the_living_and_buries_the_rest() {
         ..Default::default()
     })
     .await;
-    assert!(
-        eventually(Duration::from_secs(20), async || h.runtime.machines().len()
-            == 1)
-        .await
-    );
-    let survivor = h
-        .orchestrator
-        .create(&h.owner.id, h.request(&[]))
-        .await
-        .unwrap();
-    let crashed = h
-        .orchestrator
-        .create(&h.owner.id, h.request(&[]))
-        .await
-        .unwrap();
+    h.wait_for_machines(1).await;
+    let survivor = h.create(h.request(&[])).await.unwrap();
+    let crashed = h.create(h.request(&[])).await.unwrap();
     let mut short = h.request(&[]);
     short.timeout_secs = 2;
-    let expiring = h.orchestrator.create(&h.owner.id, short).await.unwrap();
+    let expiring = h.create(short).await.unwrap();
 
     // The process dies without a word; meanwhile one machine crashes.
     h.orchestrator.shutdown().await;
@@ -233,13 +186,11 @@ async fn a_restart_re_adopts_the_living_and_buries_the_rest() {
         "a dead machine is not re-adopted"
     );
     // The re-armed deadline still fires.
-    assert!(
-        eventually(Duration::from_secs(10), async || !h
-            .is_recorded_running(&expiring.id)
-            .await)
-        .await,
-        "the deadline was not re-armed after the restart"
-    );
+    h.wait_until_killed(
+        &expiring.id,
+        "the deadline was not re-armed after the restart",
+    )
+    .await;
     // Only the survivor and the new pool member remain.
     assert!(
         eventually(Duration::from_secs(20), async || {
@@ -255,19 +206,10 @@ async fn a_restart_re_adopts_the_living_and_buries_the_rest() {
 #[tokio::test]
 async fn a_machine_that_dies_is_marked_killed() {
     let h = Harness::start(Options::default()).await;
-    let sandbox = h
-        .orchestrator
-        .create(&h.owner.id, h.request(&[]))
-        .await
-        .unwrap();
+    let sandbox = h.create(h.request(&[])).await.unwrap();
     h.runtime.crash(&sandbox.id);
-    assert!(
-        eventually(Duration::from_secs(10), async || !h
-            .is_recorded_running(&sandbox.id)
-            .await)
-        .await,
-        "the liveness watch missed a dead machine"
-    );
+    h.wait_until_killed(&sandbox.id, "the liveness watch missed a dead machine")
+        .await;
 }
 
 #[tokio::test]
@@ -303,11 +245,7 @@ async fn volumes_hydrate_before_the_create_returns() {
     let volume = h
         .volume(&[("rows.csv", b"1,a\n2,b\n"), ("deep/er/x.txt", b"x")])
         .await;
-    let sandbox = h
-        .orchestrator
-        .create(&h.owner.id, h.request(&[(&volume, "/data")]))
-        .await
-        .unwrap();
+    let sandbox = h.create(h.request(&[(&volume, "/data")])).await.unwrap();
     let status = &attachments(&sandbox)[0];
     assert_eq!(status["status"], "ready", "{status}");
     assert_eq!(status["files"], 2, "{status}");
@@ -325,11 +263,7 @@ async fn volumes_hydrate_before_the_create_returns() {
 async fn a_failed_hydrate_is_reported_or_in_strict_mode_refused() {
     let h = Harness::start(Options::default()).await;
     let corrupt = h.volume_from_bytes(b"this is not gzip".to_vec()).await;
-    let sandbox = h
-        .orchestrator
-        .create(&h.owner.id, h.request(&[(&corrupt, "/data")]))
-        .await
-        .unwrap();
+    let sandbox = h.create(h.request(&[(&corrupt, "/data")])).await.unwrap();
     let status = &attachments(&sandbox)[0];
     assert_eq!(status["status"], "failed", "{status}");
     assert!(
@@ -341,11 +275,7 @@ async fn a_failed_hydrate_is_reported_or_in_strict_mode_refused() {
     let mut strict = h.request(&[(&corrupt, "/data")]);
     strict.strict_hydrate = Some(true);
     let before = h.runtime.machines().len();
-    let error = h
-        .orchestrator
-        .create(&h.owner.id, strict)
-        .await
-        .unwrap_err();
+    let error = h.create(strict).await.unwrap_err();
     assert!(
         matches!(&error, OrchestratorError::HydrateFailed { volume_id, .. } if *volume_id == corrupt.id),
         "{error:?}"
@@ -362,11 +292,7 @@ async fn object_storage_down_fails_the_attachment_not_the_service() {
     let h = Harness::start(Options::default()).await;
     let volume = h.volume(&[("a.txt", b"a")]).await;
     h.blobs.down.store(true, Ordering::SeqCst);
-    let sandbox = h
-        .orchestrator
-        .create(&h.owner.id, h.request(&[(&volume, "/data")]))
-        .await
-        .unwrap();
+    let sandbox = h.create(h.request(&[(&volume, "/data")])).await.unwrap();
     let status = &attachments(&sandbox)[0];
     assert_eq!(status["status"], "failed", "{status}");
     assert!(
@@ -375,11 +301,7 @@ async fn object_storage_down_fails_the_attachment_not_the_service() {
     );
     // Back up: the next create hydrates (the failure was not cached).
     h.blobs.down.store(false, Ordering::SeqCst);
-    let sandbox = h
-        .orchestrator
-        .create(&h.owner.id, h.request(&[(&volume, "/data")]))
-        .await
-        .unwrap();
+    let sandbox = h.create(h.request(&[(&volume, "/data")])).await.unwrap();
     assert_eq!(attachments(&sandbox)[0]["status"], "ready");
 }
 
@@ -388,10 +310,7 @@ async fn concurrent_hydrates_of_one_volume_read_object_storage_once() {
     let h = Harness::start(Options::default()).await;
     let payload = vec![7u8; 2 << 20];
     let volume = h.volume(&[("blob.bin", &payload)]).await;
-    let creates = (0..6).map(|_| {
-        h.orchestrator
-            .create(&h.owner.id, h.request(&[(&volume, "/data")]))
-    });
+    let creates = (0..6).map(|_| h.create(h.request(&[(&volume, "/data")])));
     for sandbox in futures::future::join_all(creates).await {
         let sandbox = sandbox.unwrap();
         assert_eq!(attachments(&sandbox)[0]["status"], "ready");
@@ -432,11 +351,7 @@ async fn the_blob_cache_evicts_the_least_recently_used_beyond_its_budget() {
     ];
     let gets = || h.blobs.gets.load(Ordering::SeqCst);
     let attach = async |volume: &sandbox_store::Volume| {
-        let sandbox = h
-            .orchestrator
-            .create(&h.owner.id, h.request(&[(volume, "/data")]))
-            .await
-            .unwrap();
+        let sandbox = h.create(h.request(&[(volume, "/data")])).await.unwrap();
         assert_eq!(attachments(&sandbox)[0]["status"], "ready");
     };
     attach(&volumes[0]).await;

@@ -10,10 +10,11 @@ use bytes::Bytes;
 pub use process_runtime::ProcessRuntime;
 use sandbox_blobs::{BlobReader, BlobResult, BlobStore, BlobUpload, LocalBlobStore};
 use sandbox_orchestrator::{
-    Attachment, BlobCache, CreateSandbox, Orchestrator, OrchestratorConfig, UnpackLimits,
+    Attachment, BlobCache, CreateSandbox, Orchestrator, OrchestratorConfig, OrchestratorError,
+    UnpackLimits,
 };
 use sandbox_runtime::{Runtime, TemplateCatalog, TemplateDef};
-use sandbox_store::{NewVolume, Owner, Store, Volume};
+use sandbox_store::{NewVolume, Owner, Sandbox, Store, Volume};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -216,6 +217,32 @@ impl Harness {
 
     pub fn template_rootfs(&self) -> std::path::PathBuf {
         self.templates.rootfs_path(TEMPLATE)
+    }
+
+    pub async fn create(&self, request: CreateSandbox) -> Result<Sandbox, OrchestratorError> {
+        self.orchestrator.create(&self.owner.id, request).await
+    }
+
+    /// Waits (up to 20 s) until the runtime holds `count` machines.
+    pub async fn wait_for_machines(&self, count: usize) {
+        let reached = eventually(Duration::from_secs(20), async || {
+            self.runtime.machines().len() == count
+        })
+        .await;
+        assert!(
+            reached,
+            "expected {count} machines: {:?}",
+            self.runtime.machines()
+        );
+    }
+
+    /// Waits (up to 10 s) until `id` is no longer a running sandbox.
+    pub async fn wait_until_killed(&self, id: &str, why: &str) {
+        let killed = eventually(Duration::from_secs(10), async || {
+            !self.is_recorded_running(id).await
+        })
+        .await;
+        assert!(killed, "{id}: {why}");
     }
 
     /// Whether the orchestrator still has a running row for `id`.
