@@ -8,9 +8,7 @@
 //! checks what must hold at the VM boundary: the host, its services and its
 //! private networks stay out of reach.
 
-mod common;
-
-use common::{sandboxes_supported, TestServer};
+use crate::common::{self, sandboxes_supported, TestServer};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -20,7 +18,7 @@ use std::time::{Duration, Instant};
 /// part of a template's content hash).
 fn small_disk_definitions() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let base = include_str!("../config/templates/base.toml");
+    let base = include_str!("../../config/templates/base.toml");
     std::fs::write(
         dir.path().join("base.toml"),
         format!("{base}\ndisk_gib = 1\n"),
@@ -28,11 +26,6 @@ fn small_disk_definitions() -> tempfile::TempDir {
     .unwrap();
     dir
 }
-
-/// One test at a time in this binary: they load the machine on purpose
-/// (fork bomb, disk fill) and time what must stay responsive (`/health`
-/// within 1 s), which should measure the sandbox, not its neighbours.
-static ONE_SERVER_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 async fn server(definitions: &tempfile::TempDir) -> TestServer {
     TestServer::start(
@@ -110,7 +103,9 @@ async fn root_in_a_namespace_sandbox_holds_nothing_of_the_host() {
     if !sandboxes_supported("root_in_a_namespace_sandbox_holds_nothing_of_the_host") {
         return;
     }
-    let _serial = ONE_SERVER_AT_A_TIME.lock().await;
+    // These load the machine on purpose (fork bomb, disk fill) and time
+    // what must stay responsive (`/health` within 1 s): one at a time, alone.
+    let _alone = common::alone().await;
     if common::is_microvm() {
         eprintln!(
             "SKIP root_in_a_namespace_sandbox_holds_nothing_of_the_host (microvm): the guest's \
@@ -454,7 +449,7 @@ async fn a_fork_bomb_stays_inside() {
     if !sandboxes_supported("a_fork_bomb_stays_inside") {
         return;
     }
-    let _serial = ONE_SERVER_AT_A_TIME.lock().await;
+    let _alone = common::alone().await;
     let definitions = small_disk_definitions();
     let server = server(&definitions).await;
     let id = create(&server, json!({ "template": "base" })).await;
@@ -663,11 +658,11 @@ async fn microvm_egress_policy_is_enforced() {
     if !sandboxes_supported("microvm_egress_policy_is_enforced") {
         return;
     }
-    let _serial = ONE_SERVER_AT_A_TIME.lock().await;
+    let _alone = common::alone().await;
     if !common::is_microvm() {
         eprintln!(
             "SKIP microvm_egress_policy_is_enforced (namespace): namespace sandboxes have no \
-             outbound network at all (sandboxes_api checks it)"
+             outbound network at all (sandboxes::sandboxes_are_isolated checks it)"
         );
         return;
     }
@@ -776,7 +771,7 @@ async fn microvm_qemu_runs_unprivileged() {
     if !sandboxes_supported("microvm_qemu_runs_unprivileged") {
         return;
     }
-    let _serial = ONE_SERVER_AT_A_TIME.lock().await;
+    let _alone = common::alone().await;
     if !common::is_microvm() {
         eprintln!("SKIP microvm_qemu_runs_unprivileged (namespace): no QEMU");
         return;

@@ -1,8 +1,6 @@
 //! Volumes API against the real binary, Postgres and Garage.
 
-mod common;
-
-use common::{garage, noise, sha256_hex, targz, ServerOptions, TestServer};
+use crate::common::{self, garage, noise, sha256_hex, targz, ServerOptions, TestServer};
 use reqwest::StatusCode;
 use sandbox_blobs::{BlobStore, S3BlobStore};
 use serde_json::Value;
@@ -58,6 +56,7 @@ async fn assert_bucket_holds(owner: &str, expected: &[String]) {
 
 #[tokio::test]
 async fn upload_get_list_download_delete() {
+    let _suite = common::suite(module_path!()).await;
     let server = TestServer::start(common::production()).await;
     // 20 MiB of noise: a multipart upload of three parts.
     let big = noise(20 << 20, 7);
@@ -176,6 +175,7 @@ async fn upload_get_list_download_delete() {
 
 #[tokio::test]
 async fn chunked_and_empty_uploads() {
+    let _suite = common::suite(module_path!()).await;
     let server = TestServer::start(common::production()).await;
     let archive = targz(&[("a.txt", noise(9 << 20, 3))]);
     let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
@@ -217,6 +217,7 @@ async fn chunked_and_empty_uploads() {
 
 #[tokio::test]
 async fn bad_archives_are_rejected_and_leave_nothing() {
+    let _suite = common::suite(module_path!()).await;
     let server = TestServer::start(common::production()).await;
     let (owner, probe) = probe_volume(&server).await;
 
@@ -279,6 +280,7 @@ async fn bad_archives_are_rejected_and_leave_nothing() {
 
 #[tokio::test]
 async fn uploads_over_the_cap_get_413() {
+    let _suite = common::suite(module_path!()).await;
     let server =
         TestServer::start(common::production().with_setting("volumes.max_upload_bytes", "1048576"))
             .await;
@@ -320,6 +322,7 @@ async fn uploads_over_the_cap_get_413() {
 
 #[tokio::test]
 async fn authentication_and_owner_scoping() {
+    let _suite = common::suite(module_path!()).await;
     let server = TestServer::start(common::production()).await;
     let archive = targz(&[("secret.txt", b"alice's".to_vec())]);
     let volume: Value = server
@@ -394,6 +397,7 @@ async fn authentication_and_owner_scoping() {
 
 #[tokio::test]
 async fn interrupted_upload_leaves_no_row_and_no_upload() {
+    let _suite = common::suite(module_path!()).await;
     let server = TestServer::start(common::production()).await;
     let (owner, probe) = probe_volume(&server).await;
 
@@ -426,6 +430,7 @@ async fn interrupted_upload_leaves_no_row_and_no_upload() {
 
 #[tokio::test]
 async fn restart_aborts_uploads_a_crash_left_behind() {
+    let _suite = common::suite(module_path!()).await;
     // Its own bucket, to count what is left under this owner exactly.
     let mut server = TestServer::start(ServerOptions {
         bucket: Some(garage()["S3_SWEEP_BUCKET"].clone()),
@@ -500,6 +505,7 @@ fn tokio_stream_from(
 
 #[tokio::test]
 async fn health_and_metrics() {
+    let _suite = common::suite(module_path!()).await;
     let server = TestServer::start(common::production()).await;
     let health: Value = server
         .http

@@ -1,14 +1,13 @@
 //! The embedded default: no database URL, no S3, just a data_dir.
 
-mod common;
-
-use common::{targz, TestServer};
+use crate::common::{self, targz, TestServer};
 use reqwest::StatusCode;
 use serde_json::Value;
 use std::os::unix::fs::PermissionsExt;
 
 #[tokio::test]
 async fn first_start_creates_a_key_and_volumes_work() {
+    let _suite = common::suite(module_path!()).await;
     let mut server = TestServer::start(common::embedded()).await;
     let key_file = server.data_dir.path().join("api-key");
     assert_eq!(

@@ -5,9 +5,7 @@
 //! every acknowledged volume byte-identical, and recovery without a
 //! server restart.
 
-mod common;
-
-use common::*;
+use crate::common::{self, *};
 use reqwest::StatusCode;
 use sandbox_blobs::{BlobStore, S3BlobStore};
 use serde_json::{json, Value};
@@ -54,7 +52,7 @@ fn processes_naming(needle: &str) -> Vec<String> {
         }
         let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
         let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if cmdline.contains(needle) && !cmdline.contains("faults_api") {
+        if cmdline.contains(needle) && pid != std::process::id().to_string() {
             found.push(format!("{pid}: {cmdline}"));
         }
     }
@@ -92,6 +90,7 @@ fn build_with_mounts(data: &Path) -> Option<String> {
 
 #[tokio::test]
 async fn a_template_build_killed_mid_way_never_reaches_host_mounts() {
+    let _suite = common::suite(module_path!()).await;
     if !sandboxes_supported("a_template_build_killed_mid_way_never_reaches_host_mounts") {
         return;
     }
@@ -168,6 +167,7 @@ async fn a_template_build_killed_mid_way_never_reaches_host_mounts() {
 
 #[tokio::test]
 async fn orphans_failed_deletes_a_crash_and_an_object_store_outage_are_reconciled() {
+    let _suite = common::suite(module_path!()).await;
     let garage = PrivateGarage::start("faults", 3940);
     let store = s3_store(&garage.s3, "S3_BUCKET");
     let mut server = TestServer::start(
@@ -262,6 +262,7 @@ async fn orphans_failed_deletes_a_crash_and_an_object_store_outage_are_reconcile
 
 #[tokio::test]
 async fn a_postgres_restart_under_traffic_is_503s_then_full_recovery() {
+    let _suite = common::suite(module_path!()).await;
     let postgres = PrivatePostgres::start("faults", 5442);
     let server =
         TestServer::start(production().with_setting("database.url", &postgres.url())).await;
@@ -340,6 +341,7 @@ async fn no_machine_without_a_row(server: &TestServer) -> bool {
 
 #[tokio::test]
 async fn kill_9_mid_create_with_hydrate_leaves_no_machine_without_a_row() {
+    let _suite = common::suite(module_path!()).await;
     if !sandboxes_supported("kill_9_mid_create_with_hydrate_leaves_no_machine_without_a_row") {
         return;
     }
@@ -368,6 +370,7 @@ async fn kill_9_mid_create_with_hydrate_leaves_no_machine_without_a_row() {
 
 #[tokio::test]
 async fn abandoned_creates_odd_timeouts_and_runaway_output_leak_nothing() {
+    let _suite = common::suite(module_path!()).await;
     if !sandboxes_supported("abandoned_creates_odd_timeouts_and_runaway_output_leak_nothing") {
         return;
     }
@@ -524,6 +527,7 @@ async fn abandoned_creates_odd_timeouts_and_runaway_output_leak_nothing() {
 
 #[tokio::test]
 async fn sigterm_ends_the_server_while_an_upload_hangs() {
+    let _suite = common::suite(module_path!()).await;
     let mut server =
         TestServer::start(embedded().with_setting("http.shutdown_grace_secs", "2")).await;
     // An upload that sends a little and then nothing: a request in flight

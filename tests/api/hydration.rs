@@ -1,8 +1,6 @@
 //! Volume hydration on create: real Postgres, Garage and namespace sandboxes.
 
-mod common;
-
-use common::{sandboxes_supported, targz, PrivateGarage, TestServer};
+use crate::common::{self, sandboxes_supported, targz, PrivateGarage, TestServer};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -43,6 +41,7 @@ fn rows_csv(lines: usize) -> Vec<u8> {
 
 #[tokio::test]
 async fn each_sandbox_gets_a_private_copy_before_the_create_returns() {
+    let _suite = common::suite(module_path!()).await;
     if !sandboxes_supported("each_sandbox_gets_a_private_copy_before_the_create_returns") {
         return;
     }
@@ -146,6 +145,7 @@ async fn each_sandbox_gets_a_private_copy_before_the_create_returns() {
 
 #[tokio::test]
 async fn hostile_archive_hydrates_only_safe_entries() {
+    let _suite = common::suite(module_path!()).await;
     if !sandboxes_supported("hostile_archive_hydrates_only_safe_entries") {
         return;
     }
@@ -204,6 +204,7 @@ async fn hostile_archive_hydrates_only_safe_entries() {
 
 #[tokio::test]
 async fn mount_path_and_volume_validation() {
+    let _suite = common::suite(module_path!()).await;
     if !sandboxes_supported("mount_path_and_volume_validation") {
         return;
     }
@@ -282,6 +283,7 @@ async fn mount_path_and_volume_validation() {
 
 #[tokio::test]
 async fn concurrent_creates_fetch_the_blob_once() {
+    let _suite = common::suite(module_path!()).await;
     if !sandboxes_supported("concurrent_creates_fetch_the_blob_once") {
         return;
     }
@@ -310,6 +312,7 @@ async fn concurrent_creates_fetch_the_blob_once() {
 
 #[tokio::test]
 async fn object_store_outage_during_create() {
+    let _suite = common::suite(module_path!()).await;
     if !sandboxes_supported("object_store_outage_during_create") {
         return;
     }

@@ -2,9 +2,7 @@
 //! behind it), on the runtime `SANDBOX_TEST_RUNTIME` names (namespace by
 //! default; scripts/test.sh runs this suite again with microvm).
 
-mod common;
-
-use common::{sandboxes_supported, TestServer};
+use crate::common::{self, sandboxes_supported, TestServer};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -39,6 +37,7 @@ async fn status_of(response: reqwest::Response) -> (StatusCode, Value) {
 
 #[tokio::test]
 async fn lifecycle_listing_and_kill() {
+    let _suite = common::suite(module_path!()).await;
     if !sandboxes_supported("lifecycle_listing_and_kill") {
         return;
     }
@@ -277,6 +276,7 @@ async fn lifecycle_listing_and_kill() {
 
 #[tokio::test]
 async fn deadline_kills_and_idempotent_create() {
+    let _suite = common::suite(module_path!()).await;
     if !sandboxes_supported("deadline_kills_and_idempotent_create") {
         return;
     }
@@ -342,6 +342,7 @@ async fn deadline_kills_and_idempotent_create() {
 
 #[tokio::test]
 async fn commands_api() {
+    let _suite = common::suite(module_path!()).await;
     if !sandboxes_supported("commands_api") {
         return;
     }
@@ -504,6 +505,7 @@ async fn commands_api() {
 
 #[tokio::test]
 async fn files_api() {
+    let _suite = common::suite(module_path!()).await;
     if !sandboxes_supported("files_api") {
         return;
     }
@@ -670,6 +672,7 @@ async fn files_api() {
 
 #[tokio::test]
 async fn sandboxes_are_isolated() {
+    let _suite = common::suite(module_path!()).await;
     if !sandboxes_supported("sandboxes_are_isolated") {
         return;
     }
@@ -727,7 +730,7 @@ async fn sandboxes_are_isolated() {
     .await;
     assert_eq!(probe["stdout"], "blocked\n", "{probe}");
     // Namespace sandboxes have loopback only; a microVM has its own NIC
-    // on a private user-mode network (tests/microvm_api.rs checks it).
+    // on a private user-mode network (microvm::sandboxes_are_real_isolated_vms checks it).
     if !common::is_microvm() {
         let interfaces = run(
             &server,
@@ -797,6 +800,7 @@ fn state_owned(server: &TestServer, id: &str) -> bool {
 
 #[tokio::test]
 async fn fifty_create_kill_cycles_leave_nothing_behind() {
+    let _suite = common::suite(module_path!()).await;
     if !sandboxes_supported("fifty_create_kill_cycles_leave_nothing_behind") {
         return;
     }
@@ -824,6 +828,7 @@ async fn fifty_create_kill_cycles_leave_nothing_behind() {
 
 #[tokio::test]
 async fn restart_readopts_live_sandboxes_and_buries_dead_ones() {
+    let _suite = common::suite(module_path!()).await;
     if !sandboxes_supported("restart_readopts_live_sandboxes_and_buries_dead_ones") {
         return;
     }

@@ -5,9 +5,7 @@
 //! `SANDBOX_TEST_RUNTIME=microvm ... -- --include-ignored`, and a test that
 //! still cannot run prints why.
 
-mod common;
-
-use common::{sandboxes_supported, TestServer};
+use crate::common::{self, sandboxes_supported, TestServer};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -65,6 +63,7 @@ fn vm_processes(server: &TestServer) -> Vec<String> {
 #[tokio::test]
 #[ignore = "microVM pass: SANDBOX_TEST_RUNTIME=microvm ... -- --include-ignored"]
 async fn sandboxes_are_real_isolated_vms() {
+    let _suite = common::suite(module_path!()).await;
     if !microvm_enabled("sandboxes_are_real_isolated_vms") {
         return;
     }
@@ -229,12 +228,13 @@ impl Drop for RemoteHost {
 #[tokio::test]
 #[ignore = "microVM pass: SANDBOX_TEST_RUNTIME=microvm ... -- --include-ignored"]
 async fn outbound_network_reaches_other_hosts_but_never_this_one() {
+    let _suite = common::suite(module_path!()).await;
     if !microvm_enabled("outbound_network_reaches_other_hosts_but_never_this_one") {
         return;
     }
     // This machine has no internet: the remote host sits on a private
     // range, which guests reach only because the operator allows it (the
-    // default policy rejects private ranges; tests/escape_api.rs checks that).
+    // default policy rejects private ranges; escape::microvm_egress_policy_is_enforced checks that).
     let server = TestServer::start(
         common::production()
             .with_sandboxes(2, 0)
@@ -283,6 +283,7 @@ async fn outbound_network_reaches_other_hosts_but_never_this_one() {
 #[tokio::test]
 #[ignore = "microVM pass: SANDBOX_TEST_RUNTIME=microvm ... -- --include-ignored"]
 async fn a_crashed_vm_is_marked_killed() {
+    let _suite = common::suite(module_path!()).await;
     if !microvm_enabled("a_crashed_vm_is_marked_killed") {
         return;
     }
@@ -328,6 +329,7 @@ async fn a_crashed_vm_is_marked_killed() {
 #[tokio::test]
 #[ignore = "microVM pass: SANDBOX_TEST_RUNTIME=microvm ... -- --include-ignored"]
 async fn twenty_create_kill_cycles_leave_nothing_behind() {
+    let _suite = common::suite(module_path!()).await;
     if !microvm_enabled("twenty_create_kill_cycles_leave_nothing_behind") {
         return;
     }

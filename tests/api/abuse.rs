@@ -2,9 +2,7 @@
 //! bounded time while `/health` keeps answering within a second and the
 //! server's memory stays under a stated bound.
 
-mod common;
-
-use common::*;
+use crate::common::{self, *};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use std::io::{Read, Write};
@@ -68,6 +66,7 @@ async fn volume_count(server: &TestServer) -> usize {
 
 #[tokio::test]
 async fn hostile_archives_are_refused_quickly_naming_the_limit() {
+    let _suite = common::suite(module_path!()).await;
     let server = TestServer::start(embedded().with_setting("volumes.max_entries", "1000")).await;
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         (
@@ -146,6 +145,7 @@ async fn hostile_archives_are_refused_quickly_naming_the_limit() {
 
 #[tokio::test]
 async fn a_million_entries_pass_and_one_more_is_refused() {
+    let _suite = common::suite(module_path!()).await;
     let server = TestServer::start(embedded()).await;
     let (status, answer, _) = upload(&server, hostile::many_entries(1_000_000)).await;
     assert_eq!(status, StatusCode::CREATED, "{answer}");
@@ -161,6 +161,7 @@ async fn a_million_entries_pass_and_one_more_is_refused() {
 
 #[tokio::test]
 async fn hundreds_of_tiny_bombs_at_once_leave_the_server_serving() {
+    let _suite = common::suite(module_path!()).await;
     let server = TestServer::start(embedded()).await;
     let started = Instant::now();
     let uploads = (0..300).map(|_| upload(&server, hostile::sparse_bomb()));
@@ -219,6 +220,7 @@ fn read_until_closed(stream: &mut TcpStream) -> (String, Duration) {
 
 #[tokio::test]
 async fn slow_and_idle_clients_are_cut_off() {
+    let _suite = common::suite(module_path!()).await;
     let server = TestServer::start(
         embedded()
             .with_setting("http.header_read_timeout_secs", "2")
@@ -294,6 +296,7 @@ async fn slow_and_idle_clients_are_cut_off() {
 
 #[tokio::test]
 async fn connections_past_the_cap_wait_for_a_slot() {
+    let _suite = common::suite(module_path!()).await;
     let server = TestServer::start(
         embedded()
             .with_setting("http.max_connections", "4")
@@ -334,6 +337,7 @@ async fn connections_past_the_cap_wait_for_a_slot() {
 
 #[tokio::test]
 async fn list_and_body_inputs_are_bounded() {
+    let _suite = common::suite(module_path!()).await;
     let server = TestServer::start(
         embedded()
             .with_setting("http.max_json_body_bytes", "65536")
@@ -401,6 +405,7 @@ async fn list_and_body_inputs_are_bounded() {
 
 #[tokio::test]
 async fn owner_quotas_refuse_past_the_limit_and_overrides_lift_them() {
+    let _suite = common::suite(module_path!()).await;
     let server = TestServer::start(embedded().with_setting("quotas.max_volumes", "2")).await;
     let archive = targz(&[("a.txt", b"a".to_vec())]);
     for _ in 0..2 {
@@ -471,6 +476,7 @@ async fn owner_quotas_refuse_past_the_limit_and_overrides_lift_them() {
 
 #[tokio::test]
 async fn data_dir_database_blobs_and_key_are_private() {
+    let _suite = common::suite(module_path!()).await;
     use std::os::unix::fs::PermissionsExt;
     let server = TestServer::start(embedded()).await;
     assert_eq!(
