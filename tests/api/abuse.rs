@@ -15,13 +15,8 @@ const RSS_BOUND_KIB: u64 = 256 * 1024;
 
 /// `/health` answers within a second and memory is within bound.
 async fn assert_responsive(server: &TestServer, after: &str) {
-    let started = Instant::now();
-    let response = tokio::time::timeout(Duration::from_secs(1), server.get("/health").send())
-        .await
-        .unwrap_or_else(|_| panic!("/health took over 1 s after {after}"))
-        .expect("health");
-    assert!(response.status().is_success(), "health after {after}");
-    assert!(started.elapsed() < Duration::from_secs(1));
+    let took = server.health_within(Duration::from_secs(1), after).await;
+    assert!(took < Duration::from_secs(1));
     let rss = rss_kib(server.pid().unwrap());
     assert!(
         rss > 0 && rss < RSS_BOUND_KIB,
@@ -29,39 +24,11 @@ async fn assert_responsive(server: &TestServer, after: &str) {
     );
 }
 
+/// An upload's answer and how long it took.
 async fn upload(server: &TestServer, body: Vec<u8>) -> (StatusCode, Value, Duration) {
     let started = Instant::now();
-    let response = server
-        .post("/volumes?name=abuse")
-        .header("content-type", "application/gzip")
-        .body(body)
-        .send()
-        .await
-        .expect("upload");
-    let status = response.status();
-    if status.is_client_error() {
-        // Refused with its body maybe unread: the connection is not reused.
-        let connection = response.headers().get("connection");
-        assert_eq!(
-            connection.map(|v| v.as_bytes()),
-            Some(&b"close"[..]),
-            "{status}"
-        );
-    }
-    let body = response.json().await.unwrap_or(Value::Null);
+    let (status, body) = server.upload_volume("abuse", body).await;
     (status, body, started.elapsed())
-}
-
-async fn volume_count(server: &TestServer) -> usize {
-    let listed: Value = server
-        .get("/volumes")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    listed["volumes"].as_array().unwrap().len()
 }
 
 #[tokio::test]
@@ -126,19 +93,17 @@ async fn hostile_archives_are_refused_quickly_naming_the_limit() {
         );
         assert_responsive(&server, what).await;
     }
-    assert_eq!(volume_count(&server).await, 0, "nothing refused was kept");
+    assert_eq!(server.volume_count().await, 0, "nothing refused was kept");
 
     // Concatenated gzip members are one valid archive, stored as what it
     // is whatever content type the client's defaults claimed (curl's).
-    let response = server
+    let (status, answer) = server
         .post("/volumes?name=members")
         .header("content-type", "application/x-www-form-urlencoded")
         .body(hostile::concatenated_members())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::CREATED);
-    let answer: Value = response.json().await.unwrap();
+        .reply()
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
     assert_eq!(answer["entry_count"], 2);
     assert_eq!(answer["content_type"], "application/gzip");
 }
@@ -291,7 +256,7 @@ async fn slow_and_idle_clients_are_cut_off() {
     assert!(seen.starts_with("HTTP/1.1 408"), "{seen}");
     assert!(seen.contains("stopped sending"), "{seen}");
     assert!(took < Duration::from_secs(10));
-    assert_eq!(volume_count(&server).await, 0);
+    assert_eq!(server.volume_count().await, 0);
 }
 
 #[tokio::test]
@@ -345,27 +310,19 @@ async fn list_and_body_inputs_are_bounded() {
     )
     .await;
     let ids: Vec<String> = (0..101).map(|i| format!("sbx-{i}")).collect();
-    let response = server
+    let (status, body) = server
         .post("/sandboxes/kill-many")
         .json(&json!({ "sandbox_ids": ids }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
-    let body: Value = response.json().await.unwrap();
+        .reply()
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(body["message"].as_str().unwrap().contains("at most 100"));
 
     let volumes: Vec<Value> = (0..17)
         .map(|i| json!({ "volume_id": "vol-1", "mount_path": format!("/d{i}") }))
         .collect();
-    let response = server
-        .post("/sandboxes")
-        .json(&json!({ "volumes": volumes }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
-    let body: Value = response.json().await.unwrap();
+    let (status, body) = server.create_sandbox(json!({ "volumes": volumes })).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(
         body["message"]
             .as_str()
@@ -374,13 +331,10 @@ async fn list_and_body_inputs_are_bounded() {
         "{body}"
     );
 
-    let response = server
-        .post("/sandboxes")
-        .json(&json!({ "metadata": { "k": "v".repeat(70_000) } }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let (status, _) = server
+        .create_sandbox(json!({ "metadata": { "k": "v".repeat(70_000) } }))
+        .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
 
     // Client-chosen methods never become metric labels.
     let odd = reqwest::Method::from_bytes(b"BREWCOFFEE").unwrap();
@@ -390,14 +344,7 @@ async fn list_and_body_inputs_are_bounded() {
         .send()
         .await
         .unwrap();
-    let metrics = server
-        .get("/metrics")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics_text().await;
     assert!(!metrics.contains("BREWCOFFEE"));
     assert!(metrics.contains("method=\"other\""));
     assert_responsive(&server, "oversize inputs").await;
@@ -424,26 +371,8 @@ async fn owner_quotas_refuse_past_the_limit_and_overrides_lift_them() {
         "{body}"
     );
 
-    let out = std::process::Command::new(BIN)
-        .args([
-            "quotas",
-            "set",
-            "--owner",
-            "default",
-            "--volumes",
-            "3",
-            "--config",
-        ])
-        .arg(&server.config_path)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("volumes\t2 of 3"));
+    let out = set_quotas(&server, &["--volumes", "3"]);
+    assert!(out.contains("volumes\t2 of 3"), "{out}");
     assert_eq!(
         upload(&server, archive.clone()).await.0,
         StatusCode::CREATED
@@ -455,23 +384,28 @@ async fn owner_quotas_refuse_past_the_limit_and_overrides_lift_them() {
 
     // The stored-bytes quota bounds the upload itself.
     let big = targz(&[("n", noise(200_000, 4))]);
+    set_quotas(&server, &["--volumes=-1", "--volume-bytes=100000"]);
+    let (status, body, _) = upload(&server, big).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+}
+
+/// `sandbox-manager quotas set` for owner `default`; asserts it succeeds
+/// and returns what it printed.
+fn set_quotas(server: &TestServer, settings: &[&str]) -> String {
     let out = std::process::Command::new(BIN)
-        .args([
-            "quotas",
-            "set",
-            "--owner",
-            "default",
-            "--volumes=-1",
-            "--volume-bytes=100000",
-            "--config",
-        ])
+        .args(["quotas", "set", "--owner", "default"])
+        .args(settings)
+        .arg("--config")
         .arg(&server.config_path)
         .env("RUST_LOG", "warn")
         .output()
         .unwrap();
-    assert!(out.status.success());
-    let (status, body, _) = upload(&server, big).await;
-    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[tokio::test]
@@ -493,21 +427,9 @@ async fn data_dir_database_blobs_and_key_are_private() {
     assert_eq!(mode(&data.join("sandbox-manager.db")), 0o600);
     assert_eq!(mode(&data.join("api-key")), 0o600);
     assert_eq!(mode(&data.join("blobs")), 0o700);
-    let blob = walk_files(&data.join("blobs")).pop().expect("a blob");
+    let blob = files_under(&data.join("blobs")).pop().expect("a blob");
     assert_eq!(mode(&blob), 0o600, "{}", blob.display());
     // The key is printed once, never logged.
     let log = std::fs::read_to_string(server.log_path()).unwrap();
     assert!(!log.contains(&server.api_key));
-}
-
-fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap().flatten() {
-        if entry.file_type().unwrap().is_dir() {
-            found.extend(walk_files(&entry.path()));
-        } else {
-            found.push(entry.path());
-        }
-    }
-    found
 }

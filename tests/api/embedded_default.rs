@@ -1,8 +1,7 @@
 //! The embedded default: no database URL, no S3, just a data_dir.
 
-use crate::common::{self, targz, TestServer};
+use crate::common::{self, files_under, targz, Api, Reply, TestServer};
 use reqwest::StatusCode;
-use serde_json::Value;
 use std::os::unix::fs::PermissionsExt;
 
 #[tokio::test]
@@ -20,15 +19,7 @@ async fn first_start_creates_a_key_and_volumes_work() {
         "SQLite lives in data_dir"
     );
 
-    let health: Value = server
-        .http
-        .get(server.url("/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health = server.http.get(server.url("/health")).json_reply().await;
     assert_eq!(health["store"]["backend"], "sqlite");
     assert!(health["blobs"]["backend"]
         .as_str()
@@ -36,14 +27,8 @@ async fn first_start_creates_a_key_and_volumes_work() {
         .starts_with("local:"));
 
     let archive = targz(&[("rows.csv", b"1\n2\n3\n".to_vec())]);
-    let response = server
-        .post("/volumes?name=local")
-        .body(archive.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::CREATED);
-    let volume: Value = response.json().await.unwrap();
+    let (status, volume) = server.upload_volume("local", archive.clone()).await;
+    assert_eq!(status, StatusCode::CREATED);
     let id = volume["volume_id"].as_str().unwrap().to_string();
     let blob = server
         .data_dir
@@ -59,21 +44,11 @@ async fn first_start_creates_a_key_and_volumes_work() {
         std::fs::read_to_string(&key_file).unwrap().trim(),
         server.api_key
     );
-    let download = server
-        .get(&format!("/volumes/{id}/download"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(download.bytes().await.unwrap().as_ref(), archive.as_slice());
+    assert_eq!(server.download_volume(&id).await, archive);
 
-    let bad = server
-        .post("/volumes?name=bad")
-        .body(b"nope".to_vec())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
-    let leftovers: Vec<_> = walk(&server.data_dir.path().join("blobs"))
+    let (bad, _) = server.upload_volume("bad", b"nope".to_vec()).await;
+    assert_eq!(bad, StatusCode::BAD_REQUEST);
+    let leftovers: Vec<_> = files_under(&server.data_dir.path().join("blobs"))
         .into_iter()
         .filter(|p| p.to_string_lossy().contains(".partial"))
         .collect();
@@ -89,17 +64,4 @@ async fn first_start_creates_a_key_and_volumes_work() {
         StatusCode::NO_CONTENT
     );
     assert!(!blob.exists(), "delete removes the blob");
-}
-
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            out.extend(walk(&path));
-        } else {
-            out.push(path);
-        }
-    }
-    out
 }

@@ -8,9 +8,9 @@
 //! checks what must hold at the VM boundary: the host, its services and its
 //! private networks stay out of reach.
 
-use crate::common::{self, sandboxes_supported, TestServer};
+use crate::common::{self, sandboxes_supported, Api, Reply, TestServer};
 use reqwest::StatusCode;
-use serde_json::{json, Value};
+use serde_json::json;
 use std::time::{Duration, Instant};
 
 /// Template definitions for this suite: `base` with a 1 GiB disk, so the
@@ -42,24 +42,9 @@ async fn server(definitions: &tempfile::TempDir) -> TestServer {
     .await
 }
 
-async fn create(server: &TestServer, body: Value) -> String {
-    let response = server.post("/sandboxes").json(&body).send().await.unwrap();
-    let status = response.status();
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(status, StatusCode::CREATED, "{body}");
-    body["sandbox_id"].as_str().unwrap().to_string()
-}
-
 /// Runs `cmd` as `user`; returns (exit code, stdout + stderr).
 async fn run_as(server: &TestServer, id: &str, user: &str, cmd: &str) -> (i64, String) {
-    let response = server
-        .post(&format!("/sandboxes/{id}/commands"))
-        .json(&json!({ "cmd": cmd, "user": user, "timeout": 120 }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    let body: Value = response.json().await.unwrap();
+    let body = server.run_command_as(id, user, cmd).await;
     let output = format!(
         "{}{}",
         body["stdout"].as_str().unwrap_or(""),
@@ -87,16 +72,6 @@ fn host_read(path: &str) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
 
-async fn health_within(server: &TestServer, limit: Duration) {
-    let started = Instant::now();
-    let response = tokio::time::timeout(limit, server.get("/health").send())
-        .await
-        .unwrap_or_else(|_| panic!("/health did not answer within {limit:?}"))
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    eprintln!("/health answered in {:?}", started.elapsed());
-}
-
 /// Kernel-facing escapes; the namespace runtime's whole boundary.
 #[tokio::test]
 async fn root_in_a_namespace_sandbox_holds_nothing_of_the_host() {
@@ -119,7 +94,7 @@ async fn root_in_a_namespace_sandbox_holds_nothing_of_the_host() {
     let isolation = &health["runtime"]["isolation"];
     assert!(isolation["user_namespace"].is_string(), "{health}");
     assert_eq!(isolation["no_new_privs"], true, "{health}");
-    let id = create(&server, json!({ "template": "base" })).await;
+    let id = server.new_sandbox(json!({ "template": "base" })).await;
 
     // Identity: uid 0 inside is an unprivileged host id; only the OCI
     // default capabilities.
@@ -339,7 +314,10 @@ async fn root_in_a_namespace_sandbox_holds_nothing_of_the_host() {
         "host process died"
     );
     host_sleeper.kill().unwrap();
-    health_within(&server, Duration::from_secs(1)).await;
+    let took = server
+        .health_within(Duration::from_secs(1), "signals at host processes")
+        .await;
+    eprintln!("/health answered in {took:?}");
 
     // set-id bits: a setuid-root copy made by root does not lift `user`.
     root(
@@ -354,17 +332,8 @@ async fn root_in_a_namespace_sandbox_holds_nothing_of_the_host() {
     // A volume carrying a setuid file: the bits never arrive.
     let archive = common::targz(&[("suid-tool", b"#!/bin/sh\nid\n".to_vec())]);
     let archive = set_mode(&archive, "suid-tool", 0o4755);
-    let response = server
-        .post("/volumes?name=suid")
-        .body(archive)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::CREATED);
-    let volume: Value = response.json().await.unwrap();
-    let with_volume = create(
-        &server,
-        json!({ "template": "base", "volumes": [{ "volume_id": volume["volume_id"], "mount_path": "/data" }] }),
+    let volume = server.new_volume(archive).await;
+    let with_volume = server.new_sandbox(json!({ "template": "base", "volumes": [{ "volume_id": volume["volume_id"], "mount_path": "/data" }] }),
     )
     .await;
     let (_, mode) = root(&server, &with_volume, "stat -c %a /data/suid-tool").await;
@@ -395,22 +364,11 @@ async fn root_in_a_namespace_sandbox_holds_nothing_of_the_host() {
 
     // A volume larger than the disk: its hydration fails with the reason,
     // and the sandbox (lenient mode) is still usable.
-    let response = server
-        .post("/volumes?name=too-big")
-        .body(zeros_targz(1200 << 20))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::CREATED);
-    let volume: Value = response.json().await.unwrap();
-    let response = server
-        .post("/sandboxes")
-        .json(&json!({ "template": "base", "volumes": [{ "volume_id": volume["volume_id"], "mount_path": "/data" }] }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::CREATED);
-    let sandbox: Value = response.json().await.unwrap();
+    let volume = server.new_volume(zeros_targz(1200 << 20)).await;
+    let (status, sandbox) = server
+        .create_sandbox(json!({ "template": "base", "volumes": [{ "volume_id": volume["volume_id"], "mount_path": "/data" }] }))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{sandbox}");
     let attachment = &sandbox["volumes"][0];
     assert_eq!(attachment["status"], "failed", "{sandbox}");
     assert!(
@@ -452,35 +410,27 @@ async fn a_fork_bomb_stays_inside() {
     let _alone = common::alone().await;
     let definitions = small_disk_definitions();
     let server = server(&definitions).await;
-    let id = create(&server, json!({ "template": "base" })).await;
-    let response = server
-        .post(&format!("/sandboxes/{id}/commands"))
-        .json(
-            &json!({ "cmd": "bomb() { bomb | bomb & }; bomb", "user": "user", "background": true }),
+    let id = server.new_sandbox(json!({ "template": "base" })).await;
+    let (status, _) = server
+        .command(
+            &id,
+            json!({ "cmd": "bomb() { bomb | bomb & }; bomb", "user": "user", "background": true }),
         )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
+        .await;
+    assert_eq!(status, StatusCode::OK);
     tokio::time::sleep(Duration::from_secs(3)).await;
     for _ in 0..3 {
-        health_within(&server, Duration::from_secs(1)).await;
+        let took = server
+            .health_within(Duration::from_secs(1), "a fork bomb")
+            .await;
+        eprintln!("/health answered in {took:?}");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let started = Instant::now();
-    let response = server
-        .delete(&format!("/sandboxes/{id}"))
-        .send()
-        .await
-        .unwrap();
-    assert!(response.status().is_success(), "{}", response.status());
+    let (status, _) = server.delete(&format!("/sandboxes/{id}")).reply().await;
+    assert!(status.is_success(), "{status}");
     eprintln!("fork-bombed sandbox killed in {:?}", started.elapsed());
-    let response = server
-        .get(&format!("/sandboxes/{id}"))
-        .send()
-        .await
-        .unwrap();
-    let state: Value = response.json().await.unwrap_or(Value::Null);
+    let (_, state) = server.get(&format!("/sandboxes/{id}")).reply().await;
     assert_ne!(state["state"], "running", "{state}");
 }
 
@@ -685,7 +635,7 @@ async fn microvm_egress_policy_is_enforced() {
     )
     .await;
     let port = host.port;
-    let open = create(&server, json!({ "template": "base" })).await;
+    let open = server.new_sandbox(json!({ "template": "base" })).await;
     assert_eq!(
         probe(&server, &open, port, format!("{NET}.2")).await,
         "reached",
@@ -707,11 +657,11 @@ async fn microvm_egress_policy_is_enforced() {
         );
     }
 
-    let denied = create(
-        &server,
-        json!({ "template": "base", "network": { "deny_out": [format!("{NET}.2/32")] } }),
-    )
-    .await;
+    let denied = server
+        .new_sandbox(
+            json!({ "template": "base", "network": { "deny_out": [format!("{NET}.2/32")] } }),
+        )
+        .await;
     assert_eq!(
         probe(&server, &denied, port, format!("{NET}.2")).await,
         "blocked",
@@ -722,12 +672,10 @@ async fn microvm_egress_policy_is_enforced() {
         "reached"
     );
 
-    let only = create(
-        &server,
-        json!({ "template": "base", "network": {
-            "deny_out": [format!("{NET}.0/24")], "allow_out": [format!("{NET}.3")] } }),
-    )
-    .await;
+    let only = server
+        .new_sandbox(json!({ "template": "base", "network": {
+            "deny_out": [format!("{NET}.0/24")], "allow_out": [format!("{NET}.3")] } }))
+        .await;
     assert_eq!(
         probe(&server, &only, port, format!("{NET}.3")).await,
         "reached",
@@ -739,9 +687,7 @@ async fn microvm_egress_policy_is_enforced() {
     );
 
     // A sandbox cannot open what the operator keeps closed.
-    let greedy = create(
-        &server,
-        json!({ "template": "base", "network": { "allow_out": ["169.254.169.254", format!("{NET}.5")] } }),
+    let greedy = server.new_sandbox(json!({ "template": "base", "network": { "allow_out": ["169.254.169.254", format!("{NET}.5")] } }),
     )
     .await;
     assert_eq!(
@@ -754,13 +700,10 @@ async fn microvm_egress_policy_is_enforced() {
     );
 
     // Bad entries are the client's error.
-    let response = server
-        .post("/sandboxes")
-        .json(&json!({ "template": "base", "network": { "deny_out": ["10.0.0.0/99"] } }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let (status, _) = server
+        .create_sandbox(json!({ "template": "base", "network": { "deny_out": ["10.0.0.0/99"] } }))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
     drop(host);
 }
 
@@ -778,7 +721,7 @@ async fn microvm_qemu_runs_unprivileged() {
     }
     let definitions = small_disk_definitions();
     let server = server(&definitions).await;
-    let id = create(&server, json!({ "template": "base" })).await;
+    let id = server.new_sandbox(json!({ "template": "base" })).await;
     for (process, pid_file) in [("QEMU", "vm.pid"), ("the relay", "relay.pid")] {
         let pid =
             std::fs::read_to_string(server.sandbox_state_dir().join(&id).join(pid_file)).unwrap();

@@ -12,51 +12,14 @@ use serde_json::{json, Value};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-async fn upload(server: &TestServer, archive: Vec<u8>) -> (StatusCode, Value) {
-    let response = server
-        .post("/volumes?name=fault")
-        .header("content-type", "application/gzip")
-        .body(archive)
-        .send()
-        .await
-        .expect("upload");
-    let status = response.status();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
-
 async fn download_sha(server: &TestServer, id: &str) -> String {
-    let bytes = server
-        .get(&format!("/volumes/{id}/download"))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    sha256_hex(&bytes)
+    sha256_hex(&server.download_volume(id).await)
 }
 
 async fn put_blob(store: &S3BlobStore, key: &str, data: &[u8]) {
     let mut upload = store.begin_upload(key).await.unwrap();
     upload.write(data.to_vec().into()).await.unwrap();
     upload.complete().await.unwrap();
-}
-
-/// Processes whose command line names `needle`.
-fn processes_naming(needle: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let pid = entry.file_name().to_string_lossy().into_owned();
-        if !pid.bytes().all(|b| b.is_ascii_digit()) {
-            continue;
-        }
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if cmdline.contains(needle) && pid != std::process::id().to_string() {
-            found.push(format!("{pid}: {cmdline}"));
-        }
-    }
-    found
 }
 
 /// Running (not gone, not a zombie waiting to be reaped).
@@ -177,9 +140,11 @@ async fn orphans_failed_deletes_a_crash_and_an_object_store_outage_are_reconcile
     )
     .await;
     let kept = targz(&[("kept.bin", noise(300_000, 5))]);
-    let (status, kept_volume) = upload(&server, kept.clone()).await;
+    let (status, kept_volume) = server.upload_volume("fault", kept.clone()).await;
     assert_eq!(status, StatusCode::CREATED);
-    let (_, doomed) = upload(&server, targz(&[("doomed.txt", b"bye".to_vec())])).await;
+    let (_, doomed) = server
+        .upload_volume("fault", targz(&[("doomed.txt", b"bye".to_vec())]))
+        .await;
     let owner = kept_volume["owner_id"].as_str().unwrap().to_string();
     let prefix = format!("owners/{owner}/");
 
@@ -214,21 +179,15 @@ async fn orphans_failed_deletes_a_crash_and_an_object_store_outage_are_reconcile
         ),
     };
     assert_eq!(response.status(), StatusCode::NO_CONTENT);
-    let (status, body) = upload(&server, targz(&[("x", b"x".to_vec())])).await;
+    let (status, body) = server
+        .upload_volume("fault", targz(&[("x", b"x".to_vec())]))
+        .await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert!(
         body["message"].as_str().unwrap().contains("object storage"),
         "{body}"
     );
-    let listed: Value = server
-        .get("/volumes")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(listed["volumes"].as_array().unwrap().len(), 1);
+    assert_eq!(server.volume_count().await, 1);
 
     // The server dies right after that delete (kill -9), comes back while
     // the store is still down, then the store returns: the deleted
@@ -251,7 +210,10 @@ async fn orphans_failed_deletes_a_crash_and_an_object_store_outage_are_reconcile
     let kept_id = kept_volume["volume_id"].as_str().unwrap();
     assert_eq!(download_sha(&server, kept_id).await, sha256_hex(&kept));
     assert_eq!(
-        upload(&server, targz(&[("y", b"y".to_vec())])).await.0,
+        server
+            .upload_volume("fault", targz(&[("y", b"y".to_vec())]))
+            .await
+            .0,
         StatusCode::CREATED
     );
     let mut keys = store.list_keys(&prefix).await.unwrap();
@@ -267,21 +229,20 @@ async fn a_postgres_restart_under_traffic_is_503s_then_full_recovery() {
     let server =
         TestServer::start(production().with_setting("database.url", &postgres.url())).await;
     let archive = targz(&[("a.txt", b"alpha".to_vec())]);
-    let (status, volume) = upload(&server, archive.clone()).await;
+    let (status, volume) = server.upload_volume("fault", archive.clone()).await;
     assert_eq!(status, StatusCode::CREATED);
     let id = volume["volume_id"].as_str().unwrap().to_string();
 
     postgres.stop();
     for _ in 0..3 {
-        let response = server.get("/volumes").send().await.unwrap();
-        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
-        let body: Value = response.json().await.unwrap();
+        let (status, body) = server.get("/volumes").reply().await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert!(
             body["message"].as_str().unwrap().contains("database"),
             "{body}"
         );
     }
-    let (status, body) = upload(&server, archive.clone()).await;
+    let (status, body) = server.upload_volume("fault", archive.clone()).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
 
     postgres.resume();
@@ -298,39 +259,17 @@ async fn a_postgres_restart_under_traffic_is_503s_then_full_recovery() {
     )
     .await;
     assert_eq!(download_sha(&server, &id).await, sha256_hex(&archive));
-    assert_eq!(upload(&server, archive).await.0, StatusCode::CREATED);
-    let listed: Value = server
-        .get("/volumes")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    assert_eq!(
+        server.upload_volume("fault", archive).await.0,
+        StatusCode::CREATED
+    );
+    let listed: Value = server.get_json("/volumes").await;
     assert_eq!(listed["volumes"].as_array().unwrap().len(), 2, "{listed}");
-}
-
-/// Running sandboxes as the API lists them.
-async fn running_ids(server: &TestServer) -> Vec<String> {
-    let listed: Value = server
-        .get("/sandboxes")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    listed["sandboxes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["sandbox_id"].as_str().unwrap().to_string())
-        .collect()
 }
 
 /// Every machine on disk has a running row, except the warm pool's.
 async fn no_machine_without_a_row(server: &TestServer) -> bool {
-    let rows = running_ids(server).await;
+    let rows = server.sandbox_ids("/sandboxes").await;
     let without_row = server
         .sandbox_dirs()
         .iter()
@@ -347,7 +286,7 @@ async fn kill_9_mid_create_with_hydrate_leaves_no_machine_without_a_row() {
     }
     let mut server = TestServer::start(production().with_sandboxes(0, 0)).await;
     let archive = targz(&[("big.bin", noise(24 << 20, 9))]);
-    let (status, volume) = upload(&server, archive.clone()).await;
+    let (status, volume) = server.upload_volume("fault", archive.clone()).await;
     assert_eq!(status, StatusCode::CREATED);
     let body = json!({ "volumes": [{ "volume_id": volume["volume_id"], "mount_path": "/data" }] });
     for delay_ms in [300u64, 1500] {
@@ -380,18 +319,14 @@ async fn abandoned_creates_odd_timeouts_and_runaway_output_leak_nothing() {
             .with_setting("quotas.max_running_sandboxes", "4"),
     )
     .await;
-    let api = &server;
-    let create = |body: Value| async move {
-        let response = api.post("/sandboxes").json(&body).send().await.unwrap();
-        let status = response.status();
-        (status, response.json::<Value>().await.unwrap())
-    };
 
     // Timeouts: absurd ones are clamped, 0 means the default.
-    let (status, huge) = create(json!({ "timeout": 100_000_000_000_000u64 })).await;
+    let (status, huge) = server
+        .create_sandbox(json!({ "timeout": 100_000_000_000_000u64 }))
+        .await;
     assert_eq!(status, StatusCode::CREATED, "{huge}");
     assert_eq!(huge["timeout"], 86_400);
-    let (status, zero) = create(json!({ "timeout": 0 })).await;
+    let (status, zero) = server.create_sandbox(json!({ "timeout": 0 })).await;
     assert_eq!(status, StatusCode::CREATED, "{zero}");
     assert_eq!(zero["timeout"], 300);
     assert!(!zero["end_at"].is_null());
@@ -400,14 +335,8 @@ async fn abandoned_creates_odd_timeouts_and_runaway_output_leak_nothing() {
     // hydrate): the create still finishes, detached, and leaves a
     // recorded sandbox with its volume ready, not a machine without a row.
     let archive = targz(&[("big.bin", noise(16 << 20, 23))]);
-    let response = api
-        .post("/volumes?name=slow")
-        .body(archive)
-        .send()
-        .await
-        .unwrap();
-    let volume: Value = response.json().await.unwrap();
-    let before = running_ids(&server).await;
+    let (_, volume) = server.upload_volume("slow", archive).await;
+    let before = server.sandbox_ids("/sandboxes").await;
     let abandoned = server
         .post("/sandboxes")
         .timeout(Duration::from_millis(30))
@@ -418,29 +347,23 @@ async fn abandoned_creates_odd_timeouts_and_runaway_output_leak_nothing() {
     eventually(
         "the abandoned create completes",
         Duration::from_secs(20),
-        || async { running_ids(&server).await.len() == before.len() + 1 },
+        || async { server.sandbox_ids("/sandboxes").await.len() == before.len() + 1 },
     )
     .await;
-    let finished = running_ids(&server)
+    let finished = server
+        .sandbox_ids("/sandboxes")
         .await
         .into_iter()
         .find(|id| !before.contains(id))
         .unwrap();
-    let sandbox: Value = server
-        .get(&format!("/sandboxes/{finished}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let sandbox: Value = server.get_json(&format!("/sandboxes/{finished}")).await;
     assert_eq!(sandbox["volumes"][0]["status"], "ready", "{sandbox}");
     assert!(no_machine_without_a_row(&server).await);
 
     // The owner's quota of 4 running sandboxes.
     let mut refused = None;
     for _ in 0..4 {
-        let (status, body) = create(json!({})).await;
+        let (status, body) = server.create_sandbox(json!({})).await;
         if status == StatusCode::TOO_MANY_REQUESTS {
             refused = Some(body);
             break;
@@ -452,21 +375,19 @@ async fn abandoned_creates_odd_timeouts_and_runaway_output_leak_nothing() {
         refused["message"].as_str().unwrap().contains("quota"),
         "{refused}"
     );
-    assert_eq!(running_ids(&server).await.len(), 4);
+    assert_eq!(server.sandbox_ids("/sandboxes").await.len(), 4);
 
     let id = huge["sandbox_id"].as_str().unwrap();
     // A batch past the list cap (1000) is refused before any file is written.
     let files: Vec<Value> = (0..1001)
         .map(|i| json!({ "path": format!("/tmp/f{i}"), "data": "x" }))
         .collect();
-    let response = server
+    let (status, body) = server
         .post(&format!("/sandboxes/{id}/files/batch"))
         .json(&json!({ "files": files }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
-    let body: Value = response.json().await.unwrap();
+        .reply()
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(
         body["message"]
             .as_str()
@@ -476,14 +397,13 @@ async fn abandoned_creates_odd_timeouts_and_runaway_output_leak_nothing() {
     );
     // A run whose output is 2 x 16 MiB of NULs: refused as too large for
     // the server to hold, not buffered as ~200 MB of JSON.
-    let response = server
-        .post(&format!("/sandboxes/{id}/commands"))
-        .json(&json!({ "cmd": "head -c 16M /dev/zero; head -c 16M /dev/zero >&2" }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
-    let body: Value = response.json().await.unwrap();
+    let (status, body) = server
+        .command(
+            id,
+            json!({ "cmd": "head -c 16M /dev/zero; head -c 16M /dev/zero >&2" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
     assert!(
         body["message"].as_str().unwrap().contains("exceeds"),
         "{body}"
@@ -507,20 +427,13 @@ async fn abandoned_creates_odd_timeouts_and_runaway_output_leak_nothing() {
         "the abandoned stream's command is killed",
         Duration::from_secs(10),
         || async {
-            let listed: Value = server
-                .get(&format!("/sandboxes/{id}/commands"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let listed: Value = server.get_json(&format!("/sandboxes/{id}/commands")).await;
             listed.as_array().unwrap().is_empty()
         },
     )
     .await;
-    let health = server.get("/health").send().await.unwrap();
-    assert!(health.status().is_success());
+    let (health, _) = server.get("/health").reply().await;
+    assert!(health.is_success());
     let rss = rss_kib(server.pid().unwrap());
     assert!(rss > 0 && rss < 256 * 1024, "server RSS {rss} KiB");
 }
@@ -532,16 +445,8 @@ async fn sigterm_ends_the_server_while_an_upload_hangs() {
         TestServer::start(embedded().with_setting("http.shutdown_grace_secs", "2")).await;
     // An upload that sends a little and then nothing: a request in flight
     // and an archive walk waiting on a blocking thread.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
     let archive = targz(&[("big.bin", noise(4 << 20, 21))]);
-    let request = server
-        .post("/volumes?name=hanging")
-        .header("content-length", archive.len())
-        .body(reqwest::Body::wrap_stream(futures::stream::poll_fn(
-            move |cx| rx.poll_recv(cx),
-        )))
-        .send();
-    let _pending = tokio::spawn(request);
+    let (tx, _pending) = streamed_upload(&server, "hanging", archive.len());
     tx.send(Ok(archive[..64 << 10].to_vec())).await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
 

@@ -1,36 +1,8 @@
 //! Volume hydration on create: real Postgres, Garage and namespace sandboxes.
 
-use crate::common::{self, sandboxes_supported, targz, PrivateGarage, TestServer};
+use crate::common::{self, sandboxes_supported, targz, Api, PrivateGarage, Reply, TestServer};
 use reqwest::StatusCode;
-use serde_json::{json, Value};
-
-async fn upload(server: &TestServer, archive: Vec<u8>) -> Value {
-    let response = server
-        .post("/volumes?name=v")
-        .body(archive)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::CREATED);
-    response.json().await.unwrap()
-}
-
-async fn create(server: &TestServer, body: Value) -> (StatusCode, Value) {
-    let response = server.post("/sandboxes").json(&body).send().await.unwrap();
-    (response.status(), response.json().await.unwrap())
-}
-
-async fn run(server: &TestServer, id: &str, cmd: &str) -> Value {
-    server
-        .post(&format!("/sandboxes/{id}/commands"))
-        .json(&json!({ "cmd": cmd, "user": "user" }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
+use serde_json::json;
 
 fn rows_csv(lines: usize) -> Vec<u8> {
     (0..lines)
@@ -50,14 +22,14 @@ async fn each_sandbox_gets_a_private_copy_before_the_create_returns() {
         ("rows.csv", rows_csv(1000)),
         ("nested/deep/file.txt", b"deep".to_vec()),
     ]);
-    let volume = upload(&server, archive.clone()).await;
+    let volume = server.new_volume(archive.clone()).await;
     let id = volume["volume_id"].as_str().unwrap();
     let attach =
         json!({ "template": "base", "volumes": [{ "volume_id": id, "mount_path": "/data" }] });
 
     let mut sandboxes = Vec::new();
     for _ in 0..3 {
-        let (status, sandbox) = create(&server, attach.clone()).await;
+        let (status, sandbox) = server.create_sandbox(attach.clone()).await;
         assert_eq!(status, StatusCode::CREATED, "{sandbox}");
         let hydrated = &sandbox["volumes"][0];
         assert_eq!(hydrated["status"], "ready", "{sandbox}");
@@ -68,26 +40,23 @@ async fn each_sandbox_gets_a_private_copy_before_the_create_returns() {
         assert!(hydrated["duration_ms"].is_u64());
         // The very first command already sees the data.
         let sid = sandbox["sandbox_id"].as_str().unwrap().to_string();
-        let wc = run(&server, &sid, "wc -l /data/rows.csv").await;
+        let wc = server.run_command(&sid, "wc -l /data/rows.csv").await;
         assert_eq!(wc["stdout"], "1000 /data/rows.csv\n");
         sandboxes.push(sid);
     }
     // The user owns its copy and can change it; nobody else sees the change.
     let (a, b, c) = (&sandboxes[0], &sandboxes[1], &sandboxes[2]);
-    let wrote = run(
-        &server,
-        a,
-        "echo mine > /data/new.txt && echo x >> /data/rows.csv && stat -c %U /data/rows.csv",
-    )
-    .await;
-    assert_eq!(wrote["stdout"], "user\n", "{wrote}");
-    for other in [b, c] {
-        let check = run(
-            &server,
-            other,
-            "ls /data/new.txt 2>&1; wc -l < /data/rows.csv",
+    let wrote = server
+        .run_command(
+            a,
+            "echo mine > /data/new.txt && echo x >> /data/rows.csv && stat -c %U /data/rows.csv",
         )
         .await;
+    assert_eq!(wrote["stdout"], "user\n", "{wrote}");
+    for other in [b, c] {
+        let check = server
+            .run_command(other, "ls /data/new.txt 2>&1; wc -l < /data/rows.csv")
+            .await;
         assert!(
             check["stdout"].as_str().unwrap().contains("No such file"),
             "{check}"
@@ -97,14 +66,14 @@ async fn each_sandbox_gets_a_private_copy_before_the_create_returns() {
             "{check}"
         );
     }
-    let (_, fresh) = create(&server, attach.clone()).await;
+    let (_, fresh) = server.create_sandbox(attach.clone()).await;
     let fresh_id = fresh["sandbox_id"].as_str().unwrap();
-    let check = run(
-        &server,
-        fresh_id,
-        "cat /data/nested/deep/file.txt; ls /data/new.txt 2>&1",
-    )
-    .await;
+    let check = server
+        .run_command(
+            fresh_id,
+            "cat /data/nested/deep/file.txt; ls /data/new.txt 2>&1",
+        )
+        .await;
     assert!(
         check["stdout"].as_str().unwrap().starts_with("deep"),
         "{check}"
@@ -113,14 +82,7 @@ async fn each_sandbox_gets_a_private_copy_before_the_create_returns() {
         check["stdout"].as_str().unwrap().contains("No such file"),
         "{check}"
     );
-    let blob = server
-        .get(&format!("/volumes/{id}/download"))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let blob = server.download_volume(id).await;
     assert_eq!(
         common::sha256_hex(&blob),
         common::sha256_hex(&archive),
@@ -129,17 +91,12 @@ async fn each_sandbox_gets_a_private_copy_before_the_create_returns() {
 
     // Deleting the volume leaves existing copies alone; later attaches get 403.
     assert_eq!(
-        server
-            .delete(&format!("/volumes/{id}"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        server.delete(&format!("/volumes/{id}")).reply().await.0,
         StatusCode::NO_CONTENT
     );
-    let still = run(&server, b, "wc -l < /data/rows.csv").await;
+    let still = server.run_command(b, "wc -l < /data/rows.csv").await;
     assert_eq!(still["stdout"], "1000\n");
-    let (status, body) = create(&server, attach).await;
+    let (status, body) = server.create_sandbox(attach).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
 }
 
@@ -174,12 +131,12 @@ async fn hostile_archive_hydrates_only_safe_entries() {
     add("dev", tar::EntryType::Char, None, b"");
     add("fifo", tar::EntryType::Fifo, None, b"");
     let archive = common::gzip(&builder.into_inner().unwrap());
-    let volume = upload(&server, archive).await;
-    let (status, sandbox) = create(
-        &server,
-        json!({ "volumes": [{ "volume_id": volume["volume_id"], "mount_path": "/data/in" }] }),
-    )
-    .await;
+    let volume = server.new_volume(archive).await;
+    let (status, sandbox) = server
+        .create_sandbox(
+            json!({ "volumes": [{ "volume_id": volume["volume_id"], "mount_path": "/data/in" }] }),
+        )
+        .await;
     assert_eq!(status, StatusCode::CREATED, "{sandbox}");
     let hydrated = &sandbox["volumes"][0];
     assert_eq!(hydrated["status"], "ready");
@@ -194,7 +151,7 @@ async fn hostile_archive_hydrates_only_safe_entries() {
         "traversal, symlink, hardlink, device, fifo: {sandbox}"
     );
     let id = sandbox["sandbox_id"].as_str().unwrap();
-    let listing = run(&server, id, "cd /data && find . -printf '%y %p\\n' | sort -k2; cat /data/escape.txt 2>&1; grep -c evil /etc/passwd").await;
+    let listing = server.run_command(id, "cd /data && find . -printf '%y %p\\n' | sort -k2; cat /data/escape.txt 2>&1; grep -c evil /etc/passwd").await;
     assert_eq!(
         listing["stdout"],
         "d .\nd ./in\nf ./in/abs.txt\nf ./in/good.txt\nd ./in/link\nf ./in/link/passwd\ncat: /data/escape.txt: No such file or directory\n0\n",
@@ -209,7 +166,7 @@ async fn mount_path_and_volume_validation() {
         return;
     }
     let server = TestServer::start(common::production().with_sandboxes(1, 0)).await;
-    let volume = upload(&server, targz(&[("a", b"a".to_vec())])).await;
+    let volume = server.new_volume(targz(&[("a", b"a".to_vec())])).await;
     let id = volume["volume_id"].as_str().unwrap();
     for (attachment, expected) in [
         (
@@ -245,37 +202,30 @@ async fn mount_path_and_volume_validation() {
             StatusCode::FORBIDDEN,
         ),
     ] {
-        let (status, body) = create(&server, json!({ "volumes": [attachment] })).await;
+        let (status, body) = server
+            .create_sandbox(json!({ "volumes": [attachment] }))
+            .await;
         assert_eq!(status, expected, "{attachment} → {body}");
         assert!(body["message"].is_string());
     }
     let overlapping = json!({ "volumes": [{ "volume_id": id, "mount_path": "/data" }, { "volume_id": id, "mount_path": "/data/sub" }] });
     assert_eq!(
-        create(&server, overlapping).await.0,
+        server.create_sandbox(overlapping).await.0,
         StatusCode::BAD_REQUEST
     );
 
     // Another owner's volume: 403, like a deleted or unknown one.
     let mallory = server.create_key("mallory");
-    let response = server
+    let (status, _) = server
         .http
         .post(server.url("/sandboxes"))
         .bearer_auth(&mallory)
         .json(&json!({ "volumes": [{ "volume_id": id, "mount_path": "/data" }] }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::FORBIDDEN);
-    let listed: Value = server
-        .get("/sandboxes?state=all")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .reply()
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
     assert_eq!(
-        listed["sandboxes"].as_array().unwrap().len(),
+        server.sandbox_ids("/sandboxes?state=all").await.len(),
         0,
         "no sandbox was created by a refused request"
     );
@@ -292,11 +242,11 @@ async fn concurrent_creates_fetch_the_blob_once() {
         ("rows.csv", rows_csv(20_000)),
         ("noise.bin", common::noise(4 << 20, 3)),
     ]);
-    let volume = upload(&server, archive).await;
+    let volume = server.new_volume(archive).await;
     let attach =
         json!({ "volumes": [{ "volume_id": volume["volume_id"], "mount_path": "/data" }] });
     let before = server.metric("blob_store_gets_total").await;
-    let creates = (0..8).map(|_| create(&server, attach.clone()));
+    let creates = (0..8).map(|_| server.create_sandbox(attach.clone()));
     for (status, sandbox) in futures::future::join_all(creates).await {
         assert_eq!(status, StatusCode::CREATED, "{sandbox}");
         assert_eq!(sandbox["volumes"][0]["status"], "ready", "{sandbox}");
@@ -323,13 +273,15 @@ async fn object_store_outage_during_create() {
             .with_sandboxes(1, 0),
     )
     .await;
-    let volume = upload(&server, targz(&[("rows.csv", rows_csv(10))])).await;
+    let volume = server
+        .new_volume(targz(&[("rows.csv", rows_csv(10))]))
+        .await;
     let attach =
         json!({ "volumes": [{ "volume_id": volume["volume_id"], "mount_path": "/data" }] });
     garage.stop();
 
     // Default: the sandbox still comes up healthy; the attachment says why.
-    let (status, sandbox) = create(&server, attach.clone()).await;
+    let (status, sandbox) = server.create_sandbox(attach.clone()).await;
     assert_eq!(status, StatusCode::CREATED, "{sandbox}");
     let hydrated = &sandbox["volumes"][0];
     assert_eq!(hydrated["status"], "failed");
@@ -341,7 +293,9 @@ async fn object_store_outage_during_create() {
         "{sandbox}"
     );
     let id = sandbox["sandbox_id"].as_str().unwrap();
-    let ok = run(&server, id, "echo alive; ls /data 2>&1 | head -1").await;
+    let ok = server
+        .run_command(id, "echo alive; ls /data 2>&1 | head -1")
+        .await;
     assert!(
         ok["stdout"].as_str().unwrap().starts_with("alive\n"),
         "{ok}"
@@ -350,7 +304,7 @@ async fn object_store_outage_during_create() {
     // Strict (per request): the create fails and no sandbox is left.
     let mut strict = attach.clone();
     strict["hydrate_strict"] = json!(true);
-    let (status, body) = create(&server, strict).await;
+    let (status, body) = server.create_sandbox(strict).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert!(
         body["message"]
@@ -359,16 +313,8 @@ async fn object_store_outage_during_create() {
             .contains("hydration failed"),
         "{body}"
     );
-    let running: Value = server
-        .get("/sandboxes")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
     assert_eq!(
-        running["sandboxes"].as_array().unwrap().len(),
+        server.sandbox_ids("/sandboxes").await.len(),
         1,
         "only the lenient one"
     );
@@ -389,7 +335,7 @@ async fn object_store_outage_during_create() {
 
     // Back up: hydration works again (the failed fetch was not cached).
     garage.resume();
-    let (status, sandbox) = create(&server, attach).await;
+    let (status, sandbox) = server.create_sandbox(attach).await;
     assert_eq!(status, StatusCode::CREATED);
     assert_eq!(sandbox["volumes"][0]["status"], "ready", "{sandbox}");
 }

@@ -1,6 +1,8 @@
 //! Volumes API against the real binary, Postgres and Garage.
 
-use crate::common::{self, garage, noise, sha256_hex, targz, ServerOptions, TestServer};
+use crate::common::{
+    self, garage, noise, sha256_hex, targz, Api, Reply, ServerOptions, TestServer,
+};
 use reqwest::StatusCode;
 use sandbox_blobs::{BlobStore, S3BlobStore};
 use serde_json::Value;
@@ -13,24 +15,17 @@ fn garage_store(bucket_key: &str) -> S3BlobStore {
 /// Uploads an empty "probe" volume for the default owner; returns the
 /// owner's id and the probe's blob key (which must survive what follows).
 async fn probe_volume(server: &TestServer) -> (String, String) {
-    let body: Value = server
-        .post("/volumes?name=probe")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body: Value = server.post("/volumes?name=probe").json_reply().await;
     let field = |name: &str| body[name].as_str().unwrap().to_string();
     (field("owner_id"), field("blob_key"))
 }
 
-async fn assert_error(response: reqwest::Response, status: StatusCode) -> String {
-    assert_eq!(response.status(), status);
-    let body: Value = response.json().await.expect("error bodies are JSON");
+/// Asserts an answer is `status` with an error body; returns its message.
+fn assert_error((code, body): (StatusCode, Value), status: StatusCode) -> String {
+    assert_eq!(code, status, "{body}");
     body["message"]
         .as_str()
-        .expect("error body has a message")
+        .expect("error bodies are JSON with a message")
         .to_string()
 }
 
@@ -62,15 +57,8 @@ async fn upload_get_list_download_delete() {
     let big = noise(20 << 20, 7);
     let archive = targz(&[("data/rows.csv", b"a,b\n1,2\n".to_vec()), ("blob.bin", big)]);
 
-    let response = server
-        .post("/volumes?name=training-set")
-        .header("content-type", "application/gzip")
-        .body(archive.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::CREATED);
-    let volume: Value = response.json().await.unwrap();
+    let (status, volume) = server.upload_volume("training-set", archive.clone()).await;
+    assert_eq!(status, StatusCode::CREATED);
     let id = volume["volume_id"].as_str().unwrap().to_string();
     let owner = volume["owner_id"].as_str().unwrap().to_string();
     assert!(id.starts_with("vol-") && id.len() == 12, "{id}");
@@ -87,33 +75,13 @@ async fn upload_get_list_download_delete() {
     );
     assert!(volume["created_at"].as_str().unwrap().ends_with('Z'));
 
-    let fetched: Value = server
-        .get(&format!("/volumes/{id}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let fetched: Value = server.get_json(&format!("/volumes/{id}")).await;
     assert_eq!(fetched, volume);
 
-    let second: Value = server
-        .post("/volumes?name=second")
-        .body(targz(&[("x", b"x".to_vec())]))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let listed: Value = server
-        .get("/volumes")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, second) = server
+        .upload_volume("second", targz(&[("x", b"x".to_vec())]))
+        .await;
+    let listed: Value = server.get_json("/volumes").await;
     let ids: Vec<&str> = listed["volumes"]
         .as_array()
         .unwrap()
@@ -126,13 +94,7 @@ async fn upload_get_list_download_delete() {
         "newest first"
     );
 
-    let download = server
-        .get(&format!("/volumes/{id}/download"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(download.status(), StatusCode::OK);
-    let downloaded = download.bytes().await.unwrap();
+    let downloaded = server.download_volume(&id).await;
     assert_eq!(downloaded.len(), archive.len());
     assert_eq!(
         sha256_hex(&downloaded),
@@ -140,36 +102,13 @@ async fn upload_get_list_download_delete() {
         "download returns the uploaded bytes"
     );
 
-    let deleted = server
-        .delete(&format!("/volumes/{id}"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
-    assert_error(
-        server.get(&format!("/volumes/{id}")).send().await.unwrap(),
-        StatusCode::NOT_FOUND,
-    )
-    .await;
-    assert_error(
-        server
-            .get(&format!("/volumes/{id}/download"))
-            .send()
-            .await
-            .unwrap(),
-        StatusCode::NOT_FOUND,
-    )
-    .await;
-    let again = server
-        .delete(&format!("/volumes/{id}"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        again.status(),
-        StatusCode::NO_CONTENT,
-        "deleting twice is fine"
-    );
+    let (deleted, _) = server.delete(&format!("/volumes/{id}")).reply().await;
+    assert_eq!(deleted, StatusCode::NO_CONTENT);
+    for path in [format!("/volumes/{id}"), format!("/volumes/{id}/download")] {
+        assert_error(server.get(&path).reply().await, StatusCode::NOT_FOUND);
+    }
+    let (again, _) = server.delete(&format!("/volumes/{id}")).reply().await;
+    assert_eq!(again, StatusCode::NO_CONTENT, "deleting twice is fine");
     assert_bucket_holds(&owner, &[second["blob_key"].as_str().unwrap().to_string()]).await;
 }
 
@@ -192,14 +131,7 @@ async fn chunked_and_empty_uploads() {
     assert_eq!(volume["size_bytes"], archive.len() as u64);
     assert_eq!(volume["sha256"], sha256_hex(&archive));
     let id = volume["volume_id"].as_str().unwrap();
-    let download = server
-        .get(&format!("/volumes/{id}/download"))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let download = server.download_volume(id).await;
     assert_eq!(sha256_hex(&download), sha256_hex(&archive));
 
     // No body at all (what the Python SDK sends for data=None): an empty volume.
@@ -224,54 +156,32 @@ async fn bad_archives_are_rejected_and_leave_nothing() {
     // Not gzip at all.
     let message = assert_error(
         server
-            .post("/volumes?name=plain")
-            .body(b"just some text".to_vec())
-            .send()
-            .await
-            .unwrap(),
+            .upload_volume("plain", b"just some text".to_vec())
+            .await,
         StatusCode::BAD_REQUEST,
-    )
-    .await;
+    );
     assert!(message.contains("gzip"), "{message}");
 
     // Valid gzip magic, then truncated after multipart parts went up.
     let mut truncated = targz(&[("big.bin", noise(24 << 20, 11))]);
     truncated.truncate(truncated.len() - 4096);
     let message = assert_error(
-        server
-            .post("/volumes?name=truncated")
-            .body(truncated)
-            .send()
-            .await
-            .unwrap(),
+        server.upload_volume("truncated", truncated).await,
         StatusCode::BAD_REQUEST,
-    )
-    .await;
+    );
     assert!(message.contains("corrupt"), "{message}");
 
     // Gzip of something that is not a tar.
     let message = assert_error(
         server
-            .post("/volumes?name=not-tar")
-            .body(common::gzip(&noise(4096, 5)))
-            .send()
-            .await
-            .unwrap(),
+            .upload_volume("not-tar", common::gzip(&noise(4096, 5)))
+            .await,
         StatusCode::BAD_REQUEST,
-    )
-    .await;
+    );
     assert!(message.contains("corrupt"), "{message}");
 
-    let listed: Value = server
-        .get("/volumes")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
     assert_eq!(
-        listed["volumes"].as_array().unwrap().len(),
+        server.volume_count().await,
         1,
         "only the probe volume exists"
     );
@@ -289,15 +199,9 @@ async fn uploads_over_the_cap_get_413() {
 
     // Declared length over the cap: refused before reading.
     let message = assert_error(
-        server
-            .post("/volumes?name=big")
-            .body(archive.clone())
-            .send()
-            .await
-            .unwrap(),
+        server.upload_volume("big", archive.clone()).await,
         StatusCode::PAYLOAD_TOO_LARGE,
-    )
-    .await;
+    );
     assert!(message.contains("1048576"), "{message}");
 
     // Chunked, so the cap is found while streaming.
@@ -306,18 +210,18 @@ async fn uploads_over_the_cap_get_413() {
     let response = server
         .post("/volumes?name=big-chunked")
         .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
-        .send()
+        .try_reply()
         .await;
     match response {
         Ok(response) => {
-            assert_error(response, StatusCode::PAYLOAD_TOO_LARGE).await;
+            assert_error(response, StatusCode::PAYLOAD_TOO_LARGE);
         }
         // The server may close the connection before the client finishes sending.
         Err(e) => eprintln!("client saw the connection close early: {e}"),
     }
     assert_bucket_holds(&owner, &[probe]).await;
-    let health = server.get("/health").send().await.unwrap();
-    assert_eq!(health.status(), StatusCode::OK, "server keeps serving");
+    let (health, _) = server.get("/health").reply().await;
+    assert_eq!(health, StatusCode::OK, "server keeps serving");
 }
 
 #[tokio::test]
@@ -325,34 +229,18 @@ async fn authentication_and_owner_scoping() {
     let _suite = common::suite(module_path!()).await;
     let server = TestServer::start(common::production()).await;
     let archive = targz(&[("secret.txt", b"alice's".to_vec())]);
-    let volume: Value = server
-        .post("/volumes?name=alice")
-        .body(archive.clone())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, volume) = server.upload_volume("alice", archive.clone()).await;
     let id = volume["volume_id"].as_str().unwrap();
 
     // Missing and wrong keys.
-    let anonymous = server
-        .http
-        .get(server.url("/volumes"))
-        .send()
-        .await
-        .unwrap();
-    let message = assert_error(anonymous, StatusCode::UNAUTHORIZED).await;
+    let anonymous = server.http.get(server.url("/volumes")).reply().await;
+    let message = assert_error(anonymous, StatusCode::UNAUTHORIZED);
     assert_eq!(message, "unauthorized: missing or invalid API key");
     let wrong = server
         .http
         .get(server.url("/volumes"))
-        .bearer_auth("sm_wrong")
-        .send()
-        .await
-        .unwrap();
-    assert_error(wrong, StatusCode::UNAUTHORIZED).await;
+        .bearer_auth("sm_wrong");
+    assert_error(wrong.reply().await, StatusCode::UNAUTHORIZED);
     // X-API-Key is accepted too (the Python SDK's streaming calls use it).
     let via_header = server
         .http
@@ -362,36 +250,19 @@ async fn authentication_and_owner_scoping() {
 
     // Another owner sees nothing of it and cannot delete it.
     let bob = server.create_key("bob");
-    let as_bob = |req: reqwest::RequestBuilder| req.bearer_auth(&bob).send();
-    let listed: Value = as_bob(server.http.get(server.url("/volumes")))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let as_bob = |req: reqwest::RequestBuilder| req.bearer_auth(&bob);
+    let listed = as_bob(server.http.get(server.url("/volumes")))
+        .json_reply()
+        .await;
     assert_eq!(listed, serde_json::json!({ "volumes": [] }));
     for path in [format!("/volumes/{id}"), format!("/volumes/{id}/download")] {
-        assert_error(
-            as_bob(server.http.get(server.url(&path))).await.unwrap(),
-            StatusCode::NOT_FOUND,
-        )
-        .await;
+        let answer = as_bob(server.http.get(server.url(&path))).reply().await;
+        assert_error(answer, StatusCode::NOT_FOUND);
     }
-    assert_error(
-        as_bob(server.http.delete(server.url(&format!("/volumes/{id}"))))
-            .await
-            .unwrap(),
-        StatusCode::NOT_FOUND,
-    )
-    .await;
-    let still_there = server
-        .get(&format!("/volumes/{id}/download"))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let url = server.url(&format!("/volumes/{id}"));
+    let answer = as_bob(server.http.delete(url)).reply().await;
+    assert_error(answer, StatusCode::NOT_FOUND);
+    let still_there = server.download_volume(id).await;
     assert_eq!(sha256_hex(&still_there), sha256_hex(&archive));
 }
 
@@ -416,15 +287,7 @@ async fn interrupted_upload_leaves_no_row_and_no_upload() {
         .await;
     assert!(result.is_err() || !result.unwrap().status().is_success());
 
-    let listed: Value = server
-        .get("/volumes")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(listed["volumes"].as_array().unwrap().len(), 1);
+    assert_eq!(server.volume_count().await, 1);
     assert_bucket_holds(&owner, &[probe]).await;
 }
 
@@ -442,13 +305,7 @@ async fn restart_aborts_uploads_a_crash_left_behind() {
 
     // Start a 64 MiB upload, let a few parts land, then kill -9 the server.
     let archive = targz(&[("big.bin", noise(64 << 20, 17))]);
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
-    let request = server
-        .post("/volumes?name=crash")
-        .header("content-length", archive.len())
-        .body(reqwest::Body::wrap_stream(tokio_stream_from(rx)))
-        .send();
-    let upload = tokio::spawn(request);
+    let (tx, upload) = common::streamed_upload(&server, "crash", archive.len());
     for chunk in archive[..24 << 20].chunks(1 << 20) {
         tx.send(Ok(chunk.to_vec())).await.unwrap();
     }
@@ -481,14 +338,7 @@ async fn restart_aborts_uploads_a_crash_left_behind() {
     let log = std::fs::read_to_string(server.log_path()).unwrap();
     // The crashed upload's pending row went too: only the probe is listed,
     // and the bucket holds only the probe's blob.
-    let listed: Value = server
-        .get("/volumes")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed: Value = server.get_json("/volumes").await;
     assert_eq!(listed["volumes"].as_array().unwrap().len(), 1, "{listed}");
     assert!(
         log.contains("removed an unfinished upload's volume"),
@@ -497,25 +347,11 @@ async fn restart_aborts_uploads_a_crash_left_behind() {
     assert_eq!(store.list_keys(&prefix).await.unwrap().len(), 1);
 }
 
-fn tokio_stream_from(
-    mut rx: tokio::sync::mpsc::Receiver<Result<Vec<u8>, std::io::Error>>,
-) -> impl futures::Stream<Item = Result<Vec<u8>, std::io::Error>> {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
-}
-
 #[tokio::test]
 async fn health_and_metrics() {
     let _suite = common::suite(module_path!()).await;
     let server = TestServer::start(common::production()).await;
-    let health: Value = server
-        .http
-        .get(server.url("/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health: Value = server.http.get(server.url("/health")).json_reply().await;
     assert_eq!(health["status"], "ok");
     assert_eq!(health["store"]["backend"], "postgres");
     assert!(health["blobs"]["backend"]
@@ -524,27 +360,14 @@ async fn health_and_metrics() {
         .starts_with("s3://"));
 
     let archive = targz(&[("a", b"abc".to_vec())]);
-    server
-        .post("/volumes?name=m")
-        .body(archive.clone())
-        .send()
-        .await
-        .unwrap();
+    server.upload_volume("m", archive.clone()).await;
     server
         .http
         .get(server.url("/volumes"))
         .send()
         .await
         .unwrap(); // a 401
-    let metrics = server
-        .http
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics_text().await;
     assert!(
         metrics.contains(r#"http_requests_total{method="POST",route="/volumes",status="201"} 1"#),
         "{metrics}"
