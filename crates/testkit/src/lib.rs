@@ -356,6 +356,39 @@ impl ServerOptions {
     }
 }
 
+/// The config file a test server starts with (serialized, so paths and
+/// secrets are quoted correctly whatever they hold); per-test settings come
+/// on top through the environment ([`ServerOptions::with_setting`]).
+#[derive(serde::Serialize)]
+struct TestConfig {
+    listen: &'static str,
+    data_dir: PathBuf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    database: Option<DatabaseSection>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    blobs: Option<BlobsSection>,
+}
+
+#[derive(serde::Serialize)]
+struct DatabaseSection {
+    url: String,
+}
+
+#[derive(serde::Serialize)]
+struct BlobsSection {
+    backend: &'static str,
+    s3: S3Section,
+}
+
+#[derive(serde::Serialize)]
+struct S3Section {
+    endpoint: String,
+    region: String,
+    bucket: String,
+    access_key_id: String,
+    secret_access_key: String,
+}
+
 pub struct TestServer {
     child: Option<Child>,
     pub base_url: String,
@@ -372,27 +405,32 @@ impl TestServer {
     pub async fn start(options: ServerOptions) -> TestServer {
         let data_dir = tempfile::tempdir().unwrap();
         let config_path = data_dir.path().join("config.toml");
-        let mut toml = format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n",
-            data_dir.path().display()
-        );
+        let mut config = TestConfig {
+            listen: "127.0.0.1:0",
+            data_dir: data_dir.path().to_path_buf(),
+            database: None,
+            blobs: None,
+        };
         if options.backend == Backend::Production {
             let g = garage();
-            let bucket = options
-                .bucket
-                .clone()
-                .unwrap_or_else(|| g["S3_BUCKET"].clone());
-            toml.push_str(&format!(
-                "[database]\nurl = \"{}\"\n[blobs]\nbackend = \"s3\"\n[blobs.s3]\nendpoint = \"{}\"\n\
-                 region = \"{}\"\nbucket = \"{bucket}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n",
-                fresh_postgres_database(),
-                g["S3_ENDPOINT"],
-                g["S3_REGION"],
-                g["AWS_ACCESS_KEY_ID"],
-                g["AWS_SECRET_ACCESS_KEY"],
-            ));
+            config.database = Some(DatabaseSection {
+                url: fresh_postgres_database(),
+            });
+            config.blobs = Some(BlobsSection {
+                backend: "s3",
+                s3: S3Section {
+                    endpoint: g["S3_ENDPOINT"].clone(),
+                    region: g["S3_REGION"].clone(),
+                    bucket: options
+                        .bucket
+                        .clone()
+                        .unwrap_or_else(|| g["S3_BUCKET"].clone()),
+                    access_key_id: g["AWS_ACCESS_KEY_ID"].clone(),
+                    secret_access_key: g["AWS_SECRET_ACCESS_KEY"].clone(),
+                },
+            });
         }
-        std::fs::write(&config_path, toml).unwrap();
+        std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
         let mut server = TestServer {
             child: None,
             base_url: String::new(),
