@@ -225,6 +225,15 @@ impl From<envd_protocol::types::RunResult> for RunResultView {
     }
 }
 
+/// What `POST /commands` answers: a foreground command's result, or with
+/// `background` its handle.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum RunAnswerView {
+    Finished(RunResultView),
+    Started(StartedView),
+}
+
 /// A background command's handle.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct StartedView {

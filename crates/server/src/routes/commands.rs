@@ -4,7 +4,7 @@
 use crate::error::{ApiError, ApiResult};
 use crate::extract::SandboxAgent;
 use crate::json::JsonBody;
-use crate::views::{EmptyView, KilledView, ProcessView, RunResultView, StartedView};
+use crate::views::{EmptyView, KilledView, ProcessView, RunAnswerView, RunResultView, StartedView};
 use axum::extract::Path;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -64,18 +64,19 @@ fn parse_pid(pid: &str) -> ApiResult<u32> {
 #[utoipa::path(
     post, path = "/sandboxes/{id}/commands", tag = "commands", params(("id" = String, Path, description = "Sandbox id (`sbx-…`)")),
     request_body = RunBody,
-    responses((status = 200, description = "Finished (or, with `background`, started: `{\"pid\"}`)", body = RunResultView), (status = 400, description = "Malformed request", body = crate::views::ErrorView), (status = 401, description = "Missing or invalid API key", body = crate::views::ErrorView), (status = 404, description = "Unknown, or another owner's", body = crate::views::ErrorView), (status = 410, description = "The sandbox was killed", body = crate::views::ErrorView), (status = 502, description = "The sandbox agent failed", body = crate::views::ErrorView))
+    responses((status = 200, description = "Finished, or with `background` started", body = RunAnswerView), (status = 400, description = "Malformed request", body = crate::views::ErrorView), (status = 401, description = "Missing or invalid API key", body = crate::views::ErrorView), (status = 404, description = "Unknown, or another owner's", body = crate::views::ErrorView), (status = 410, description = "The sandbox was killed", body = crate::views::ErrorView), (status = 502, description = "The sandbox agent failed", body = crate::views::ErrorView))
 )]
 pub async fn run(
     SandboxAgent(agent): SandboxAgent,
     JsonBody(body): JsonBody<RunBody>,
-) -> ApiResult<Response> {
+) -> ApiResult<Json<RunAnswerView>> {
     let (request, background) = parse_run(body)?;
     if background {
         let pid = agent.start(&request).await?;
-        return Ok(Json(StartedView { pid }).into_response());
+        return Ok(Json(RunAnswerView::Started(StartedView { pid })));
     }
-    Ok(Json(RunResultView::from(agent.run(&request).await?)).into_response())
+    let result = agent.run(&request).await?;
+    Ok(Json(RunAnswerView::Finished(result.into())))
 }
 
 #[utoipa::path(
