@@ -146,8 +146,29 @@ class Server:
         # this one never comes back, so its machines (QEMU, relays,
         # launchers) go with it.
         _kill_processes_mentioning(self.data_dir.name)
+        _kill_sandbox_cgroups(Path(self.data_dir.name) / "sandboxes")
         self.log.close()
         self.data_dir.cleanup()
+
+
+def _kill_sandbox_cgroups(state_dir: Path) -> None:
+    """A namespace sandbox's envd is its PID 1 and does not name the state
+    directory, so it survives its killed launcher: kill by cgroup."""
+    try:
+        ids = [f"/sandbox-manager/{name}\n" for name in os.listdir(state_dir)]
+    except OSError:
+        return
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cgroup") as f:
+                cgroups = f.read()
+        except OSError:
+            continue
+        if any(i in cgroups for i in ids):
+            try:
+                os.kill(int(pid), 9)
+            except OSError:
+                pass
 
 
 def _kill_processes_mentioning(path: str) -> None:

@@ -626,6 +626,32 @@ impl Drop for TestServer {
         // Sandboxes outlive a crashed server by design (it re-adopts them);
         // a test's server never comes back, so its machines go with it.
         kill_processes_mentioning(&self.sandbox_state_dir());
+        kill_sandbox_cgroups(&self.sandbox_state_dir());
+    }
+}
+
+/// SIGKILLs what is left in the cgroups of the sandboxes under `state_dir`:
+/// a namespace sandbox's envd is its PID 1 and does not name the state
+/// directory, so it survives its killed launcher (reparented to init).
+fn kill_sandbox_cgroups(state_dir: &Path) {
+    let ids: Vec<String> = std::fs::read_dir(state_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| format!("/sandbox-manager/{}\n", e.file_name().to_string_lossy()))
+        .collect();
+    if ids.is_empty() {
+        return;
+    }
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let pid = entry.file_name().to_string_lossy().to_string();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let cgroups = std::fs::read_to_string(entry.path().join("cgroup")).unwrap_or_default();
+        if ids.iter().any(|id| cgroups.contains(id.as_str())) {
+            let _ = Command::new("kill").args(["-9", &pid]).status();
+        }
     }
 }
 
