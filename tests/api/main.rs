@@ -14,6 +14,7 @@ mod embedded_default;
 mod escape;
 mod faults;
 mod hydration;
+mod layers;
 mod microvm;
 mod sandboxes;
 mod volumes;

@@ -5,8 +5,10 @@
 //! path. Nothing is buffered whole, and many files go as one stream.
 
 use crate::cache::{BlobCache, BlobRef};
+use crate::layers::{Claim, LayerStore};
 use envd_protocol::client::EnvdClient;
 use futures::TryStreamExt;
+use sandbox_runtime::Runtime;
 use sandbox_store::Volume;
 use serde::Serialize;
 use std::sync::{Arc, Mutex};
@@ -39,12 +41,23 @@ impl HydrateOutcome {
     }
 }
 
+/// How an attachment's copy was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HydrateSource {
+    /// Unpacked for this sandbox (a copy, or the node's first layer build).
+    Hydrated,
+    /// A copy-on-write view of a layer already on the node.
+    Layer,
+}
+
 /// Per-attachment outcome, reported on the sandbox (`volumes` in its JSON).
 #[derive(Debug, Clone, Serialize)]
 pub struct HydrateStatus {
     pub volume_id: String,
     pub mount_path: String,
     pub status: HydrateOutcome,
+    pub source: HydrateSource,
     pub files: u64,
     pub bytes: u64,
     pub skipped: u64,
@@ -57,6 +70,13 @@ impl HydrateStatus {
     pub fn failed(&self) -> bool {
         self.status == HydrateOutcome::Failed
     }
+
+    fn fail(mut self, error: String, started: Instant) -> Self {
+        self.status = HydrateOutcome::Failed;
+        self.error = Some(error);
+        self.duration_ms = started.elapsed().as_millis() as u64;
+        self
+    }
 }
 
 /// The owner that hydrated files belong to, so `user` can read and write
@@ -67,6 +87,7 @@ const HYDRATE_USER: &str = "user";
 /// upload was checked against, so an archive that passed one passes both.
 pub use envd_protocol::UnpackLimits;
 
+/// Unpacks the volume into this sandbox's own filesystem.
 pub async fn hydrate(
     agent: &EnvdClient,
     cache: &BlobCache,
@@ -79,6 +100,7 @@ pub async fn hydrate(
         volume_id: volume.id.clone(),
         mount_path: mount_path.to_string(),
         status: HydrateOutcome::Ready,
+        source: HydrateSource::Hydrated,
         files: 0,
         bytes: 0,
         skipped: 0,
@@ -145,5 +167,128 @@ pub async fn hydrate(
         skipped = status.skipped, duration_ms = status.duration_ms, error = status.error.as_deref().unwrap_or(""),
         "volume hydrated"
     );
+    status
+}
+
+/// What a layered hydrate works on.
+pub struct LayerTarget<'a> {
+    pub runtime: &'a dyn Runtime,
+    pub layers: &'a Arc<LayerStore>,
+    pub sandbox_id: &'a str,
+}
+
+/// The volume as a copy-on-write view of the node's layer of it: built
+/// first (unpacked through this sandbox's agent into a fresh layer, then
+/// sealed) if no sandbox here has it yet, else shared in constant time.
+pub async fn hydrate_layered(
+    target: LayerTarget<'_>,
+    agent: &EnvdClient,
+    cache: &BlobCache,
+    volume: &Volume,
+    mount_path: &str,
+    limits: UnpackLimits,
+) -> HydrateStatus {
+    if volume.size_bytes == 0 {
+        return hydrate(agent, cache, volume, mount_path, limits).await;
+    }
+    let started = Instant::now();
+    let blank = HydrateStatus {
+        volume_id: volume.id.clone(),
+        mount_path: mount_path.to_string(),
+        status: HydrateOutcome::Ready,
+        source: HydrateSource::Layer,
+        files: 0,
+        bytes: 0,
+        skipped: 0,
+        duration_ms: 0,
+        error: None,
+    };
+    // The mount point, made by the agent as `user`, as a copy's dir is.
+    if let Err(e) = agent.mkdir(mount_path, HYDRATE_USER).await {
+        return blank.fail(e.to_string(), started);
+    }
+    let LayerTarget {
+        runtime,
+        layers,
+        sandbox_id,
+    } = target;
+    let claim = match layers.claim(&volume.id, &volume.sha256, sandbox_id).await {
+        Ok(claim) => claim,
+        Err(e) => return blank.fail(format!("volume layer: {e}"), started),
+    };
+    let status = match claim {
+        Claim::Failed(why) => blank.fail(why, started),
+        Claim::Share { dir, info } => {
+            match runtime.layer_share(sandbox_id, &dir, mount_path).await {
+                Ok(()) => HydrateStatus {
+                    files: info.files,
+                    bytes: info.bytes,
+                    skipped: info.skipped,
+                    duration_ms: started.elapsed().as_millis() as u64,
+                    ..blank
+                },
+                Err(e) => {
+                    layers.drop_user(&info.key, sandbox_id).await;
+                    blank.fail(format!("mounting the volume layer: {e}"), started)
+                }
+            }
+        }
+        Claim::Build(build) => {
+            if let Err(e) = runtime
+                .layer_build(sandbox_id, build.dir(), mount_path)
+                .await
+            {
+                let why = format!("preparing the volume layer: {e}");
+                build.fail(why.clone());
+                return HydrateStatus {
+                    source: HydrateSource::Hydrated,
+                    ..blank.fail(why, started)
+                };
+            }
+            let copied = hydrate(agent, cache, volume, mount_path, limits).await;
+            let sealed = if copied.failed() {
+                Err(copied.error.clone().unwrap_or_default())
+            } else {
+                runtime
+                    .layer_seal(sandbox_id, build.dir(), mount_path)
+                    .await
+                    .map_err(|e| format!("sealing the volume layer: {e}"))
+            };
+            match sealed {
+                Ok(()) => match build
+                    .succeed(sandbox_id, copied.files, copied.bytes, copied.skipped)
+                    .await
+                {
+                    Ok(_) => HydrateStatus {
+                        duration_ms: started.elapsed().as_millis() as u64,
+                        ..copied
+                    },
+                    Err(e) => blank.fail(format!("recording the volume layer: {e}"), started),
+                },
+                Err(why) => {
+                    // The sandbox must not keep a writable view of a layer
+                    // that is about to be deleted.
+                    if let Err(e) = runtime
+                        .layer_detach(sandbox_id, build.dir(), mount_path)
+                        .await
+                    {
+                        tracing::warn!(sandbox_id, mount_path, error = %e, "cannot detach a failed layer build");
+                    }
+                    build.fail(why.clone());
+                    HydrateStatus {
+                        source: HydrateSource::Hydrated,
+                        ..blank.fail(why, started)
+                    }
+                }
+            }
+        }
+    };
+    if status.source == HydrateSource::Layer {
+        metrics::histogram!("volume_layer_share_seconds").record(started.elapsed().as_secs_f64());
+        tracing::info!(
+            volume_id = %volume.id, mount_path, status = status.status.as_str(), duration_ms = status.duration_ms,
+            error = status.error.as_deref().unwrap_or(""), "volume layer shared"
+        );
+    }
     status
 }

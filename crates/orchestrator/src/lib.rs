@@ -7,6 +7,7 @@ mod egress;
 mod error;
 mod hydrate;
 mod ids;
+mod layers;
 mod lifecycle;
 mod pool;
 mod timers;
@@ -14,6 +15,7 @@ mod unrecorded;
 
 pub use cache::BlobCache;
 pub use error::OrchestratorError;
-pub use hydrate::{Attachment, HydrateOutcome, HydrateStatus, UnpackLimits};
+pub use hydrate::{Attachment, HydrateOutcome, HydrateSource, HydrateStatus, UnpackLimits};
 pub use ids::new_sandbox_id;
+pub use layers::{LayerInfo, LayerStats, LayerStore};
 pub use lifecycle::{CreateSandbox, Orchestrator, OrchestratorConfig};

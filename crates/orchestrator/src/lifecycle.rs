@@ -2,8 +2,11 @@
 
 use crate::cache::BlobCache;
 use crate::error::OrchestratorError;
-use crate::hydrate::{hydrate, Attachment, HydrateStatus, UnpackLimits};
+use crate::hydrate::{
+    hydrate, hydrate_layered, Attachment, HydrateStatus, LayerTarget, UnpackLimits,
+};
 use crate::ids::{new_sandbox_id, new_token};
+use crate::layers::{LayerStats, LayerStore};
 use crate::pool::{WarmPool, WarmSandbox};
 use crate::timers::Deadlines;
 use crate::unrecorded::Unrecorded;
@@ -54,6 +57,8 @@ pub struct CreateSandbox {
 pub struct Orchestrator {
     store: Arc<dyn Store>,
     blob_cache: Arc<BlobCache>,
+    /// Volume layers (`hydrate.mode = "layer"`); `None`: copy per sandbox.
+    layers: Option<Arc<LayerStore>>,
     /// `None` when this host cannot run sandboxes; the reason says why.
     runtime: std::result::Result<Arc<dyn Runtime>, String>,
     templates: Arc<TemplateCatalog>,
@@ -107,16 +112,21 @@ fn deadline(from: DateTime<Utc>, timeout_secs: u64) -> Option<DateTime<Utc>> {
 }
 
 impl Orchestrator {
+    /// `layers`: share volumes copy-on-write from this store where the
+    /// runtime can (see [`Self::hydrate_mode`]); `None` copies them.
     pub fn new(
         store: Arc<dyn Store>,
         blob_cache: Arc<BlobCache>,
+        layers: Option<Arc<LayerStore>>,
         runtime: std::result::Result<Arc<dyn Runtime>, String>,
         templates: Arc<TemplateCatalog>,
         config: OrchestratorConfig,
     ) -> Arc<Self> {
+        let layers = layers.filter(|_| runtime.as_ref().is_ok_and(|r| r.supports_layers()));
         Arc::new_cyclic(|me| Orchestrator {
             store,
             blob_cache,
+            layers,
             runtime,
             templates,
             pool: WarmPool::new(config.pool_sizes.clone()),
@@ -145,6 +155,23 @@ impl Orchestrator {
             .as_ref()
             .map(|r| r.describe())
             .map_err(Clone::clone)
+    }
+
+    /// How volumes reach sandboxes here: `"layer"` (shared copy-on-write)
+    /// or `"copy"` (unpacked per sandbox), with the layer store's usage.
+    pub fn hydrate_mode(&self) -> (&'static str, Option<LayerStats>) {
+        match &self.layers {
+            Some(layers) => ("layer", Some(layers.stats())),
+            None => ("copy", None),
+        }
+    }
+
+    /// Volumes this node holds a layer of (placement prefers such nodes).
+    pub fn layered_volumes(&self) -> Vec<String> {
+        self.layers
+            .as_ref()
+            .map(|layers| layers.held_volumes())
+            .unwrap_or_default()
     }
 
     fn runtime(&self) -> Result<&Arc<dyn Runtime>> {
@@ -338,14 +365,24 @@ impl Orchestrator {
         self.boot(template).await
     }
 
-    /// Drops a deleted volume's cached blob.
-    pub fn forget_volume(&self, volume_id: &str) {
+    /// Drops a deleted volume's cached blob, and its layers once no
+    /// running sandbox mounts them.
+    pub async fn forget_volume(&self, volume_id: &str) {
         self.blob_cache.forget_volume(volume_id);
+        if let Some(layers) = &self.layers {
+            layers.forget_volume(volume_id).await;
+        }
     }
 
-    /// Drops cached blobs of every volume not in `live`; returns how many.
-    pub fn prune_blob_cache(&self, live: &HashSet<String>) -> usize {
-        self.blob_cache.retain_volumes(live)
+    /// Drops cached blobs and (unused) layers of every volume not in
+    /// `live`; returns how many of each went.
+    pub async fn prune_volume_caches(&self, live: &HashSet<String>) -> (usize, usize) {
+        let blobs = self.blob_cache.retain_volumes(live);
+        let layers = match &self.layers {
+            Some(layers) => layers.retain_volumes(live).await,
+            None => 0,
+        };
+        (blobs, layers)
     }
 
     /// The caller's ready volumes, in attachment order. Unknown, deleted
@@ -438,13 +475,22 @@ impl Orchestrator {
             .iter()
             .zip(&volumes)
             .map(|(attachment, volume)| {
-                hydrate(
-                    &client,
-                    &self.blob_cache,
-                    volume,
-                    &attachment.mount_path,
-                    self.config.unpack_limits,
-                )
+                let (client, cache, limits) =
+                    (&client, &self.blob_cache, self.config.unpack_limits);
+                let mount_path = attachment.mount_path.as_str();
+                async move {
+                    match &self.layers {
+                        Some(layers) => {
+                            let target = LayerTarget {
+                                runtime: runtime.as_ref(),
+                                layers,
+                                sandbox_id: &warm.booted.id,
+                            };
+                            hydrate_layered(target, client, cache, volume, mount_path, limits).await
+                        }
+                        None => hydrate(client, cache, volume, mount_path, limits).await,
+                    }
+                }
             });
         let statuses: Vec<HydrateStatus> = futures::future::join_all(hydrates).await;
         self.check_hydration(owner_id, &statuses, request.strict_hydrate)
@@ -586,8 +632,14 @@ impl Orchestrator {
         // Held while it goes, so the orphan sweep does not race the teardown.
         let _held = self.unrecorded.hold(id);
         if let Ok(runtime) = self.runtime() {
-            if let Err(e) = runtime.destroy(id).await {
-                tracing::error!(sandbox_id = id, error = %e, "destroy failed");
+            match runtime.destroy(id).await {
+                // Its mounts died with it: its layers are free.
+                Ok(()) => {
+                    if let Some(layers) = &self.layers {
+                        layers.release(id).await;
+                    }
+                }
+                Err(e) => tracing::error!(sandbox_id = id, error = %e, "destroy failed"),
             }
         }
     }
@@ -665,6 +717,10 @@ impl Orchestrator {
         for id in present.difference(&kept) {
             tracing::info!(sandbox_id = %id, "destroying sandbox with no record");
             self.destroy_quietly(id).await;
+        }
+        // Layers mounted by sandboxes that did not survive are free.
+        if let Some(layers) = &self.layers {
+            layers.retain_users(&kept).await;
         }
         Ok(())
     }

@@ -129,6 +129,62 @@ pub trait Runtime: Send + Sync {
         None
     }
 
+    /// Whether this driver shares volume layers: a volume unpacked once per
+    /// node into a layer directory, then mounted copy-on-write into every
+    /// sandbox that attaches it. Drivers that cannot leave the `layer_*`
+    /// calls alone, and the orchestrator copies the volume per sandbox.
+    fn supports_layers(&self) -> bool {
+        false
+    }
+
+    /// Makes the empty `layer_dir` (the store's, on this node) writable at
+    /// `mount_path` (an existing directory) in sandbox `id`, for its agent
+    /// to unpack the volume into.
+    async fn layer_build(
+        &self,
+        _id: &str,
+        _layer_dir: &Path,
+        _mount_path: &str,
+    ) -> Result<(), RuntimeError> {
+        Err(RuntimeError::Unsupported(format!(
+            "{} sandboxes do not share volume layers",
+            self.kind()
+        )))
+    }
+
+    /// After the unpack: makes the layer durable and read-only for good, and
+    /// gives sandbox `id` a private copy-on-write view of it at `mount_path`
+    /// in place of the writable one.
+    async fn layer_seal(
+        &self,
+        id: &str,
+        layer_dir: &Path,
+        mount_path: &str,
+    ) -> Result<(), RuntimeError> {
+        self.layer_build(id, layer_dir, mount_path).await
+    }
+
+    /// Mounts a private copy-on-write view of the sealed layer at
+    /// `mount_path` (an existing directory) in sandbox `id`.
+    async fn layer_share(
+        &self,
+        id: &str,
+        layer_dir: &Path,
+        mount_path: &str,
+    ) -> Result<(), RuntimeError> {
+        self.layer_build(id, layer_dir, mount_path).await
+    }
+
+    /// Takes a failed build's writable mount away from sandbox `id`.
+    async fn layer_detach(
+        &self,
+        id: &str,
+        layer_dir: &Path,
+        mount_path: &str,
+    ) -> Result<(), RuntimeError> {
+        self.layer_build(id, layer_dir, mount_path).await
+    }
+
     /// Cuts (or restores) the sandbox's outbound network. Drivers without
     /// outbound networking accept both.
     async fn set_network(&self, _id: &str, _enabled: bool) -> Result<(), RuntimeError> {

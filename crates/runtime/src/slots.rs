@@ -95,6 +95,15 @@ impl SlotAllocator {
         )))
     }
 
+    /// The range `owner` holds, if any.
+    pub fn held_by(&self, owner: &Path) -> Option<IdRange> {
+        let id = owner.to_string_lossy();
+        (0..self.slots).find_map(|slot| {
+            let holder = fs::read_to_string(self.dir.join(slot.to_string())).ok()?;
+            (holder == id).then(|| self.range(slot))
+        })
+    }
+
     /// Releases every slot held by `owner`.
     pub fn release(&self, owner: &Path) {
         let id = owner.to_string_lossy();
@@ -129,6 +138,8 @@ mod tests {
         assert!(allocator.claim(&c).is_err(), "only two slots");
         allocator.release(&a);
         assert_eq!(allocator.claim(&c).unwrap(), range_a);
+        assert_eq!(allocator.held_by(&c), Some(range_a));
+        assert_eq!(allocator.held_by(&a), None);
         // b's directory disappears without a release: its slot is stale.
         fs::remove_dir(&b).unwrap();
         assert_eq!(allocator.claim(&d).unwrap(), range_b);

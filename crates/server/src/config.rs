@@ -81,6 +81,17 @@ pub struct HydrateConfig {
     pub strict: bool,
     pub cache_dir: String,
     pub cache_max_bytes: u64,
+    pub mode: HydrateMode,
+    pub layers_dir: String,
+    pub layers_max_bytes: u64,
+}
+
+/// `hydrate.mode`: share one layer per node, or copy per sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HydrateMode {
+    Layer,
+    Copy,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -268,6 +279,10 @@ impl Config {
 
     pub fn blob_cache_dir(&self) -> PathBuf {
         self.under_data_dir(&self.hydrate.cache_dir, "blob-cache")
+    }
+
+    pub fn layers_dir(&self) -> PathBuf {
+        self.under_data_dir(&self.hydrate.layers_dir, "layers")
     }
 
     pub fn templates_dir(&self) -> PathBuf {

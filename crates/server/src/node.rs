@@ -1,10 +1,10 @@
 //! This node's sandbox machinery: templates, the runtime driver and the
 //! orchestrator, plus their start-up duties.
 
-use crate::config::{Config, RuntimeKind};
+use crate::config::{Config, HydrateMode, RuntimeKind};
 use anyhow::Context;
 use sandbox_blobs::BlobStore;
-use sandbox_orchestrator::{BlobCache, Orchestrator, OrchestratorConfig};
+use sandbox_orchestrator::{BlobCache, LayerStore, Orchestrator, OrchestratorConfig};
 use sandbox_runtime::{
     LauncherCommand, MicrovmConfig, MicrovmRuntime, NamespaceConfig, NamespaceRuntime, Runtime,
     TemplateCatalog, TemplateDef,
@@ -168,9 +168,23 @@ pub async fn start(
             tracing::warn!(reason = %why, "no sandbox runtime: sandbox calls will answer 503")
         }
     }
+    let layers = match config.hydrate.mode {
+        HydrateMode::Layer if runtime.as_ref().is_ok_and(|r| r.supports_layers()) => {
+            let dir = config.layers_dir();
+            let layers = LayerStore::open(dir.clone(), config.hydrate.layers_max_bytes)
+                .with_context(|| format!("opening the volume layer store {}", dir.display()))?;
+            Some(layers)
+        }
+        HydrateMode::Layer => {
+            tracing::info!("hydrate.mode = \"layer\", but this runtime cannot share layers: volumes are copied per sandbox");
+            None
+        }
+        HydrateMode::Copy => None,
+    };
     let orchestrator = Orchestrator::new(
         store,
         Arc::new(blob_cache),
+        layers,
         runtime.clone(),
         templates.clone(),
         OrchestratorConfig {

@@ -112,7 +112,7 @@ impl Reconciler {
                 match self.remove_orphan_blobs(&owners).await {
                     Ok((n, live)) => {
                         report.orphan_blobs = n;
-                        report.cache_entries = self.prune_cache(&live);
+                        report.cache_entries = self.prune_cache(&live).await;
                     }
                     Err(e) => tracing::warn!(error = %e, "reconcile: orphan blobs"),
                 }
@@ -210,10 +210,15 @@ impl Reconciler {
         Ok(aborted)
     }
 
-    /// Drops cache entries of volumes whose blob key is not in `live_keys`.
-    fn prune_cache(&self, live_keys: &HashSet<String>) -> usize {
+    /// Drops cached blobs and unused layers of volumes whose blob key is
+    /// not in `live_keys`; returns how many blobs went.
+    async fn prune_cache(&self, live_keys: &HashSet<String>) -> usize {
         let live: HashSet<String> = live_keys.iter().filter_map(|k| volume_id_of(k)).collect();
-        self.orchestrator.prune_blob_cache(&live)
+        let (blobs, layers) = self.orchestrator.prune_volume_caches(&live).await;
+        if layers > 0 {
+            tracing::info!(layers, "volume layers of deleted volumes released");
+        }
+        blobs
     }
 }
 

@@ -120,6 +120,7 @@ impl Harness {
             orchestrator: Orchestrator::new(
                 store.clone(),
                 Arc::new(BlobCache::new(dir.path().join("cache"), 0, blobs.clone()).unwrap()),
+                None,
                 Err("not started".into()),
                 templates.clone(),
                 config(&options),
@@ -149,6 +150,7 @@ impl Harness {
         let orchestrator = Orchestrator::new(
             self.store.clone(),
             Arc::new(cache),
+            None,
             Ok(runtime),
             self.templates.clone(),
             config(&self.options),

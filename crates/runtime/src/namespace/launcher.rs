@@ -134,6 +134,15 @@ fn parse_id(flag: &str, value: &str) -> Result<u32, String> {
 /// threads (tokio) exist, with the arguments after the subcommand name.
 /// Its stderr is the sandbox's `launcher.log`.
 pub fn launcher_main(args: &[String]) -> ! {
+    if args.first().map(String::as_str) == Some(super::layers::LAYER_FLAG) {
+        match super::layers::layer_main(&args[1..]) {
+            Ok(()) => std::process::exit(0),
+            Err(e) => {
+                eprintln!("{e}");
+                std::process::exit(1);
+            }
+        }
+    }
     if args.first().map(String::as_str) == Some(super::protections::PROBE_IDMAP_FLAG) {
         match probe_idmap(&args[1..]) {
             Ok(()) => std::process::exit(0),
@@ -220,7 +229,7 @@ fn probe_idmap(args: &[String]) -> io::Result<()> {
         base,
         count: userns::IDS_PER_SANDBOX,
     })?;
-    mounts::idmapped_tree(std::path::Path::new(path), &userns).map(drop)
+    mounts::idmapped_tree(std::path::Path::new(path), &userns, true).map(drop)
 }
 
 /// Waits for the sandbox's PID 1; returns a shell-style exit code.

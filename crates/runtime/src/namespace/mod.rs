@@ -19,6 +19,7 @@ pub mod caps;
 pub mod cgroups;
 pub mod disk;
 pub mod launcher;
+pub mod layers;
 pub mod mounts;
 pub mod protections;
 pub mod seccomp;
@@ -191,6 +192,15 @@ impl NamespaceRuntime {
             .map_err(|e| RuntimeError::io("writing the token file", e))?;
         fs::File::create(agent.join("envd"))
             .map_err(|e| RuntimeError::io("creating the envd mount point", e))?;
+        // Mount point of the disk's volume-layer dirs: stays host-root 0700.
+        fs::create_dir(agent.join(mounts::VOLUMES_DIR))
+            .and_then(|()| {
+                fs::set_permissions(
+                    agent.join(mounts::VOLUMES_DIR),
+                    fs::Permissions::from_mode(0o700),
+                )
+            })
+            .map_err(|e| RuntimeError::io("creating the volumes mount point", e))?;
         let root = ids.host_id(0);
         for path in [agent.clone(), agent.join("token")] {
             std::os::unix::fs::chown(&path, Some(root), Some(root))
@@ -531,6 +541,41 @@ impl Runtime for NamespaceRuntime {
 
     fn envd_socket(&self, id: &str) -> PathBuf {
         self.agent_dir(id).join("envd.sock")
+    }
+
+    fn supports_layers(&self) -> bool {
+        true
+    }
+
+    async fn layer_build(
+        &self,
+        id: &str,
+        dir: &Path,
+        mount_path: &str,
+    ) -> Result<(), RuntimeError> {
+        self.mount_layer_for_build(id, dir, mount_path).await
+    }
+
+    async fn layer_seal(&self, id: &str, dir: &Path, mount_path: &str) -> Result<(), RuntimeError> {
+        self.seal_layer(id, dir, mount_path).await
+    }
+
+    async fn layer_share(
+        &self,
+        id: &str,
+        dir: &Path,
+        mount_path: &str,
+    ) -> Result<(), RuntimeError> {
+        self.share_layer(id, dir, mount_path).await
+    }
+
+    async fn layer_detach(
+        &self,
+        id: &str,
+        dir: &Path,
+        mount_path: &str,
+    ) -> Result<(), RuntimeError> {
+        self.detach_layer(id, dir, mount_path).await
     }
 }
 

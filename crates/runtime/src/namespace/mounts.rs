@@ -17,6 +17,8 @@ use crate::slots::IdRange;
 
 /// Inside the sandbox: where the host's agent dir is mounted.
 pub const AGENT_MOUNT: &str = "/.envd";
+/// Under [`AGENT_MOUNT`]: the per-attachment dirs of volume layers.
+pub const VOLUMES_DIR: &str = "volumes";
 /// Inside the sandbox: where the old root goes during pivot_root.
 pub const OLD_ROOT: &str = "/.oldroot";
 
@@ -111,6 +113,14 @@ pub fn assemble(layout: &RootLayout, userns: &OwnedFd) -> io::Result<()> {
     let envd = agent.join("envd");
     bind(&layout.envd_binary, &envd)?;
     remount_bind(&envd, libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV)?;
+    // Where volume layers get their private upper dirs (on this disk, so
+    // they count against its quota): host-root owned and 0700, which the
+    // sandbox's root cannot enter, and a mount point it cannot remove.
+    let volumes = layout.disk.join("volumes");
+    fs::create_dir_all(&volumes).map_err(context("creating disk/volumes"))?;
+    fs::set_permissions(&volumes, fs::Permissions::from_mode(0o700))
+        .map_err(context("chmod disk/volumes"))?;
+    bind(&volumes, &agent.join(VOLUMES_DIR))?;
 
     setup_proc(&merged.join("proc"))?;
     setup_sys(&merged.join("sys"))?;
@@ -121,7 +131,7 @@ pub fn assemble(layout: &RootLayout, userns: &OwnedFd) -> io::Result<()> {
 /// Binds `source` on `target` with every file's owner shifted into `ids`
 /// (an idmapped mount: no chown, the template stays shared and pristine).
 fn idmapped_bind(source: &Path, target: &Path, userns: &OwnedFd) -> io::Result<()> {
-    let tree = idmapped_tree(source, userns)?;
+    let tree = idmapped_tree(source, userns, true)?;
     let empty = c"";
     let target_c = cstring(target)?;
     // SAFETY: move_mount of our detached tree onto a valid path.
@@ -144,9 +154,14 @@ fn idmapped_bind(source: &Path, target: &Path, userns: &OwnedFd) -> io::Result<(
     Ok(())
 }
 
-/// A detached, read-only copy of the mount at `source` with ownership
-/// shifted by `userns`'s mapping. Attach it with move_mount, or drop it.
-pub(crate) fn idmapped_tree(source: &Path, userns: &OwnedFd) -> io::Result<OwnedFd> {
+/// A detached copy of the mount at `source` (read-only unless `read_only`
+/// is false) with ownership shifted by `userns`'s mapping. Attach it with
+/// move_mount, or drop it.
+pub(crate) fn idmapped_tree(
+    source: &Path,
+    userns: &OwnedFd,
+    read_only: bool,
+) -> io::Result<OwnedFd> {
     let source_c = cstring(source)?;
     // SAFETY: open_tree on a valid path; the returned fd is owned below.
     let tree = unsafe {
@@ -162,8 +177,9 @@ pub(crate) fn idmapped_tree(source: &Path, userns: &OwnedFd) -> io::Result<Owned
     }
     // SAFETY: a fresh fd from open_tree.
     let tree = unsafe { OwnedFd::from_raw_fd(tree as libc::c_int) };
+    let read_only = if read_only { MOUNT_ATTR_RDONLY } else { 0 };
     let attr = MountAttr {
-        attr_set: MOUNT_ATTR_IDMAP | MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+        attr_set: MOUNT_ATTR_IDMAP | read_only | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
         attr_clr: 0,
         propagation: 0,
         userns_fd: userns.as_raw_fd() as u64,
@@ -190,10 +206,10 @@ pub(crate) fn idmapped_tree(source: &Path, userns: &OwnedFd) -> io::Result<Owned
 }
 
 const OPEN_TREE_CLONE: libc::c_uint = 1;
-const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+pub(crate) const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
 const MOUNT_ATTR_RDONLY: u64 = 0x1;
-const MOUNT_ATTR_NOSUID: u64 = 0x2;
-const MOUNT_ATTR_NODEV: u64 = 0x4;
+pub(crate) const MOUNT_ATTR_NOSUID: u64 = 0x2;
+pub(crate) const MOUNT_ATTR_NODEV: u64 = 0x4;
 const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
 
 /// `struct mount_attr` (linux/mount.h).

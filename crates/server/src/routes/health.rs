@@ -31,6 +31,12 @@ pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
         }
         Err(reason) => json!({ "status": "unavailable", "reason": reason }),
     };
+    // How volumes reach sandboxes here, and what the layer store holds.
+    let (mode, layers) = state.orchestrator.hydrate_mode();
+    body["hydrate"] = json!({ "mode": mode, "strict": state.config.hydrate.strict });
+    if let Some(layers) = layers {
+        body["hydrate"]["layers"] = json!(layers);
+    }
     if let Err(e) = &store {
         body["store"]["error"] = json!(e.to_string());
     }

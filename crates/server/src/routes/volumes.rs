@@ -332,7 +332,7 @@ pub async fn delete(
     if state.store.mark_volume_deleted(&owner.id, &id).await? {
         tracing::info!(volume_id = %id, owner_id = %owner.id, "volume deleted");
     }
-    state.orchestrator.forget_volume(&id);
+    state.orchestrator.forget_volume(&id).await;
     if let Err(e) = state.blobs.delete(&volume.blob_key).await {
         // The volume is gone for every caller already; its bytes go at the
         // reconciler's next pass (a blob without a live row).
