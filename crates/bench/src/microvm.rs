@@ -30,12 +30,14 @@ async fn kill(server: &TestServer, id: &str) -> anyhow::Result<()> {
 async fn unpooled_creates(
     binary: &Path,
     snapshots: bool,
+    fast_restore: bool,
     n: usize,
 ) -> anyhow::Result<Vec<Duration>> {
     let server = TestServer::start(
         ServerOptions::production(binary)
             .with_sandboxes(0, 0)
-            .with_setting("runtime.microvm.snapshots", &snapshots.to_string()),
+            .with_setting("runtime.microvm.snapshots", &snapshots.to_string())
+            .with_setting("runtime.microvm.fast_restore", &fast_restore.to_string()),
     )
     .await;
     let mut samples = Vec::new();
@@ -121,12 +123,26 @@ pub async fn run(binary: &Path, work_dir: &Path) -> anyhow::Result<()> {
     );
     drop(server);
 
-    let restored = unpooled_creates(binary, true, 20).await?;
+    // Before/after the restore-path fixes (qcow2 header written in-process,
+    // a relay started ahead of time), interleaved in one run.
+    let (mut before, mut restored) = (Vec::new(), Vec::new());
+    for _ in 0..2 {
+        before.extend(unpooled_creates(binary, true, false, 10).await?);
+        restored.extend(unpooled_creates(binary, true, true, 10).await?);
+    }
+    println!(
+        "  restore to ready, qemu-img + relay exec on the path: {}",
+        summarize(&before)
+    );
     println!(
         "  restore to ready (create, pool 0)  : {}",
         summarize(&restored)
     );
-    let cold = unpooled_creates(binary, false, 5).await?;
+    println!(
+        "  restore p50 after / before          : {:.2}",
+        summarize(&restored).p50 / summarize(&before).p50
+    );
+    let cold = unpooled_creates(binary, false, true, 5).await?;
     println!(
         "  cold boot to ready (create, pool 0): {}",
         summarize(&cold)

@@ -129,6 +129,7 @@ pub struct MicrovmSettings {
     pub qemu_img: String,
     pub kernel_source: String,
     pub snapshots: bool,
+    pub fast_restore: bool,
     pub disk_gib: u64,
     pub boot_timeout_secs: u64,
     pub vm_user: String,

@@ -97,6 +97,7 @@ fn microvm_runtime(config: &Config) -> Result<Arc<dyn Runtime>, String> {
         kernel_source: settings.kernel_source.clone().into(),
         accel: settings.accel,
         snapshots: settings.snapshots,
+        fast_restore: settings.fast_restore,
         disk_bytes: settings.disk_gib << 30,
         boot_timeout: std::time::Duration::from_secs(settings.boot_timeout_secs),
         vm_user: settings.vm_user.clone(),

@@ -66,6 +66,12 @@ pub struct AttachmentView {
     pub mount_path: String,
     #[schema(value_type = AttachmentStatusView)]
     pub status: String,
+    /// `hydrated`: unpacked for this sandbox; `layer`: a copy-on-write view
+    /// of the node's layer of the volume (absent on sandboxes created before
+    /// layers existed).
+    #[schema(value_type = Option<AttachmentSourceView>)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
     pub files: u64,
     pub bytes: u64,
     /// Entries dropped: links, devices, fifos, `..` paths.
@@ -80,6 +86,13 @@ pub struct AttachmentView {
 pub enum AttachmentStatusView {
     Ready,
     Failed,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AttachmentSourceView {
+    Hydrated,
+    Layer,
 }
 
 impl From<&Sandbox> for SandboxView {

@@ -19,6 +19,7 @@ pub mod accel;
 mod error;
 mod hostguard;
 pub mod images;
+mod qcow2;
 mod qemu;
 pub mod qmp;
 pub mod relay;
@@ -67,6 +68,10 @@ pub struct MicrovmConfig {
     pub accel: AccelChoice,
     /// Warm boots restore the template's snapshot; off: every boot is cold.
     pub snapshots: bool,
+    /// Boots write their overlay's qcow2 header in-process and take a relay
+    /// started ahead of time; off: `qemu-img create` and a relay exec'd on
+    /// the boot path (kept to measure the difference).
+    pub fast_restore: bool,
     /// Size of each guest's root disk (sparse; only written blocks use space).
     pub disk_bytes: u64,
     /// Cold boot to envd-ready, and snapshot builds.
@@ -111,6 +116,8 @@ struct Inner {
     building: Mutex<HashSet<PathBuf>>,
     /// The last failure of each background build, reported by `boot`.
     build_failures: Mutex<HashMap<PathBuf, Arc<MicrovmError>>>,
+    /// A relay already exec'd for the next boot (`fast_restore`).
+    spare_relay: Mutex<Option<relay::Spare>>,
 }
 
 impl MicrovmRuntime {
@@ -191,6 +198,7 @@ impl Inner {
             agents: Mutex::new(HashMap::new()),
             building: Mutex::new(HashSet::new()),
             build_failures: Mutex::new(HashMap::new()),
+            spare_relay: Mutex::new(None),
         })
     }
 }

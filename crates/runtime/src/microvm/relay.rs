@@ -34,8 +34,26 @@ const QEMU_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 
 type Sessions = Arc<Mutex<HashMap<u32, mpsc::Sender<Bytes>>>>;
 
+/// Flag of a spare relay: started ahead of a boot, it reads its arguments
+/// as one line on stdin when the boot comes (see [`Spare`]).
+const AWAIT_CONFIG: &str = "--await-config";
+
 pub fn relay_main(args: &[String]) -> ! {
-    const USAGE: &str = "usage: --serial PATH --agent PATH [--run-as UID:GID]";
+    const USAGE: &str =
+        "usage: --serial PATH --agent PATH [--run-as UID:GID] | --await-config (the same on stdin)";
+    let mut line = String::new();
+    let args: Vec<String> = if args.len() == 1 && args[0] == AWAIT_CONFIG {
+        // The server gone before a boot took us: EOF, nothing to do.
+        if std::io::stdin().read_line(&mut line).unwrap_or(0) == 0 {
+            std::process::exit(0);
+        }
+        line.trim_end_matches('\n')
+            .split('\t')
+            .map(str::to_string)
+            .collect()
+    } else {
+        args.to_vec()
+    };
     let mut serial = None;
     let mut agent = None;
     let mut run_as = None;
@@ -195,31 +213,73 @@ pub(super) async fn spawn(
     files: &VmFiles,
     run_as: Option<(u32, u32)>,
 ) -> Result<(), MicrovmError> {
-    let mut command = tokio::process::Command::new(&relay.program);
-    command
-        .args(&relay.args_prefix)
-        .arg("--serial")
-        .arg(files.serial_socket())
-        .arg("--agent")
-        .arg(files.agent_socket());
-    if let Some((uid, gid)) = run_as {
-        command.arg("--run-as").arg(format!("{uid}:{gid}"));
+    Spare::start(relay)?.take_on(files, run_as).await
+}
+
+/// A relay process started ahead of a boot: exec'd and waiting for its
+/// paths on stdin, so a snapshot restore does not wait for the exec.
+pub(super) struct Spare {
+    child: tokio::process::Child,
+}
+
+impl Spare {
+    pub(super) fn start(relay: &LauncherCommand) -> Result<Spare, MicrovmError> {
+        let mut command = tokio::process::Command::new(&relay.program);
+        command.args(&relay.args_prefix).arg(AWAIT_CONFIG);
+        command
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(false);
+        // Its own session: a terminal's Ctrl-C to the server must not reach it.
+        // SAFETY: setsid is async-signal-safe.
+        unsafe {
+            command.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let child = command.spawn().map_err(MicrovmError::RelaySpawn)?;
+        Ok(Spare { child })
     }
-    command
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(false);
-    // Its own session: a terminal's Ctrl-C to the server must not reach it.
-    // SAFETY: setsid is async-signal-safe.
-    unsafe {
-        command.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
+
+    /// Hands the spare its VM and waits until it listens.
+    pub(super) async fn take_on(
+        self,
+        files: &VmFiles,
+        run_as: Option<(u32, u32)>,
+    ) -> Result<(), MicrovmError> {
+        let mut child = self.child;
+        let pid = child.id().ok_or(MicrovmError::RelayExited)? as i32;
+        let mut config = vec![
+            "--serial".to_string(),
+            files.serial_socket().display().to_string(),
+            "--agent".to_string(),
+            files.agent_socket().display().to_string(),
+        ];
+        if let Some((uid, gid)) = run_as {
+            config.extend(["--run-as".to_string(), format!("{uid}:{gid}")]);
+        }
+        if config.iter().any(|item| item.contains(['\t', '\n'])) {
+            let _ = child.start_kill();
+            return Err(MicrovmError::SocketPathTooLong(files.agent_socket()));
+        }
+        let mut stdin = child.stdin.take().expect("piped");
+        let line = format!("{}\n", config.join("\t"));
+        if stdin.write_all(line.as_bytes()).await.is_err() {
+            let _ = child.start_kill();
+            return Err(MicrovmError::RelayExited);
+        }
+        drop(stdin);
+        finish_start(child, pid, files).await
     }
-    let mut child = command.spawn().map_err(MicrovmError::RelaySpawn)?;
-    let pid = child.id().ok_or(MicrovmError::RelayExited)? as i32;
+}
+
+async fn finish_start(
+    mut child: tokio::process::Child,
+    pid: i32,
+    files: &VmFiles,
+) -> Result<(), MicrovmError> {
     let stdout = child.stdout.take().expect("piped");
     let mut line = String::new();
     let mut stdout = tokio::io::BufReader::new(stdout);

@@ -132,6 +132,20 @@ impl Inner {
         format: &str,
         overlay: &Path,
     ) -> Result<(), MicrovmError> {
+        if self.config.fast_restore {
+            let (backing, format, path) = (
+                backing.to_path_buf(),
+                format.to_string(),
+                overlay.to_path_buf(),
+            );
+            return tokio::task::spawn_blocking(move || {
+                super::qcow2::create_overlay(&backing, &format, &path)
+            })
+            .await
+            .map_err(|e| io::Error::other(e.to_string()))
+            .and_then(|created| created)
+            .map_err(MicrovmError::file("writing the overlay", overlay));
+        }
         process::output_async(
             tokio::process::Command::new(&self.config.qemu_img_binary)
                 .args(["create", "-q", "-f", "qcow2", "-F", format, "-b"])
@@ -157,6 +171,35 @@ impl Inner {
                     .build()
             })
             .clone()
+    }
+
+    /// The VM's relay: the spare one when there is one (then another spare
+    /// is started for the next boot), else one started now.
+    async fn start_relay(
+        &self,
+        files: &VmFiles,
+        run_as: Option<(u32, u32)>,
+    ) -> Result<(), MicrovmError> {
+        if !self.config.fast_restore {
+            return relay::spawn(&self.config.relay, files, run_as).await;
+        }
+        let spare = self.spare_relay.lock().unwrap().take();
+        let spare = match spare {
+            Some(spare) => spare,
+            None => relay::Spare::start(&self.config.relay)?,
+        };
+        spare.take_on(files, run_as).await
+    }
+
+    /// Starts the spare relay the next boot takes, off this boot's path.
+    fn keep_a_spare_relay(&self) {
+        if !self.config.fast_restore || self.spare_relay.lock().unwrap().is_some() {
+            return;
+        }
+        match relay::Spare::start(&self.config.relay) {
+            Ok(spare) => *self.spare_relay.lock().unwrap() = Some(spare),
+            Err(e) => warn!(error = %e, "cannot start a spare relay"),
+        }
     }
 
     /// Waits for envd over the agent channel, then hands it its token.
@@ -253,7 +296,7 @@ impl Inner {
             // device state, nothing secret.
             readable_by_all(&snapshot.state())?;
         }
-        relay::spawn(&self.config.relay, &files, run_as).await?;
+        self.start_relay(&files, run_as).await?;
         let launch = VmLaunch {
             name: &spec.id,
             files: &files,
@@ -270,9 +313,11 @@ impl Inner {
             .spawn(&self.config.qemu_binary, self.accel.accel, gid)
             .await?;
         let Some(snapshot) = snapshot else {
-            return self
+            let ready = self
                 .initialise(spec, &files, self.config.boot_timeout)
                 .await;
+            self.keep_a_spare_relay();
+            return ready;
         };
         let mut qmp = Qmp::connect(&files.qmp_socket(), QMP_TIMEOUT).await?;
         qmp.migrate_file(
@@ -282,7 +327,9 @@ impl Inner {
         )
         .await?;
         qmp.execute("cont", json!({})).await?;
-        self.initialise(spec, &files, Duration::from_secs(10)).await
+        let ready = self.initialise(spec, &files, Duration::from_secs(10)).await;
+        self.keep_a_spare_relay();
+        ready
     }
 }
 
