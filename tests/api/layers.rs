@@ -127,6 +127,22 @@ async fn writes_never_cross_between_sandboxes_sharing_a_layer() {
         );
     }
 
+    // Root inside cannot reach the layer itself: the per-attachment dirs
+    // are not its to enter, and the mounts are not its to undo.
+    let probe = server
+        .run_command_as(
+            &c,
+            "root",
+            "ls /.envd/volumes 2>&1; umount /data 2>&1; echo unmount=$?; \
+             grep -c ' /data ' /proc/self/mountinfo",
+        )
+        .await;
+    let probe = probe["stdout"].as_str().unwrap().to_string();
+    assert!(probe.contains("Permission denied"), "{probe}");
+    assert!(!probe.contains("unmount=0"), "{probe}");
+    assert!(probe.ends_with("1\n"), "still mounted: {probe}");
+    assert_eq!(look(&server, &c).await, pristine);
+
     // And the other way: b's writes reach neither a nor c.
     let wrote = server
         .run_command(&b, "echo b > /data/keep.txt && touch /data/from-b")

@@ -1,6 +1,8 @@
 //! S3 backend (tested against Garage). Uploads buffer one part at a time and
 //! send at most `max_inflight_parts` parts concurrently, so memory stays at
-//! about `part_size × (max_inflight_parts + 1)` whatever the blob size.
+//! about `part_size × (max_inflight_parts + 1)` whatever the blob size. A
+//! sent part's buffer is reused for a later part, so an upload allocates
+//! (and faults in) those buffers once, not once per part.
 //! Blobs smaller than one part go up as a single PutObject.
 
 use crate::{BlobError, BlobReader, BlobResult, BlobStore, BlobUpload};
@@ -117,6 +119,7 @@ impl BlobStore for S3BlobStore {
             key: key.to_string(),
             part_size: self.settings.part_size,
             buffer: BytesMut::with_capacity(self.settings.part_size),
+            spare_buffers: Arc::default(),
             multipart: None,
             inflight: Arc::new(Semaphore::new(self.settings.max_inflight_parts.max(1))),
             parts: JoinSet::new(),
@@ -253,6 +256,8 @@ struct S3Upload {
     key: String,
     part_size: usize,
     buffer: BytesMut,
+    /// Buffers of parts already sent, for the next parts.
+    spare_buffers: Arc<std::sync::Mutex<Vec<BytesMut>>>,
     /// Upload id, created lazily once the blob outgrows one part.
     multipart: Option<String>,
     inflight: Arc<Semaphore>,
@@ -300,6 +305,7 @@ impl S3Upload {
         let part_number = self.next_part;
         self.next_part += 1;
         let (client, bucket, key) = (self.client.clone(), self.bucket.clone(), self.key.clone());
+        let (spares, keep) = (self.spare_buffers.clone(), body.clone());
         self.parts.spawn(async move {
             let _permit = permit;
             let uploaded = client
@@ -312,6 +318,11 @@ impl S3Upload {
                 .send()
                 .await
                 .map_err(|e| backend_error("upload part", e))?;
+            // The SDK has let go of the body: its buffer serves again.
+            if let Ok(mut buffer) = keep.try_into_mut() {
+                buffer.clear();
+                spares.lock().unwrap().push(buffer);
+            }
             Ok(CompletedPart::builder()
                 .part_number(part_number)
                 .set_e_tag(uploaded.e_tag().map(str::to_string))
@@ -391,9 +402,12 @@ impl BlobUpload for S3Upload {
             let take = room.min(chunk.len());
             self.buffer.extend_from_slice(&chunk.split_to(take));
             if self.buffer.len() == self.part_size {
-                let part = self.buffer.split().freeze();
-                self.buffer.reserve(self.part_size);
+                let part = std::mem::take(&mut self.buffer).freeze();
                 self.send_part(part).await?;
+                // Taken once the part holds its in-flight permit, so at most
+                // `max_inflight_parts + 1` buffers ever exist.
+                let spare = self.spare_buffers.lock().unwrap().pop();
+                self.buffer = spare.unwrap_or_else(|| BytesMut::with_capacity(self.part_size));
             }
         }
         Ok(())

@@ -1,21 +1,36 @@
 //! Validates a gzip-compressed tar while it streams past, without holding it.
 //!
 //! The async side feeds chunks through a bounded channel to a blocking
-//! thread that runs a streaming gunzip + tar walk; the bound is what keeps
-//! memory flat. If the archive turns out corrupt the thread stops early and
-//! the feeder learns it at its next send.
+//! thread that runs a streaming gunzip + tar walk and hashes the blob; the
+//! bound is what keeps memory flat. Hashing there, not on the async side,
+//! puts it on the other core while the request's task moves bytes to
+//! object storage. If the archive turns out corrupt the thread stops early
+//! and the feeder learns it at its next send.
 
 use bytes::Bytes;
 use sandbox_archive::{Gunzip, Limits};
+use sha2::{Digest, Sha256};
 use std::io::{self, Read};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 pub use sandbox_archive::{ArchiveError, Summary as ArchiveSummary, GZIP_MAGIC};
 
+/// Chunks queued for the walker; each may pin one of hyper's read buffers
+/// (up to ~400 KiB), so this stays small.
+const QUEUED_CHUNKS: usize = 8;
+
 pub struct ArchiveInspector {
     chunks: Option<mpsc::Sender<Bytes>>,
-    walker: JoinHandle<Result<ArchiveSummary, ArchiveError>>,
+    walker: JoinHandle<Result<Inspected, ArchiveError>>,
+}
+
+/// What a valid archive turned out to be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inspected {
+    pub summary: ArchiveSummary,
+    /// Hex SHA-256 of every byte fed.
+    pub sha256: String,
 }
 
 impl ArchiveInspector {
@@ -24,7 +39,7 @@ impl ArchiveInspector {
     /// soon as the feeder goes away: a dropped inspector is a truncated
     /// archive, so no thread outlives its upload.
     pub fn start(limits: Limits) -> Self {
-        let (tx, rx) = mpsc::channel::<Bytes>(8);
+        let (tx, rx) = mpsc::channel::<Bytes>(QUEUED_CHUNKS);
         let walker = tokio::task::spawn_blocking(move || walk(ChannelReader::new(rx), limits));
         ArchiveInspector {
             chunks: Some(tx),
@@ -41,7 +56,7 @@ impl ArchiveInspector {
         }
     }
 
-    pub async fn finish(mut self) -> Result<ArchiveSummary, ArchiveError> {
+    pub async fn finish(mut self) -> Result<Inspected, ArchiveError> {
         self.chunks.take();
         match (&mut self.walker).await {
             Ok(result) => result,
@@ -50,16 +65,24 @@ impl ArchiveInspector {
     }
 }
 
-fn walk(reader: ChannelReader, limits: Limits) -> Result<ArchiveSummary, ArchiveError> {
+fn walk(mut reader: ChannelReader, limits: Limits) -> Result<Inspected, ArchiveError> {
     // `scan` reads to the end of the gzip stream, so a truncated trailer
     // (CRC, length) is noticed too; the ratio guard bounds that tail.
-    sandbox_archive::scan(Gunzip::new(reader, &limits), limits)
+    let summary = sandbox_archive::scan(Gunzip::new(&mut reader, &limits), limits)?;
+    // Anything the walk did not need to read is stored too: hash it.
+    io::copy(&mut reader, &mut io::sink()).map_err(ArchiveError::Io)?;
+    Ok(Inspected {
+        summary,
+        sha256: hex::encode(reader.hasher.finalize()),
+    })
 }
 
 /// `Read` over chunks arriving from async code.
 struct ChannelReader {
     rx: mpsc::Receiver<Bytes>,
     current: Bytes,
+    /// Every chunk received, in order.
+    hasher: Sha256,
 }
 
 impl ChannelReader {
@@ -67,6 +90,7 @@ impl ChannelReader {
         ChannelReader {
             rx,
             current: Bytes::new(),
+            hasher: Sha256::new(),
         }
     }
 }
@@ -75,7 +99,10 @@ impl Read for ChannelReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         while self.current.is_empty() {
             match self.rx.blocking_recv() {
-                Some(chunk) => self.current = chunk,
+                Some(chunk) => {
+                    self.hasher.update(&chunk);
+                    self.current = chunk;
+                }
                 None => return Ok(0),
             }
         }
@@ -91,14 +118,16 @@ mod tests {
     use testkit::{gzip, targz};
 
     async fn inspect(data: Vec<u8>, chunk: usize) -> Result<ArchiveSummary, ArchiveError> {
-        inspect_with(data, chunk, Limits::default()).await
+        inspect_with(data, chunk, Limits::default())
+            .await
+            .map(|inspected| inspected.summary)
     }
 
     async fn inspect_with(
         data: Vec<u8>,
         chunk: usize,
         limits: Limits,
-    ) -> Result<ArchiveSummary, ArchiveError> {
+    ) -> Result<Inspected, ArchiveError> {
         let mut inspector = ArchiveInspector::start(limits);
         for piece in data.chunks(chunk) {
             if !inspector.feed(Bytes::copy_from_slice(piece)).await {
@@ -119,6 +148,16 @@ mod tests {
                 uncompressed_bytes: 3005
             }
         );
+    }
+
+    #[tokio::test]
+    async fn hashes_every_byte_fed() {
+        let data = targz(&[("a.txt", vec![3u8; 50_000]), ("b.txt", b"b".to_vec())]);
+        let inspected = inspect_with(data.clone(), 333, Limits::default())
+            .await
+            .unwrap();
+        assert_eq!(inspected.sha256, testkit::sha256_hex(&data));
+        assert_eq!(inspected.summary.entries, 2);
     }
 
     #[tokio::test]

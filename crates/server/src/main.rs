@@ -108,6 +108,7 @@ fn main() -> anyhow::Result<()> {
     if args.get(1).map(String::as_str) == Some(node::RELAY_SUBCOMMAND) {
         sandbox_runtime::microvm::relay::relay_main(&args[2..]);
     }
+    bound_large_allocations();
     let cli = Cli::parse();
     let config = Config::load(cli.config.as_deref())?;
     telemetry::init(config.log.format);
@@ -117,6 +118,20 @@ fn main() -> anyhow::Result<()> {
     // hold the process past shutdown: give it a moment, then leave.
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     outcome
+}
+
+/// Upload parts (8 MiB each, a few in flight) are the big allocations. By
+/// default glibc raises its mmap threshold to the size of the last large
+/// block freed, after which parts come from per-thread heaps that keep the
+/// memory after it is freed: a 1 GiB upload peaked at 104 MiB of RSS for
+/// 40 MiB of live buffers. A fixed threshold keeps every block of 1 MiB or
+/// more an mmap of its own, returned to the kernel when freed.
+fn bound_large_allocations() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt before any thread exists; it only tunes the allocator.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
 }
 
 async fn run(command: Command, config: Config) -> anyhow::Result<()> {

@@ -1,7 +1,7 @@
 //! `/volumes`: upload a tar.gz once, then list, fetch, download, delete.
 
 use crate::app::AppState;
-use crate::archive::{ArchiveError, ArchiveInspector, ArchiveSummary, GZIP_MAGIC};
+use crate::archive::{ArchiveError, ArchiveInspector, ArchiveSummary, Inspected, GZIP_MAGIC};
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::views::{VolumeListView, VolumeView};
@@ -82,7 +82,6 @@ async fn stream_into(
     limits: sandbox_archive::Limits,
 ) -> Result<StoredBlob, UploadFailure> {
     let mut inspector = ArchiveInspector::start(limits);
-    let mut hasher = Sha256::new();
     let mut size: u64 = 0;
     let mut head: Vec<u8> = Vec::with_capacity(2);
     let mut stream = body.into_data_stream();
@@ -99,7 +98,6 @@ async fn stream_into(
                     return Err(UploadFailure::Archive(ArchiveError::NotGzip));
                 }
             }
-            hasher.update(&chunk);
             metrics::counter!("volume_upload_bytes_total").increment(chunk.len() as u64);
             if !inspector.feed(chunk.clone()).await {
                 break; // The walker already rejected the archive.
@@ -109,20 +107,22 @@ async fn stream_into(
         if size == 1 {
             return Err(UploadFailure::Archive(ArchiveError::NotGzip));
         }
-        let summary = if size == 0 {
-            ArchiveSummary::default() // An empty body is an empty volume.
-        } else {
-            inspector.finish().await.map_err(UploadFailure::Archive)?
-        };
-        Ok(summary)
+        if size == 0 {
+            // An empty body is an empty volume.
+            return Ok(Inspected {
+                summary: ArchiveSummary::default(),
+                sha256: hex::encode(Sha256::digest(b"")),
+            });
+        }
+        inspector.finish().await.map_err(UploadFailure::Archive)
     }
     .await;
     match outcome {
-        Ok(summary) => {
+        Ok(Inspected { summary, sha256 }) => {
             let size = upload.complete().await.map_err(UploadFailure::Storage)?;
             Ok(StoredBlob {
                 size,
-                sha256: hex::encode(hasher.finalize()),
+                sha256,
                 summary,
             })
         }
