@@ -14,7 +14,25 @@ const TOTAL: usize = 256 << 20;
 
 /// Half noise, half text-like data, so gzip has some work to do.
 pub(crate) fn archive(work_dir: &Path) -> anyhow::Result<PathBuf> {
-    let path = work_dir.join("hydrate-256MiB-2000files.tar.gz");
+    let size = TOTAL / FILES;
+    let files = (0..FILES).map(|i| {
+        let data: Vec<u8> = if i % 2 == 0 {
+            testkit::noise(size, i as u64 + 1)
+        } else {
+            (0..size)
+                .map(|j| b"0123456789,abcdef\n"[(i + j) % 18])
+                .collect()
+        };
+        (format!("dir{:02}/file{i:05}.dat", i % 40), data)
+    });
+    cached_archive(work_dir.join("hydrate-256MiB-2000files.tar.gz"), files)
+}
+
+/// Writes `files` as a tar.gz at `path` unless an earlier run did.
+fn cached_archive<D: AsRef<[u8]>>(
+    path: PathBuf,
+    files: impl Iterator<Item = (String, D)>,
+) -> anyhow::Result<PathBuf> {
     if path.exists() {
         return Ok(path);
     }
@@ -23,24 +41,13 @@ pub(crate) fn archive(work_dir: &Path) -> anyhow::Result<PathBuf> {
     let gz =
         flate2::write::GzEncoder::new(std::io::BufWriter::new(file), flate2::Compression::fast());
     let mut tar = tar::Builder::new(gz);
-    let size = TOTAL / FILES;
-    for i in 0..FILES {
-        let data: Vec<u8> = if i % 2 == 0 {
-            testkit::noise(size, i as u64 + 1)
-        } else {
-            (0..size)
-                .map(|j| b"0123456789,abcdef\n"[(i + j) % 18])
-                .collect()
-        };
+    for (name, data) in files {
+        let data = data.as_ref();
         let mut header = tar::Header::new_gnu();
         header.set_size(data.len() as u64);
         header.set_mode(0o644);
         header.set_cksum();
-        tar.append_data(
-            &mut header,
-            format!("dir{:02}/file{i:05}.dat", i % 40),
-            data.as_slice(),
-        )?;
+        tar.append_data(&mut header, name, data)?;
     }
     tar.into_inner()?.finish()?.flush()?;
     std::fs::rename(path.with_extension("partial"), &path)?;
@@ -280,31 +287,12 @@ const LARGE_FILES: usize = 2048;
 
 /// 2 GiB in 2,048 files of 1 MiB, a quarter of them noise.
 fn large_archive(work_dir: &Path) -> anyhow::Result<PathBuf> {
-    let path = work_dir.join("hydrate-2GiB-2048files.tar.gz");
-    if path.exists() {
-        return Ok(path);
-    }
-    eprintln!("generating {}", path.display());
-    let file = std::fs::File::create(path.with_extension("partial"))?;
-    let gz =
-        flate2::write::GzEncoder::new(std::io::BufWriter::new(file), flate2::Compression::fast());
-    let mut tar = tar::Builder::new(gz);
     let size = 1 << 20;
     let text: Vec<u8> = (0..size).map(|j| b"0123456789,abcdef\n"[j % 18]).collect();
     let noise = testkit::noise(size, 7);
-    for i in 0..LARGE_FILES {
+    let files = (0..LARGE_FILES).map(|i| {
         let data = if i % 4 == 0 { &noise } else { &text };
-        let mut header = tar::Header::new_gnu();
-        header.set_size(data.len() as u64);
-        header.set_mode(0o644);
-        header.set_cksum();
-        tar.append_data(
-            &mut header,
-            format!("d{:02}/f{i:05}.dat", i % 32),
-            data.as_slice(),
-        )?;
-    }
-    tar.into_inner()?.finish()?.flush()?;
-    std::fs::rename(path.with_extension("partial"), &path)?;
-    Ok(path)
+        (format!("d{:02}/f{i:05}.dat", i % 32), data)
+    });
+    cached_archive(work_dir.join("hydrate-2GiB-2048files.tar.gz"), files)
 }

@@ -67,6 +67,21 @@ pub struct HydrateStatus {
 }
 
 impl HydrateStatus {
+    /// Ready, nothing counted yet.
+    fn new(volume: &Volume, mount_path: &str, source: HydrateSource) -> Self {
+        HydrateStatus {
+            volume_id: volume.id.clone(),
+            mount_path: mount_path.to_string(),
+            status: HydrateOutcome::Ready,
+            source,
+            files: 0,
+            bytes: 0,
+            skipped: 0,
+            duration_ms: 0,
+            error: None,
+        }
+    }
+
     pub fn failed(&self) -> bool {
         self.status == HydrateOutcome::Failed
     }
@@ -96,17 +111,7 @@ pub async fn hydrate(
     limits: UnpackLimits,
 ) -> HydrateStatus {
     let started = Instant::now();
-    let mut status = HydrateStatus {
-        volume_id: volume.id.clone(),
-        mount_path: mount_path.to_string(),
-        status: HydrateOutcome::Ready,
-        source: HydrateSource::Hydrated,
-        files: 0,
-        bytes: 0,
-        skipped: 0,
-        duration_ms: 0,
-        error: None,
-    };
+    let mut status = HydrateStatus::new(volume, mount_path, HydrateSource::Hydrated);
     let outcome = if volume.size_bytes == 0 {
         // An empty volume has no archive at all: just the directory.
         agent
@@ -192,17 +197,7 @@ pub async fn hydrate_layered(
         return hydrate(agent, cache, volume, mount_path, limits).await;
     }
     let started = Instant::now();
-    let blank = HydrateStatus {
-        volume_id: volume.id.clone(),
-        mount_path: mount_path.to_string(),
-        status: HydrateOutcome::Ready,
-        source: HydrateSource::Layer,
-        files: 0,
-        bytes: 0,
-        skipped: 0,
-        duration_ms: 0,
-        error: None,
-    };
+    let blank = HydrateStatus::new(volume, mount_path, HydrateSource::Layer);
     // The mount point, made by the agent as `user`, as a copy's dir is.
     if let Err(e) = agent.mkdir(mount_path, HYDRATE_USER).await {
         return blank.fail(e.to_string(), started);

@@ -65,8 +65,16 @@ async fn two_sandboxes_are_isolated_and_destroyed_cleanly() {
         "1000\n/home/user"
     );
     assert_eq!(sh(&a, "root", "id -un").await.1, "root");
-    // The token file was consumed by envd.
-    assert_eq!(sh(&a, "root", "ls /.envd").await.1, "envd\nenvd.sock");
+    // The token file was consumed by envd; `volumes` (the volume layers'
+    // private dirs) is a host-root mount point root inside cannot enter.
+    assert_eq!(
+        sh(&a, "root", "ls /.envd").await.1,
+        "envd\nenvd.sock\nvolumes"
+    );
+    assert!(sh(&a, "root", "ls /.envd/volumes 2>&1")
+        .await
+        .1
+        .contains("Permission denied"));
 
     // Hostname is the sandbox id.
     assert_eq!(sh(&a, "user", "hostname").await.1, id_a);

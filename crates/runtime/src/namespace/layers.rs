@@ -357,7 +357,8 @@ struct OpenHow {
 
 /// The host side: what the runtime trait's layer calls do.
 impl NamespaceRuntime {
-    async fn run_layer_helper(
+    /// Runs the mount helper for `action` on sandbox `id`.
+    pub(super) async fn run_layer_helper(
         &self,
         id: &str,
         action: LayerAction,
@@ -420,31 +421,6 @@ impl NamespaceRuntime {
             mount_path,
         )
         .await
-    }
-
-    pub(super) async fn share_layer(
-        &self,
-        id: &str,
-        layer_dir: &Path,
-        mount_path: &str,
-    ) -> Result<(), RuntimeError> {
-        self.run_layer_helper(
-            id,
-            LayerAction::Share { replace: false },
-            layer_dir,
-            mount_path,
-        )
-        .await
-    }
-
-    pub(super) async fn detach_layer(
-        &self,
-        id: &str,
-        layer_dir: &Path,
-        mount_path: &str,
-    ) -> Result<(), RuntimeError> {
-        self.run_layer_helper(id, LayerAction::Detach, layer_dir, mount_path)
-            .await
     }
 }
 

@@ -43,6 +43,7 @@ use crate::runtime::{validate_id, BootSpec, Booted, Runtime, RuntimeError};
 use crate::slots::{IdRange, SlotAllocator, SLOTS_ROOT};
 use cgroups::SandboxCgroup;
 use launcher::{LaunchArgs, DISK_IMAGE};
+use layers::LayerAction;
 use protections::Protections;
 
 /// Unix socket paths are limited to 108 bytes including the NUL.
@@ -566,7 +567,8 @@ impl Runtime for NamespaceRuntime {
         dir: &Path,
         mount_path: &str,
     ) -> Result<(), RuntimeError> {
-        self.share_layer(id, dir, mount_path).await
+        let share = LayerAction::Share { replace: false };
+        self.run_layer_helper(id, share, dir, mount_path).await
     }
 
     async fn layer_detach(
@@ -575,7 +577,8 @@ impl Runtime for NamespaceRuntime {
         dir: &Path,
         mount_path: &str,
     ) -> Result<(), RuntimeError> {
-        self.detach_layer(id, dir, mount_path).await
+        self.run_layer_helper(id, LayerAction::Detach, dir, mount_path)
+            .await
     }
 }
 
