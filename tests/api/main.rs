@@ -5,7 +5,8 @@
 //!
 //! The sandbox suites (sandboxes, hydration, microvm, escape) run on the
 //! runtime `SANDBOX_TEST_RUNTIME` names (namespace by default);
-//! scripts/test.sh runs them again with microvm.
+//! scripts/test.sh runs them again with microvm. `layers` is namespace-only
+//! (microVMs copy volumes), and says so when skipped.
 
 mod common;
 
