@@ -180,6 +180,10 @@ pub struct LayerTarget<'a> {
     pub runtime: &'a dyn Runtime,
     pub layers: &'a Arc<LayerStore>,
     pub sandbox_id: &'a str,
+    /// The sandbox's disk quota: a volume is shared only with a sandbox
+    /// whose disk could hold it as a copy, so a layer never lets a tenant
+    /// past the disk bound it would have without layers.
+    pub disk_bytes: u64,
 }
 
 /// The volume as a copy-on-write view of the node's layer of it: built
@@ -198,6 +202,14 @@ pub async fn hydrate_layered(
     }
     let started = Instant::now();
     let blank = HydrateStatus::new(volume, mount_path, HydrateSource::Layer);
+    let unpacked = volume.uncompressed_bytes.max(0) as u64;
+    if unpacked > target.disk_bytes {
+        let why = format!(
+            "no space left on device: the volume unpacks to {unpacked} bytes, more than this sandbox's {}-byte disk",
+            target.disk_bytes
+        );
+        return blank.fail(why, started);
+    }
     // The mount point, made by the agent as `user`, as a copy's dir is.
     if let Err(e) = agent.mkdir(mount_path, HYDRATE_USER).await {
         return blank.fail(e.to_string(), started);
@@ -206,6 +218,7 @@ pub async fn hydrate_layered(
         runtime,
         layers,
         sandbox_id,
+        ..
     } = target;
     let claim = match layers.claim(&volume.id, &volume.sha256, sandbox_id).await {
         Ok(claim) => claim,

@@ -470,6 +470,10 @@ impl Orchestrator {
         if !request.envs.is_empty() {
             client.set_env(request.envs.clone()).await?;
         }
+        let disk_bytes = self
+            .templates
+            .get(&request.template)
+            .map_or(u64::MAX, |t| t.limits().disk_mib.saturating_mul(1 << 20));
         let hydrates = request
             .volumes
             .iter()
@@ -485,6 +489,7 @@ impl Orchestrator {
                                 runtime: runtime.as_ref(),
                                 layers,
                                 sandbox_id: &warm.booted.id,
+                                disk_bytes,
                             };
                             hydrate_layered(target, client, cache, volume, mount_path, limits).await
                         }
