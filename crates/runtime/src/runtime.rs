@@ -137,6 +137,16 @@ pub trait Runtime: Send + Sync {
         false
     }
 
+    /// Checks that layers can live in `store_dir` (an existing directory):
+    /// run at start, so a store on an unsuitable filesystem means copying
+    /// volumes, not failing every hydrate.
+    fn check_layer_store(&self, _store_dir: &Path) -> Result<(), RuntimeError> {
+        Err(RuntimeError::Unsupported(format!(
+            "{} sandboxes do not share volume layers",
+            self.kind()
+        )))
+    }
+
     /// Makes the empty `layer_dir` (the store's, on this node) writable at
     /// `mount_path` (an existing directory) in sandbox `id`, for its agent
     /// to unpack the volume into.

@@ -174,7 +174,14 @@ pub async fn start(
             let dir = config.layers_dir();
             let layers = LayerStore::open(dir.clone(), config.hydrate.layers_max_bytes)
                 .with_context(|| format!("opening the volume layer store {}", dir.display()))?;
-            Some(layers)
+            let checked = runtime.as_ref().map(|r| r.check_layer_store(&dir));
+            match checked {
+                Ok(Err(why)) => {
+                    tracing::warn!(dir = %dir.display(), reason = %why, "volume layers cannot live here: volumes are copied per sandbox");
+                    None
+                }
+                _ => Some(layers),
+            }
         }
         HydrateMode::Layer => {
             tracing::info!("hydrate.mode = \"layer\", but this runtime cannot share layers: volumes are copied per sandbox");

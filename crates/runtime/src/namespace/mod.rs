@@ -548,6 +548,12 @@ impl Runtime for NamespaceRuntime {
         true
     }
 
+    /// Layer trees are mounted idmapped, like templates: the store's
+    /// filesystem must support that.
+    fn check_layer_store(&self, store_dir: &Path) -> Result<(), RuntimeError> {
+        protections::probe_idmap(&self.config, store_dir)
+    }
+
     async fn layer_build(
         &self,
         id: &str,

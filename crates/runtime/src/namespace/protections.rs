@@ -109,7 +109,9 @@ pub fn probe(config: &NamespaceConfig) -> Result<Protections, RuntimeError> {
             "mkfs.ext4 not found (install e2fsprogs; it formats each sandbox's disk)".into(),
         ));
     }
-    probe_idmap(config)?;
+    fs::create_dir_all(&config.state_dir)
+        .map_err(|e| RuntimeError::io(format!("creating {}", config.state_dir.display()), e))?;
+    probe_idmap(config, &config.state_dir)?;
     Ok(Protections {
         cgroup_version,
         device_cgroup: cgroups::device_cgroup_available(),
@@ -118,16 +120,15 @@ pub fn probe(config: &NamespaceConfig) -> Result<Protections, RuntimeError> {
     })
 }
 
-/// Runs the launcher in its idmap-only mode on the state dir: a real
-/// user namespace and a real idmapped mount, or the kernel's refusal.
-fn probe_idmap(config: &NamespaceConfig) -> Result<(), RuntimeError> {
-    fs::create_dir_all(&config.state_dir)
-        .map_err(|e| RuntimeError::io(format!("creating {}", config.state_dir.display()), e))?;
+/// Runs the launcher in its idmap-only mode on `dir` (an existing
+/// directory): a real user namespace and a real idmapped mount, or the
+/// kernel's refusal.
+pub(crate) fn probe_idmap(config: &NamespaceConfig, dir: &Path) -> Result<(), RuntimeError> {
     let probe = process::output(
         Command::new(&config.launcher.program)
             .args(&config.launcher.args_prefix)
             .arg(PROBE_IDMAP_FLAG)
-            .arg(&config.state_dir)
+            .arg(dir)
             .arg(config.uid_base.to_string()),
     );
     match probe {
