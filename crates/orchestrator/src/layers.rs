@@ -442,8 +442,7 @@ impl LayerStore {
                     victims.push(layer);
                 }
             }
-            let stats_total = total;
-            metrics::gauge!("volume_layer_disk_bytes").set(stats_total as f64);
+            metrics::gauge!("volume_layer_disk_bytes").set(total as f64);
             victims
         };
         for layer in victims {

@@ -112,8 +112,8 @@ fn deadline(from: DateTime<Utc>, timeout_secs: u64) -> Option<DateTime<Utc>> {
 }
 
 impl Orchestrator {
-    /// `layers`: share volumes copy-on-write from this store where the
-    /// runtime can (see [`Self::hydrate_mode`]); `None` copies them.
+    /// `layers`: share volumes copy-on-write from this store, which the
+    /// runtime accepted (`Runtime::check_layer_store`); `None` copies them.
     pub fn new(
         store: Arc<dyn Store>,
         blob_cache: Arc<BlobCache>,
@@ -122,7 +122,6 @@ impl Orchestrator {
         templates: Arc<TemplateCatalog>,
         config: OrchestratorConfig,
     ) -> Arc<Self> {
-        let layers = layers.filter(|_| runtime.as_ref().is_ok_and(|r| r.supports_layers()));
         Arc::new_cyclic(|me| Orchestrator {
             store,
             blob_cache,
@@ -164,14 +163,6 @@ impl Orchestrator {
             Some(layers) => ("layer", Some(layers.stats())),
             None => ("copy", None),
         }
-    }
-
-    /// Volumes this node holds a layer of (placement prefers such nodes).
-    pub fn layered_volumes(&self) -> Vec<String> {
-        self.layers
-            .as_ref()
-            .map(|layers| layers.held_volumes())
-            .unwrap_or_default()
     }
 
     fn runtime(&self) -> Result<&Arc<dyn Runtime>> {

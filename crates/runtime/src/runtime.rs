@@ -129,22 +129,13 @@ pub trait Runtime: Send + Sync {
         None
     }
 
-    /// Whether this driver shares volume layers: a volume unpacked once per
-    /// node into a layer directory, then mounted copy-on-write into every
-    /// sandbox that attaches it. Drivers that cannot leave the `layer_*`
-    /// calls alone, and the orchestrator copies the volume per sandbox.
-    fn supports_layers(&self) -> bool {
-        false
-    }
-
-    /// Checks that layers can live in `store_dir` (an existing directory):
-    /// run at start, so a store on an unsuitable filesystem means copying
-    /// volumes, not failing every hydrate.
+    /// Whether this driver can share volume layers kept in `store_dir` (an
+    /// existing directory): a volume unpacked once per node into a layer,
+    /// then mounted copy-on-write into every sandbox that attaches it.
+    /// Checked at start; on an error the orchestrator copies volumes per
+    /// sandbox instead (drivers without layers leave all `layer_*` alone).
     fn check_layer_store(&self, _store_dir: &Path) -> Result<(), RuntimeError> {
-        Err(RuntimeError::Unsupported(format!(
-            "{} sandboxes do not share volume layers",
-            self.kind()
-        )))
+        Err(no_layers(self.kind()))
     }
 
     /// Makes the empty `layer_dir` (the store's, on this node) writable at
@@ -156,10 +147,7 @@ pub trait Runtime: Send + Sync {
         _layer_dir: &Path,
         _mount_path: &str,
     ) -> Result<(), RuntimeError> {
-        Err(RuntimeError::Unsupported(format!(
-            "{} sandboxes do not share volume layers",
-            self.kind()
-        )))
+        Err(no_layers(self.kind()))
     }
 
     /// After the unpack: makes the layer durable and read-only for good, and
@@ -167,32 +155,32 @@ pub trait Runtime: Send + Sync {
     /// in place of the writable one.
     async fn layer_seal(
         &self,
-        id: &str,
-        layer_dir: &Path,
-        mount_path: &str,
+        _id: &str,
+        _layer_dir: &Path,
+        _mount_path: &str,
     ) -> Result<(), RuntimeError> {
-        self.layer_build(id, layer_dir, mount_path).await
+        Err(no_layers(self.kind()))
     }
 
     /// Mounts a private copy-on-write view of the sealed layer at
     /// `mount_path` (an existing directory) in sandbox `id`.
     async fn layer_share(
         &self,
-        id: &str,
-        layer_dir: &Path,
-        mount_path: &str,
+        _id: &str,
+        _layer_dir: &Path,
+        _mount_path: &str,
     ) -> Result<(), RuntimeError> {
-        self.layer_build(id, layer_dir, mount_path).await
+        Err(no_layers(self.kind()))
     }
 
     /// Takes a failed build's writable mount away from sandbox `id`.
     async fn layer_detach(
         &self,
-        id: &str,
-        layer_dir: &Path,
-        mount_path: &str,
+        _id: &str,
+        _layer_dir: &Path,
+        _mount_path: &str,
     ) -> Result<(), RuntimeError> {
-        self.layer_build(id, layer_dir, mount_path).await
+        Err(no_layers(self.kind()))
     }
 
     /// Cuts (or restores) the sandbox's outbound network. Drivers without
@@ -210,6 +198,10 @@ pub trait Runtime: Send + Sync {
     ) -> Result<(), RuntimeError> {
         Ok(())
     }
+}
+
+fn no_layers(kind: &str) -> RuntimeError {
+    RuntimeError::Unsupported(format!("{kind} sandboxes do not share volume layers"))
 }
 
 /// Ids become path components and cgroup names: keep them boring.

@@ -169,25 +169,24 @@ pub async fn start(
             tracing::warn!(reason = %why, "no sandbox runtime: sandbox calls will answer 503")
         }
     }
-    let layers = match config.hydrate.mode {
-        HydrateMode::Layer if runtime.as_ref().is_ok_and(|r| r.supports_layers()) => {
+    let layers = match (config.hydrate.mode, &runtime) {
+        (HydrateMode::Layer, Ok(runtime)) => {
             let dir = config.layers_dir();
-            let layers = LayerStore::open(dir.clone(), config.hydrate.layers_max_bytes)
-                .with_context(|| format!("opening the volume layer store {}", dir.display()))?;
-            let checked = runtime.as_ref().map(|r| r.check_layer_store(&dir));
-            match checked {
-                Ok(Err(why)) => {
-                    tracing::warn!(dir = %dir.display(), reason = %why, "volume layers cannot live here: volumes are copied per sandbox");
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("creating the volume layer store {}", dir.display()))?;
+            match runtime.check_layer_store(&dir) {
+                Ok(()) => Some(
+                    LayerStore::open(dir.clone(), config.hydrate.layers_max_bytes).with_context(
+                        || format!("opening the volume layer store {}", dir.display()),
+                    )?,
+                ),
+                Err(why) => {
+                    tracing::info!(dir = %dir.display(), reason = %why, "hydrate.mode = \"layer\", but no layers here: volumes are copied per sandbox");
                     None
                 }
-                _ => Some(layers),
             }
         }
-        HydrateMode::Layer => {
-            tracing::info!("hydrate.mode = \"layer\", but this runtime cannot share layers: volumes are copied per sandbox");
-            None
-        }
-        HydrateMode::Copy => None,
+        _ => None,
     };
     let orchestrator = Orchestrator::new(
         store,

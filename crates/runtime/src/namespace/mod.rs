@@ -544,10 +544,6 @@ impl Runtime for NamespaceRuntime {
         self.agent_dir(id).join("envd.sock")
     }
 
-    fn supports_layers(&self) -> bool {
-        true
-    }
-
     /// Layer trees are mounted idmapped, like templates: the store's
     /// filesystem must support that.
     fn check_layer_store(&self, store_dir: &Path) -> Result<(), RuntimeError> {
