@@ -1,6 +1,7 @@
-//! Volume layers (namespace runtime): one unpack per node, then a private
-//! copy-on-write view per sandbox. Each test tries to make one sandbox's
-//! writes reach another, or the store drop a layer someone still mounts.
+//! Volume layers: one unpack per node, then a private copy-on-write view per
+//! sandbox (an overlay on namespace sandboxes, a volume slot disk over the
+//! layer's image on microVMs). Each test tries to make one sandbox's writes
+//! reach another, or the store drop a layer someone still mounts.
 
 use crate::common::{self, sandboxes_supported, targz, Api, Reply, TestServer};
 use reqwest::StatusCode;
@@ -66,14 +67,62 @@ async fn wait_for_layer_count(server: &TestServer, count: u64) -> Value {
 }
 
 fn supported(test: &str) -> bool {
-    if !sandboxes_supported(test) {
-        return false;
+    sandboxes_supported(test)
+}
+
+fn on_microvms() -> bool {
+    std::env::var("SANDBOX_TEST_RUNTIME").is_ok_and(|r| r == "microvm")
+}
+
+/// Root in sandbox `id` does the worst it can to its view of the layer.
+/// Namespace: the per-attachment dirs are not its to enter and the mounts
+/// not its to undo. microVM: the VM is root's, so it unmounts the volume
+/// and zeroes the start of the disk under it, which must only ever change
+/// its own copy.
+async fn attack_the_layer_as_root(server: &TestServer, id: &str) {
+    if on_microvms() {
+        let probe = server
+            .run_command_as(
+                id,
+                "root",
+                "dev=$(awk '$2==\"/data\" {print $1}' /proc/mounts); echo dev=$dev; \
+                 umount /data && dd if=/dev/zero of=$dev bs=1M count=8 conv=fsync 2>&1; echo dd=$?",
+            )
+            .await;
+        let probe = probe["stdout"].as_str().unwrap().to_string();
+        assert!(probe.contains("dev=/dev/vd"), "a disk of its own: {probe}");
+        assert!(
+            probe.ends_with("dd=0\n"),
+            "root overwrote its disk: {probe}"
+        );
+        // A slot no volume uses is 1 MiB: not a place to park data.
+        let spare = server
+            .run_command_as(
+                id,
+                "root",
+                "for d in /sys/block/vd*; do [ \"$(cat $d/serial)\" = slot3 ] && dev=/dev/${d##*/}; done; \
+                 cat /sys/block/${dev##*/}/size; dd if=/dev/zero of=$dev bs=1M count=4 2>&1; echo dd=$?",
+            )
+            .await;
+        let spare = spare["stdout"].as_str().unwrap().to_string();
+        assert!(spare.starts_with("2048\n"), "1 MiB in sectors: {spare}");
+        assert!(spare.contains("No space left on device"), "{spare}");
+        assert!(!spare.ends_with("dd=0\n"), "{spare}");
+        return;
     }
-    if std::env::var("SANDBOX_TEST_RUNTIME").is_ok_and(|r| r != "namespace") {
-        println!("SKIP {test}: volume layers are a namespace-runtime feature (microVMs copy)");
-        return false;
-    }
-    true
+    let probe = server
+        .run_command_as(
+            id,
+            "root",
+            "ls /.envd/volumes 2>&1; umount /data 2>&1; echo unmount=$?; \
+             grep -c ' /data ' /proc/self/mountinfo",
+        )
+        .await;
+    let probe = probe["stdout"].as_str().unwrap().to_string();
+    assert!(probe.contains("Permission denied"), "{probe}");
+    assert!(!probe.contains("unmount=0"), "{probe}");
+    assert!(probe.ends_with("1\n"), "still mounted: {probe}");
+    assert_eq!(look(server, id).await.lines().next(), Some("1000"));
 }
 
 #[tokio::test]
@@ -82,7 +131,7 @@ async fn writes_never_cross_between_sandboxes_sharing_a_layer() {
     if !supported("writes_never_cross_between_sandboxes_sharing_a_layer") {
         return;
     }
-    let server = TestServer::start(common::production().with_sandboxes(3, 0)).await;
+    let server = TestServer::start(common::production().with_sandboxes(5, 0)).await;
     let volume = server.new_volume(dataset()).await;
     let body = attach(&volume);
 
@@ -127,21 +176,17 @@ async fn writes_never_cross_between_sandboxes_sharing_a_layer() {
         );
     }
 
-    // Root inside cannot reach the layer itself: the per-attachment dirs
-    // are not its to enter, and the mounts are not its to undo.
-    let probe = server
-        .run_command_as(
-            &c,
-            "root",
-            "ls /.envd/volumes 2>&1; umount /data 2>&1; echo unmount=$?; \
-             grep -c ' /data ' /proc/self/mountinfo",
-        )
-        .await;
-    let probe = probe["stdout"].as_str().unwrap().to_string();
-    assert!(probe.contains("Permission denied"), "{probe}");
-    assert!(!probe.contains("unmount=0"), "{probe}");
-    assert!(probe.ends_with("1\n"), "still mounted: {probe}");
-    assert_eq!(look(&server, &c).await, pristine);
+    // Root inside cannot reach the layer itself, in a sharer nor in the
+    // builder (whose writes went into the layer before it was sealed).
+    let (e, _) = create(&server, &body).await;
+    attack_the_layer_as_root(&server, &e).await;
+    for other in [&b, &c] {
+        assert_eq!(
+            look(&server, other).await,
+            pristine,
+            "root in {e} reached {other}"
+        );
+    }
 
     // And the other way: b's writes reach neither a nor c.
     let wrote = server
@@ -160,7 +205,9 @@ async fn writes_never_cross_between_sandboxes_sharing_a_layer() {
         "{seen_by_a}"
     );
 
-    // The layer outlives the sandbox that built it.
+    // The layer outlives the sandbox that built it, whatever root in the
+    // builder did to its disk.
+    attack_the_layer_as_root(&server, &a).await;
     let (code, _) = server.delete(&format!("/sandboxes/{a}")).reply().await;
     assert!(code.is_success(), "{code}");
     let (d, later) = create(&server, &body).await;

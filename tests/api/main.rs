@@ -3,10 +3,9 @@
 //! Garage, or the embedded default. Each module is one suite; filter by its
 //! name, e.g. `cargo test -p sandbox-manager --test api sandboxes::`.
 //!
-//! The sandbox suites (sandboxes, hydration, microvm, escape) run on the
-//! runtime `SANDBOX_TEST_RUNTIME` names (namespace by default);
-//! scripts/test.sh runs them again with microvm. `layers` is namespace-only
-//! (microVMs copy volumes), and says so when skipped.
+//! The sandbox suites (sandboxes, hydration, layers, microvm, escape) run on
+//! the runtime `SANDBOX_TEST_RUNTIME` names (namespace by default);
+//! scripts/test.sh runs them again with microvm.
 
 mod common;
 

@@ -150,7 +150,10 @@ async fn first_hydrate(
 
 /// Creates on a node that already holds the volume's layer: each create
 /// with the volume minus the create without it just before.
-async fn warm_creates(server: &TestServer, volume: &str) -> anyhow::Result<crate::stats::Summary> {
+pub(crate) async fn warm_creates(
+    server: &TestServer,
+    volume: &str,
+) -> anyhow::Result<crate::stats::Summary> {
     let (_, builder) = create(server, Some(volume)).await?;
     kill_all(server, &[builder]).await;
     let mut added = Vec::new();
@@ -286,7 +289,7 @@ pub async fn run(binary: &Path, work_dir: &Path) -> anyhow::Result<()> {
 const LARGE_FILES: usize = 2048;
 
 /// 2 GiB in 2,048 files of 1 MiB, a quarter of them noise.
-fn large_archive(work_dir: &Path) -> anyhow::Result<PathBuf> {
+pub(crate) fn large_archive(work_dir: &Path) -> anyhow::Result<PathBuf> {
     let size = 1 << 20;
     let text: Vec<u8> = (0..size).map(|j| b"0123456789,abcdef\n"[j % 18]).collect();
     let noise = testkit::noise(size, 7);

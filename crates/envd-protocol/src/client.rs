@@ -281,6 +281,23 @@ impl EnvdClient {
         Ok(response.created)
     }
 
+    /// Mounts a block device of the VM on a directory (protocol 2).
+    pub async fn mount_block(&self, request: &BlockMountRequest) -> Result<(), EnvdError> {
+        let _: Empty = self.post_json(routes::VOLUMES_BLOCK_MOUNT, request).await?;
+        Ok(())
+    }
+
+    /// Syncs and unmounts what [`Self::mount_block`] mounted on `path`.
+    pub async fn unmount_block(&self, path: &str) -> Result<(), EnvdError> {
+        let request = BlockUnmountRequest {
+            path: path.to_string(),
+        };
+        let _: Empty = self
+            .post_json(routes::VOLUMES_BLOCK_UNMOUNT, &request)
+            .await?;
+        Ok(())
+    }
+
     /// Removes a file or a directory tree.
     pub async fn remove(&self, path: &str, user: &str) -> Result<(), EnvdError> {
         let response = self

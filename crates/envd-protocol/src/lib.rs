@@ -21,7 +21,10 @@ pub use types::*;
 /// Bump it only for a change an older peer cannot understand; additive,
 /// optional fields do not need a bump (serde ignores unknown fields and fills
 /// defaults for missing ones).
-pub const PROTOCOL_VERSION: u32 = 1;
+///
+/// - 1: files, processes, env, init.
+/// - 2: block volumes (`/volumes/block/*`), for VM agents.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Header carrying the access token: `Authorization: Bearer TOKEN`.
 pub const AUTHORIZATION_SCHEME: &str = "Bearer";

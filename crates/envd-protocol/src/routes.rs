@@ -23,6 +23,10 @@ pub const FILES_RENAME: &str = "/files/rename";
 /// `POST`, query [`crate::UnpackQuery`], body = tar stream (optionally
 /// `Content-Encoding: gzip`) → [`crate::UnpackReport`].
 pub const FILES_UNPACK: &str = "/files/unpack";
+/// `POST` [`crate::BlockMountRequest`] → [`crate::Empty`] (protocol 2).
+pub const VOLUMES_BLOCK_MOUNT: &str = "/volumes/block/mount";
+/// `POST` [`crate::BlockUnmountRequest`] → [`crate::Empty`] (protocol 2).
+pub const VOLUMES_BLOCK_UNMOUNT: &str = "/volumes/block/unmount";
 /// `PUT` [`crate::SetEnvRequest`] → [`crate::Empty`]: replaces the sandbox env
 /// every later process starts with (under the request's own `envs`).
 pub const ENV: &str = "/env";

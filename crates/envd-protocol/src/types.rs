@@ -227,6 +227,32 @@ pub struct UnpackReport {
     pub skipped_entries: Vec<SkippedEntry>,
 }
 
+/// `POST /volumes/block/mount` (protocol 2; VM agents only): mounts the
+/// guest's block device whose virtio serial is `serial` (ext4) on `path`,
+/// an existing directory. The host has just given that device new
+/// content, so the agent first waits until the device shows `size_bytes`
+/// and drops whatever the guest cached of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockMountRequest {
+    pub serial: String,
+    pub path: String,
+    pub size_bytes: u64,
+    /// A filesystem just made on the host: its root becomes `username`'s
+    /// and its `lost+found` goes, so it looks like a directory the agent
+    /// made.
+    #[serde(default)]
+    pub fresh: bool,
+    #[serde(default = "default_user")]
+    pub username: String,
+}
+
+/// `POST /volumes/block/unmount` (protocol 2; VM agents only): syncs and
+/// unmounts the filesystem mounted on `path`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockUnmountRequest {
+    pub path: String,
+}
+
 /// Empty JSON object `{}`, returned where there is nothing to say.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Empty {}

@@ -36,7 +36,7 @@ fn current_samples() -> BTreeMap<String, Value> {
         "Health",
         Health {
             status: "ok".into(),
-            protocol_version: 1,
+            protocol_version: 2,
             version: "0.1.0".into(),
             can_switch_users: true,
         },
@@ -112,6 +112,24 @@ fn current_samples() -> BTreeMap<String, Value> {
         },
     );
     sample(&mut s, "MkdirResponse", MkdirResponse { created: true });
+    sample(
+        &mut s,
+        "BlockMountRequest",
+        BlockMountRequest {
+            serial: "slot0".into(),
+            path: "/data".into(),
+            size_bytes: 1 << 30,
+            fresh: true,
+            username: "user".into(),
+        },
+    );
+    sample(
+        &mut s,
+        "BlockUnmountRequest",
+        BlockUnmountRequest {
+            path: "/data".into(),
+        },
+    );
     sample(
         &mut s,
         "RenameRequest",
@@ -251,6 +269,8 @@ fn current_samples() -> BTreeMap<String, Value> {
             routes::FILES_MKDIR,
             routes::FILES_RENAME,
             routes::FILES_UNPACK,
+            routes::VOLUMES_BLOCK_MOUNT,
+            routes::VOLUMES_BLOCK_UNMOUNT,
             routes::ENV,
             routes::PROCESSES,
             routes::PROCESSES_RUN,

@@ -3,6 +3,7 @@
 //! the wire types and the client.
 
 mod auth;
+mod block;
 mod body;
 mod config;
 mod error;
@@ -59,6 +60,7 @@ fn main() -> anyhow::Result<()> {
         processes: process::ProcessManager::new(sandbox_env, args.max_output_bytes, reaper.clone()),
         token: token.map(std::sync::OnceLock::from).unwrap_or_default(),
         init_lock: tokio::sync::Mutex::new(()),
+        guest: args.guest_init,
     });
     if !state.users.can_switch() {
         tracing::warn!(

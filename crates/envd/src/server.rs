@@ -18,7 +18,7 @@ use crate::error::ApiError;
 use crate::paths::SandboxRoot;
 use crate::process::ProcessManager;
 use crate::users::Users;
-use crate::{auth, files, guest, init, process_api, unpack};
+use crate::{auth, block, files, guest, init, process_api, unpack};
 
 pub struct AppState {
     pub root: SandboxRoot,
@@ -27,6 +27,8 @@ pub struct AppState {
     /// Set at start, or by the one `POST /init` (`--await-init`).
     pub token: std::sync::OnceLock<String>,
     pub init_lock: tokio::sync::Mutex<()>,
+    /// envd is a VM's init (`--guest-init`): it may mount the VM's disks.
+    pub guest: bool,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -41,6 +43,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(routes::FILES_MKDIR, post(files::mkdir))
         .route(routes::FILES_RENAME, post(files::rename))
         .route(routes::FILES_UNPACK, post(unpack::unpack))
+        .route(routes::VOLUMES_BLOCK_MOUNT, post(block::mount))
+        .route(routes::VOLUMES_BLOCK_UNMOUNT, post(block::unmount))
         .route(routes::ENV, put(process_api::set_env))
         .route(routes::PROCESSES, get(process_api::list))
         .route(routes::PROCESSES_RUN, post(process_api::run))

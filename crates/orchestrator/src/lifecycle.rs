@@ -465,16 +465,16 @@ impl Orchestrator {
             .templates
             .get(&request.template)
             .map_or(u64::MAX, |t| t.limits().disk_mib.saturating_mul(1 << 20));
-        let hydrates = request
-            .volumes
-            .iter()
-            .zip(&volumes)
-            .map(|(attachment, volume)| {
+        // Past the driver's mount slots (a few on microVMs), volumes are copied.
+        let layer_slots = runtime.layer_slots();
+        let hydrates = request.volumes.iter().zip(&volumes).enumerate().map(
+            |(index, (attachment, volume))| {
+                let layers = self.layers.as_ref().filter(|_| index < layer_slots);
                 let (client, cache, limits) =
                     (&client, &self.blob_cache, self.config.unpack_limits);
                 let mount_path = attachment.mount_path.as_str();
                 async move {
-                    match &self.layers {
+                    match layers {
                         Some(layers) => {
                             let target = LayerTarget {
                                 runtime: runtime.as_ref(),
@@ -487,7 +487,8 @@ impl Orchestrator {
                         None => hydrate(client, cache, volume, mount_path, limits).await,
                     }
                 }
-            });
+            },
+        );
         let statuses: Vec<HydrateStatus> = futures::future::join_all(hydrates).await;
         self.check_hydration(owner_id, &statuses, request.strict_hydrate)
             .await?;

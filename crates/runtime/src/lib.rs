@@ -49,6 +49,7 @@
 
 mod build_ns;
 pub mod egress;
+pub mod ext4;
 pub mod microvm;
 pub mod namespace;
 pub mod process;

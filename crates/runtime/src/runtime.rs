@@ -138,6 +138,12 @@ pub trait Runtime: Send + Sync {
         Err(no_layers(self.kind()))
     }
 
+    /// How many layers one sandbox can mount (drivers with a fixed number
+    /// of mount slots); further volumes of that sandbox are copied.
+    fn layer_slots(&self) -> usize {
+        usize::MAX
+    }
+
     /// Makes the empty `layer_dir` (the store's, on this node) writable at
     /// `mount_path` (an existing directory) in sandbox `id`, for its agent
     /// to unpack the volume into.

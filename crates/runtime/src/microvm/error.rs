@@ -157,6 +157,20 @@ pub enum MicrovmError {
         source: Box<MicrovmError>,
     },
 
+    // Volume slots.
+    #[error("{step}: {source}")]
+    Layer {
+        step: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("all {0} volume slots of this VM are in use")]
+    NoFreeSlot(usize),
+    #[error("no volume slot serves {0}")]
+    NoSuchSlot(String),
+    #[error("no agent connection to {0}")]
+    NoAgent(String),
+
     // Shared by all of the above.
     #[error(transparent)]
     File(#[from] FileError),

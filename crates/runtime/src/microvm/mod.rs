@@ -10,7 +10,11 @@
 //! clock, entropy and hostname then arrive through envd's `POST /init`, so
 //! no secret ever appears on a QEMU command line.
 //!
-//! Per sandbox, `state_dir/ID/` holds `disk.qcow2`, `agent.sock` (the
+//! Volumes attached to a sandbox are shared copy-on-write from the node's
+//! volume layers through spare disks, see [`layers`].
+//!
+//! Per sandbox, `state_dir/ID/` holds `disk.qcow2`, the volume slots'
+//! `slotN.qcow2` (and `slotN.mount` once taken), `agent.sock` (the
 //! relay's), `serial.sock` (QEMU's end of the agent port), `qmp.sock`,
 //! `console.log`, `qemu.pid`, `vm.pid` and `relay.pid` (`PID STARTTIME`)
 //! and `gid` (the uid/gid its QEMU runs as).
@@ -19,6 +23,7 @@ pub mod accel;
 mod error;
 mod hostguard;
 pub mod images;
+mod layers;
 mod qcow2;
 mod qemu;
 pub mod qmp;
@@ -314,5 +319,60 @@ impl Runtime for MicrovmRuntime {
 
     fn envd_socket(&self, id: &str) -> PathBuf {
         self.inner.files(id).agent_socket()
+    }
+
+    fn check_layer_store(&self, _store_dir: &Path) -> Result<(), RuntimeError> {
+        let mkfs = crate::ext4::mkfs_ext4();
+        if !mkfs.is_file() {
+            return Err(RuntimeError::Unsupported(format!(
+                "{} not found (install e2fsprogs): it makes each volume layer's filesystem",
+                mkfs.display()
+            )));
+        }
+        Ok(())
+    }
+
+    fn layer_slots(&self) -> usize {
+        layers::VOLUME_SLOTS
+    }
+
+    async fn layer_build(
+        &self,
+        id: &str,
+        layer_dir: &Path,
+        mount_path: &str,
+    ) -> Result<(), RuntimeError> {
+        validate_id(id)?;
+        Ok(self.inner.layer_build(id, layer_dir, mount_path).await?)
+    }
+
+    async fn layer_seal(
+        &self,
+        id: &str,
+        layer_dir: &Path,
+        mount_path: &str,
+    ) -> Result<(), RuntimeError> {
+        validate_id(id)?;
+        Ok(self.inner.layer_seal(id, layer_dir, mount_path).await?)
+    }
+
+    async fn layer_share(
+        &self,
+        id: &str,
+        layer_dir: &Path,
+        mount_path: &str,
+    ) -> Result<(), RuntimeError> {
+        validate_id(id)?;
+        Ok(self.inner.layer_share(id, layer_dir, mount_path).await?)
+    }
+
+    async fn layer_detach(
+        &self,
+        id: &str,
+        _layer_dir: &Path,
+        mount_path: &str,
+    ) -> Result<(), RuntimeError> {
+        validate_id(id)?;
+        Ok(self.inner.layer_detach(id, mount_path).await?)
     }
 }

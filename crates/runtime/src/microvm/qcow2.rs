@@ -55,17 +55,35 @@ pub fn create_overlay(backing: &Path, format: &str, overlay: &Path) -> io::Resul
         return Err(io::Error::other("the backing path must be absolute"));
     }
     let size = virtual_size(backing, format)?;
-    let image = overlay_bytes(backing.as_os_str().as_encoded_bytes(), format, size)?;
+    let backing = Backing {
+        path: backing.as_os_str().as_encoded_bytes(),
+        format,
+    };
+    write_new(overlay, &image_bytes(Some(backing), size)?)
+}
+
+/// Creates `path` (which must not exist): an empty qcow2 image of `size`
+/// virtual bytes with no backing file (one is given when QEMU opens it:
+/// the microVM volume slots, see `super::layers`).
+pub fn create_empty(path: &Path, size: u64) -> io::Result<()> {
+    write_new(path, &image_bytes(None, size)?)
+}
+
+fn write_new(path: &Path, image: &[u8]) -> io::Result<()> {
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(overlay)?;
-    file.write_all(&image)?;
-    Ok(())
+        .open(path)?;
+    file.write_all(image)
 }
 
-fn overlay_bytes(backing: &[u8], format: &str, size: u64) -> io::Result<Vec<u8>> {
+struct Backing<'a> {
+    path: &'a [u8],
+    format: &'a str,
+}
+
+fn image_bytes(backing: Option<Backing<'_>>, size: u64) -> io::Result<Vec<u8>> {
     // Each L1 entry maps one L2 table: CLUSTER / 8 clusters of data.
     let per_l1_entry = CLUSTER * (CLUSTER / 8);
     let l1_entries = size.div_ceil(per_l1_entry).max(1);
@@ -84,10 +102,17 @@ fn overlay_bytes(backing: &[u8], format: &str, size: u64) -> io::Result<Vec<u8>>
         extensions.extend_from_slice(data);
         extensions.resize(extensions.len().next_multiple_of(8), 0);
     };
-    push_extension(EXT_BACKING_FORMAT, format.as_bytes());
+    if let Some(backing) = &backing {
+        push_extension(EXT_BACKING_FORMAT, backing.format.as_bytes());
+    }
     push_extension(EXT_END, &[]);
-    let backing_offset = HEADER_LENGTH as u64 + extensions.len() as u64;
-    if backing_offset + backing.len() as u64 > CLUSTER || backing.len() > 1023 {
+    let backing_path: &[u8] = backing.as_ref().map_or(&[], |b| b.path);
+    // Offset 0 with length 0 is qcow2's "no backing file".
+    let backing_offset = match backing {
+        Some(_) => HEADER_LENGTH as u64 + extensions.len() as u64,
+        None => 0,
+    };
+    if backing_offset + backing_path.len() as u64 > CLUSTER || backing_path.len() > 1023 {
         return Err(io::Error::other("backing path too long"));
     }
 
@@ -96,7 +121,7 @@ fn overlay_bytes(backing: &[u8], format: &str, size: u64) -> io::Result<Vec<u8>>
     header.extend_from_slice(&MAGIC.to_be_bytes());
     header.extend_from_slice(&VERSION.to_be_bytes());
     header.extend_from_slice(&backing_offset.to_be_bytes());
-    header.extend_from_slice(&(backing.len() as u32).to_be_bytes());
+    header.extend_from_slice(&(backing_path.len() as u32).to_be_bytes());
     header.extend_from_slice(&CLUSTER_BITS.to_be_bytes());
     header.extend_from_slice(&size.to_be_bytes());
     header.extend_from_slice(&0u32.to_be_bytes()); // no encryption
@@ -117,7 +142,7 @@ fn overlay_bytes(backing: &[u8], format: &str, size: u64) -> io::Result<Vec<u8>>
     let at = HEADER_LENGTH as usize;
     image[at..at + extensions.len()].copy_from_slice(&extensions);
     let at = backing_offset as usize;
-    image[at..at + backing.len()].copy_from_slice(backing);
+    image[at..at + backing_path.len()].copy_from_slice(backing_path);
     // Refcount table entry 0 → the refcount block in cluster 2.
     let table = CLUSTER as usize;
     image[table..table + 8].copy_from_slice(&(2 * CLUSTER).to_be_bytes());
@@ -179,6 +204,33 @@ mod tests {
             .unwrap();
         assert!(convert.success());
         assert_eq!(std::fs::read(&out).unwrap(), vec![7u8; 3 << 20]);
+    }
+
+    /// A standalone image: no backing, the size asked for, reads as zeros.
+    #[test]
+    fn qemu_img_accepts_an_empty_image() {
+        let Some(qemu_img) = crate::templates::find_in_path("qemu-img") else {
+            println!("SKIP qemu_img_accepts_an_empty_image: qemu-img is not installed");
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("slot.qcow2");
+        create_empty(&image, 1 << 20).unwrap();
+        let check = std::process::Command::new(&qemu_img)
+            .arg("check")
+            .arg(&image)
+            .output()
+            .unwrap();
+        assert!(check.status.success(), "{check:?}");
+        let info = std::process::Command::new(&qemu_img)
+            .args(["info", "--output=json"])
+            .arg(&image)
+            .output()
+            .unwrap();
+        let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+        assert_eq!(info["virtual-size"], 1 << 20, "{info}");
+        assert!(info.get("backing-filename").is_none(), "{info}");
+        assert_eq!(virtual_size(&image, "qcow2").unwrap(), 1 << 20);
     }
 
     #[test]

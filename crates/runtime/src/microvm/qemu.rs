@@ -10,6 +10,7 @@ use std::process::Stdio;
 
 use super::accel::Accel;
 use super::images::GUEST_ENVD;
+use super::layers::{self, VOLUME_SLOTS};
 use super::MicrovmError;
 use crate::process::{self, ProcessInfo};
 use crate::runtime::Limits;
@@ -26,6 +27,18 @@ impl VmFiles {
     }
     pub fn disk(&self) -> PathBuf {
         self.dir.join("disk.qcow2")
+    }
+    /// Volume slot `n`'s image (see [`super::layers`]).
+    pub fn slot(&self, n: usize) -> PathBuf {
+        self.dir.join(format!("slot{n}.qcow2"))
+    }
+    /// What a volume built in slot `n` writes to once its layer is frozen.
+    pub fn slot_top(&self, n: usize) -> PathBuf {
+        self.dir.join(format!("slot{n}-top.qcow2"))
+    }
+    /// Slot `n` is taken: holds the mount path it serves.
+    pub fn slot_claim(&self, n: usize) -> PathBuf {
+        self.dir.join(format!("slot{n}.mount"))
     }
     /// Where host clients connect (the relay's session socket).
     pub fn agent_socket(&self) -> PathBuf {
@@ -141,26 +154,37 @@ const MACHINE: &str = "microvm,acpi=off";
 /// launched exactly like the VM that was snapshotted.
 pub fn fingerprint() -> String {
     // Bump SNAPSHOT_FORMAT when how snapshots are saved changes.
-    const SNAPSHOT_FORMAT: u32 = 2;
+    // 3: the volume slots.
+    const SNAPSHOT_FORMAT: u32 = 3;
     format!("{SNAPSHOT_FORMAT} {MACHINE} {}", kernel_cmdline())
 }
 
-/// The fds a sandbox's QEMU gets its overlay disk on, read-write and
-/// read-only: QEMU picks from the set by access mode (a restored VM's
-/// disk is first opened read-only, then reopened read-write on `cont`).
-pub const DISK_FDS: [i32; 2] = [3, 4];
+/// The first fd a sandbox's QEMU inherits: each of its images comes as a
+/// read-write and a read-only fd (QEMU picks from an fd set by access
+/// mode; a restored VM's disk is first opened read-only, then reopened
+/// read-write on `cont`). The root disk is fd set 1 on fds 3 and 4, volume
+/// slot `n` is set `2 + n` on the next two.
+const FIRST_INHERITED_FD: i32 = 3;
 
 impl VmLaunch<'_> {
-    /// A QEMU that drops root reopens its disk when the restored VM is
+    /// The images QEMU opens, in fd set order: the root disk, then the
+    /// volume slots.
+    fn images(&self) -> Vec<PathBuf> {
+        std::iter::once(self.files.disk())
+            .chain((0..VOLUME_SLOTS).map(|n| self.files.slot(n)))
+            .collect()
+    }
+
+    /// A QEMU that drops root reopens its disks when the restored VM is
     /// continued; by path that would need every directory above the state
-    /// dir to be searchable by the sandbox's uid. It gets the disk as an
-    /// inherited fd instead (`-add-fd` + `/dev/fdset/1`), which reopens
-    /// without any path access.
-    fn disk_path(&self) -> String {
+    /// dir to be searchable by the sandbox's uid. It gets them as inherited
+    /// fds instead (`-add-fd` + `/dev/fdset/N`), which reopen without any
+    /// path access. `index` is the image's place in [`Self::images`].
+    fn image_path(&self, index: usize) -> String {
         if self.run_as.is_some() {
-            "/dev/fdset/1".into()
+            format!("/dev/fdset/{}", index + 1)
         } else {
-            self.files.disk().display().to_string()
+            self.images()[index].display().to_string()
         }
     }
 
@@ -211,11 +235,35 @@ impl VmLaunch<'_> {
             "-drive",
             &format!(
                 "id=root,file={},format=qcow2,if=none,cache=unsafe,discard=unmap",
-                self.disk_path()
+                self.image_path(0)
             ),
             "-device",
             "virtio-blk-device,drive=root",
         ]);
+        // Empty volume slots, named so the layer code can reopen them with
+        // a backing layer (see `super::layers`).
+        for n in 0..VOLUME_SLOTS {
+            push(&[
+                "-blockdev",
+                &format!(
+                    "driver=file,node-name={},filename={}",
+                    layers::slot_file_node(n),
+                    self.image_path(1 + n)
+                ),
+                "-blockdev",
+                &format!(
+                    "driver=qcow2,node-name={},file={}",
+                    layers::slot_node(n),
+                    layers::slot_file_node(n)
+                ),
+                "-device",
+                &format!(
+                    "virtio-blk-device,drive={},serial={}",
+                    layers::slot_node(n),
+                    layers::slot_serial(n)
+                ),
+            ]);
+        }
         // User-mode networking; the link is cut over QMP for a sandbox
         // created without internet access.
         push(&[
@@ -251,8 +299,12 @@ impl VmLaunch<'_> {
         push(&["-sandbox", "on,obsolete=deny,resourcecontrol=deny"]);
         if let Some((uid, gid)) = self.run_as {
             push(&["-run-with", &format!("user={uid}:{gid}")]);
-            for fd in DISK_FDS {
-                push(&["-add-fd", &format!("fd={fd},set=1,opaque=root-disk")]);
+            for index in 0..self.images().len() {
+                let set = index + 1;
+                let first = FIRST_INHERITED_FD + 2 * index as i32;
+                for fd in [first, first + 1] {
+                    push(&["-add-fd", &format!("fd={fd},set={set}")]);
+                }
             }
         }
         push(&[
@@ -289,22 +341,22 @@ impl VmLaunch<'_> {
                 });
             }
         }
-        // The overlay disk on fds 3 (read-write) and 4 (read-only), see
-        // `VmLaunch::disk_path`; QEMU keeps them, ours close on return.
-        let disk_fds = match self.run_as {
-            Some(_) => {
-                let disk = self.files.disk();
-                let open = |write: bool| {
-                    fs::OpenOptions::new()
+        // The images on inherited fds, read-write then read-only, from fd 3
+        // on (see `VmLaunch::image_path`); QEMU keeps them, ours close on
+        // return.
+        let mut disk_fds = Vec::new();
+        if self.run_as.is_some() {
+            for image in self.images() {
+                for write in [true, false] {
+                    let file = fs::OpenOptions::new()
                         .read(true)
                         .write(write)
-                        .open(&disk)
-                        .map_err(MicrovmError::file("opening", &disk))
-                };
-                vec![open(true)?, open(false)?]
+                        .open(&image)
+                        .map_err(MicrovmError::file("opening", &image))?;
+                    disk_fds.push(file);
+                }
             }
-            None => Vec::new(),
-        };
+        }
         if !disk_fds.is_empty() {
             let sources: Vec<i32> = disk_fds.iter().map(AsRawFd::as_raw_fd).collect();
             // SAFETY: only dup/dup2/fcntl (async-signal-safe) between fork
@@ -314,13 +366,13 @@ impl VmLaunch<'_> {
                 command.pre_exec(move || {
                     let mut high = Vec::with_capacity(sources.len());
                     for fd in &sources {
-                        let moved = libc::fcntl(*fd, libc::F_DUPFD, 10);
+                        let moved = libc::fcntl(*fd, libc::F_DUPFD, 64);
                         if moved < 0 {
                             return Err(std::io::Error::last_os_error());
                         }
                         high.push(moved);
                     }
-                    for (fd, target) in high.iter().zip(DISK_FDS) {
+                    for (fd, target) in high.iter().zip(FIRST_INHERITED_FD..) {
                         if libc::dup2(*fd, target) < 0 {
                             return Err(std::io::Error::last_os_error());
                         }

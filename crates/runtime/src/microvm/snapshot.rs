@@ -146,6 +146,7 @@ impl Inner {
             // The VM writes through to the snapshot's own disk.
             std::os::unix::fs::symlink(snapshot.disk(), files.disk())
                 .map_err(MicrovmError::file("linking", &files.disk()))?;
+            super::layers::create_slots(&files)?;
             relay::spawn(&self.config.relay, &files, None).await?;
             let launch = VmLaunch {
                 name: "sandbox-template",

@@ -290,6 +290,7 @@ impl Inner {
             None => (image.to_path_buf(), "raw"),
         };
         self.create_overlay(&backing, format, &files.disk()).await?;
+        super::layers::create_slots(&files)?;
         if let (Some(snapshot), Some(_)) = (snapshot, run_as) {
             // QEMU opens the state file on migrate-incoming, after it
             // dropped to the sandbox's uid. It holds the template VM's

@@ -5,7 +5,7 @@
 //! quotas would need the host filesystem mounted with `prjquota`, which an
 //! operator rarely controls; a loop image works on any host filesystem.)
 //!
-//! The host side ([`create_image`]) runs in the server; the launcher side
+//! The host side ([`create_image`], shared with the microVM volume slots) runs in the server; the launcher side
 //! ([`attach_and_mount`]) runs as the sandbox's PID 1 before it pivots. The
 //! loop device is set to auto-clear, so it detaches when the sandbox's mount
 //! namespace (the only place it is mounted) dies.
@@ -15,10 +15,8 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::process::Command;
 
 use super::os_error;
-use crate::process;
 
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
 const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
@@ -52,31 +50,7 @@ struct LoopConfig {
     reserved: [u64; 8],
 }
 
-/// Creates `image` as a sparse file of `bytes` holding an empty ext4
-/// filesystem (no journal: the disk dies with the sandbox; no reserved
-/// blocks: the quota is all the tenant's). About 50 ms, and a few MB on
-/// the host until the sandbox writes.
-pub fn create_image(image: &Path, bytes: u64) -> io::Result<()> {
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(image)?;
-    file.set_len(bytes)?;
-    drop(file);
-    process::output(
-        Command::new(mkfs_ext4())
-            .args(["-q", "-F", "-O", "^has_journal", "-m", "0"])
-            .args(["-E", "nodiscard,lazy_itable_init=1,root_owner=0:0"])
-            .arg(image),
-    )?;
-    Ok(())
-}
-
-/// Where mkfs.ext4 is (root's PATH usually has /sbin; services may not).
-pub fn mkfs_ext4() -> std::path::PathBuf {
-    crate::templates::find_in_path("mkfs.ext4").unwrap_or_else(|| "mkfs.ext4".into())
-}
+pub use crate::ext4::{create_image, mkfs_ext4};
 
 /// Attaches `image` to a free loop device and mounts it on `target`
 /// (`nosuid,nodev`). Launcher-only (runs in the sandbox's mount namespace).
