@@ -299,7 +299,11 @@ mod tests {
             .find(|n| n["node-name"] == "top")
             .unwrap()
             .clone();
-        assert_eq!(top_node["backing_file_depth"], 1, "{top_node}");
+        assert_eq!(
+            top_node["backing_file"],
+            format!("/dev/fdset/{base_set}"),
+            "{top_node}"
+        );
         let _ = qmp.execute("quit", json!({})).await;
         let _ = child.wait().await;
     }
