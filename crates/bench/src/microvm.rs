@@ -31,13 +31,15 @@ async fn unpooled_creates(
     binary: &Path,
     snapshots: bool,
     fast_restore: bool,
+    volume_slots: usize,
     n: usize,
 ) -> anyhow::Result<Vec<Duration>> {
     let server = TestServer::start(
         ServerOptions::production(binary)
             .with_sandboxes(0, 0)
             .with_setting("runtime.microvm.snapshots", &snapshots.to_string())
-            .with_setting("runtime.microvm.fast_restore", &fast_restore.to_string()),
+            .with_setting("runtime.microvm.fast_restore", &fast_restore.to_string())
+            .with_setting("runtime.microvm.volume_slots", &volume_slots.to_string()),
     )
     .await;
     let mut samples = Vec::new();
@@ -134,10 +136,13 @@ pub async fn run(binary: &Path, work_dir: &Path) -> anyhow::Result<()> {
 
     // Before/after the restore-path fixes (qcow2 header written in-process,
     // a relay started ahead of time), interleaved in one run.
-    let (mut before, mut restored) = (Vec::new(), Vec::new());
+    // And what the volume slots cost a restore: the same without them.
+    const SLOTS: usize = 4;
+    let (mut before, mut restored, mut slotless) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..2 {
-        before.extend(unpooled_creates(binary, true, false, 10).await?);
-        restored.extend(unpooled_creates(binary, true, true, 10).await?);
+        before.extend(unpooled_creates(binary, true, false, SLOTS, 10).await?);
+        restored.extend(unpooled_creates(binary, true, true, SLOTS, 10).await?);
+        slotless.extend(unpooled_creates(binary, true, true, 0, 10).await?);
     }
     println!(
         "  restore to ready, qemu-img + relay exec on the path: {}",
@@ -151,7 +156,15 @@ pub async fn run(binary: &Path, work_dir: &Path) -> anyhow::Result<()> {
         "  restore p50 after / before          : {:.2}",
         summarize(&restored).p50 / summarize(&before).p50
     );
-    let cold = unpooled_creates(binary, false, true, 5).await?;
+    println!(
+        "  restore to ready, no volume slots  : {}",
+        summarize(&slotless)
+    );
+    println!(
+        "  restore p50 {SLOTS} slots / none        : {:.2}",
+        summarize(&restored).p50 / summarize(&slotless).p50
+    );
+    let cold = unpooled_creates(binary, false, true, SLOTS, 5).await?;
     println!(
         "  cold boot to ready (create, pool 0): {}",
         summarize(&cold)

@@ -130,6 +130,8 @@ pub struct MicrovmSettings {
     pub kernel_source: String,
     pub snapshots: bool,
     pub fast_restore: bool,
+    /// Spare disks per VM for volume layers (0: volumes are copied).
+    pub volume_slots: usize,
     pub disk_gib: u64,
     pub boot_timeout_secs: u64,
     pub vm_user: String,

@@ -98,6 +98,7 @@ fn microvm_runtime(config: &Config) -> Result<Arc<dyn Runtime>, String> {
         accel: settings.accel,
         snapshots: settings.snapshots,
         fast_restore: settings.fast_restore,
+        volume_slots: settings.volume_slots,
         disk_bytes: settings.disk_gib << 30,
         boot_timeout: std::time::Duration::from_secs(settings.boot_timeout_secs),
         vm_user: settings.vm_user.clone(),

@@ -164,6 +164,8 @@ pub enum MicrovmError {
         #[source]
         source: io::Error,
     },
+    #[error("runtime.microvm.volume_slots = {0}: at most 8")]
+    TooManySlots(usize),
     #[error("all {0} volume slots of this VM are in use")]
     NoFreeSlot(usize),
     #[error("no volume slot serves {0}")]
@@ -198,7 +200,8 @@ impl From<MicrovmError> for RuntimeError {
             | E::EnvdMissing(_)
             | E::KvmRequired(_)
             | E::EgressGuard(_)
-            | E::NoEgressGuard => RuntimeError::Unsupported(error.to_string()),
+            | E::NoEgressGuard
+            | E::TooManySlots(_) => RuntimeError::Unsupported(error.to_string()),
             E::SocketPathTooLong(_)
             | E::NotATemplate(_)
             | E::TemplateNotBuilt { .. }

@@ -1,7 +1,7 @@
 //! Volume layers for microVMs: volume slots.
 //!
 //! Every VM (and so the template snapshot it is restored from) has
-//! [`VOLUME_SLOTS`] spare virtio disks, each an empty qcow2 image of
+//! `runtime.microvm.volume_slots` (4 by default) spare virtio disks, each an empty qcow2 image of
 //! [`EMPTY_SLOT_BYTES`] in the VM's own dir, with serial `slotN`. virtio-mmio
 //! has no hot-plug and a restored VM keeps the snapshotted device list, so
 //! the disks are there from the first boot; what changes is what is behind
@@ -46,8 +46,8 @@ use super::qemu::VmFiles;
 use super::qmp::Qmp;
 use super::{Inner, MicrovmError, QMP_TIMEOUT};
 
-/// Spare disks per VM.
-pub const VOLUME_SLOTS: usize = 4;
+/// Most spare disks per VM (virtio-mmio transports are few).
+pub const MAX_VOLUME_SLOTS: usize = 8;
 /// Virtual size of a slot nobody uses.
 pub const EMPTY_SLOT_BYTES: u64 = 1 << 20;
 /// Who owns a freshly built volume's root, as a copy's directory is owned.
@@ -66,9 +66,9 @@ pub fn slot_file_node(n: usize) -> String {
     format!("slot{n}-file")
 }
 
-/// The empty slot images of a VM about to be launched.
-pub(super) fn create_slots(files: &VmFiles) -> Result<(), MicrovmError> {
-    for n in 0..VOLUME_SLOTS {
+/// The `count` empty slot images of a VM about to be launched.
+pub(super) fn create_slots(files: &VmFiles, count: usize) -> Result<(), MicrovmError> {
+    for n in 0..count {
         let path = files.slot(n);
         qcow2::create_empty(&path, EMPTY_SLOT_BYTES)
             .map_err(MicrovmError::file("writing the volume slot", &path))?;
@@ -103,7 +103,7 @@ fn read_only_file(set: u64) -> Value {
 impl Inner {
     /// Takes the VM's first free slot for `mount_path`.
     fn claim_slot(&self, files: &VmFiles, mount_path: &str) -> Result<usize, MicrovmError> {
-        for n in 0..VOLUME_SLOTS {
+        for n in 0..self.config.volume_slots {
             match fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
@@ -118,12 +118,12 @@ impl Inner {
                 Err(e) => return Err(MicrovmError::file("claiming", &files.slot_claim(n))(e)),
             }
         }
-        Err(MicrovmError::NoFreeSlot(VOLUME_SLOTS))
+        Err(MicrovmError::NoFreeSlot(self.config.volume_slots))
     }
 
     /// The slot serving `mount_path`.
     fn slot_of(&self, files: &VmFiles, mount_path: &str) -> Result<usize, MicrovmError> {
-        (0..VOLUME_SLOTS)
+        (0..self.config.volume_slots)
             .find(|n| fs::read_to_string(files.slot_claim(*n)).is_ok_and(|p| p == mount_path))
             .ok_or_else(|| MicrovmError::NoSuchSlot(mount_path.to_string()))
     }

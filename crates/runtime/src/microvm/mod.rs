@@ -77,6 +77,9 @@ pub struct MicrovmConfig {
     /// started ahead of time; off: `qemu-img create` and a relay exec'd on
     /// the boot path (kept to measure the difference).
     pub fast_restore: bool,
+    /// Spare disks per VM for volume layers ([`layers`]); 0: volumes are
+    /// copied. At most [`layers::MAX_VOLUME_SLOTS`].
+    pub volume_slots: usize,
     /// Size of each guest's root disk (sparse; only written blocks use space).
     pub disk_bytes: u64,
     /// Cold boot to envd-ready, and snapshot builds.
@@ -153,6 +156,9 @@ impl Inner {
         })?;
         if !config.envd_binary.is_file() {
             return Err(MicrovmError::EnvdMissing(config.envd_binary.clone()));
+        }
+        if config.volume_slots > layers::MAX_VOLUME_SLOTS {
+            return Err(MicrovmError::TooManySlots(config.volume_slots));
         }
         let accel = accel::decide(config.accel)?;
         let vm_gid = if config.vm_user.is_empty() {
@@ -322,6 +328,12 @@ impl Runtime for MicrovmRuntime {
     }
 
     fn check_layer_store(&self, _store_dir: &Path) -> Result<(), RuntimeError> {
+        if self.inner.config.volume_slots == 0 {
+            return Err(RuntimeError::Unsupported(
+                "runtime.microvm.volume_slots = 0: VMs have no disks to share layers through"
+                    .into(),
+            ));
+        }
         let mkfs = crate::ext4::mkfs_ext4();
         if !mkfs.is_file() {
             return Err(RuntimeError::Unsupported(format!(
@@ -333,7 +345,7 @@ impl Runtime for MicrovmRuntime {
     }
 
     fn layer_slots(&self) -> usize {
-        layers::VOLUME_SLOTS
+        self.inner.config.volume_slots
     }
 
     async fn layer_build(

@@ -10,7 +10,7 @@ use std::process::Stdio;
 
 use super::accel::Accel;
 use super::images::GUEST_ENVD;
-use super::layers::{self, VOLUME_SLOTS};
+use super::layers;
 use super::MicrovmError;
 use crate::process::{self, ProcessInfo};
 use crate::runtime::Limits;
@@ -88,6 +88,8 @@ pub struct VmLaunch<'a> {
     pub memory: Memory,
     /// Restore from a snapshot (`-incoming defer`, then QMP).
     pub incoming: bool,
+    /// Spare disks for volume layers (`super::layers`).
+    pub volume_slots: usize,
     /// `(uid, gid)` QEMU switches to once its files and sockets are open
     /// (a sandbox's own ids; `None`: stays root, for template VMs that
     /// never run tenant code).
@@ -152,11 +154,14 @@ const MACHINE: &str = "microvm,acpi=off";
 
 /// What a snapshot depends on besides the kernel and image: a clone must be
 /// launched exactly like the VM that was snapshotted.
-pub fn fingerprint() -> String {
+pub fn fingerprint(volume_slots: usize) -> String {
     // Bump SNAPSHOT_FORMAT when how snapshots are saved changes.
     // 3: the volume slots.
     const SNAPSHOT_FORMAT: u32 = 3;
-    format!("{SNAPSHOT_FORMAT} {MACHINE} {}", kernel_cmdline())
+    format!(
+        "{SNAPSHOT_FORMAT} {MACHINE} slots={volume_slots} {}",
+        kernel_cmdline()
+    )
 }
 
 /// The first fd a sandbox's QEMU inherits: each of its images comes as a
@@ -171,7 +176,7 @@ impl VmLaunch<'_> {
     /// volume slots.
     fn images(&self) -> Vec<PathBuf> {
         std::iter::once(self.files.disk())
-            .chain((0..VOLUME_SLOTS).map(|n| self.files.slot(n)))
+            .chain((0..self.volume_slots).map(|n| self.files.slot(n)))
             .collect()
     }
 
@@ -242,7 +247,7 @@ impl VmLaunch<'_> {
         ]);
         // Empty volume slots, named so the layer code can reopen them with
         // a backing layer (see `super::layers`).
-        for n in 0..VOLUME_SLOTS {
+        for n in 0..self.volume_slots {
             push(&[
                 "-blockdev",
                 &format!(

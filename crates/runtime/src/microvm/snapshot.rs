@@ -47,7 +47,7 @@ impl Inner {
         let name = format!(
             "snapshot-{}-{}-{}-{}x{}",
             self.images.kernel_key(),
-            images::short_hash(qemu::fingerprint().as_bytes()),
+            images::short_hash(qemu::fingerprint(self.config.volume_slots).as_bytes()),
             self.accel.accel.name(),
             limits.vcpus,
             limits.memory_mb
@@ -146,7 +146,7 @@ impl Inner {
             // The VM writes through to the snapshot's own disk.
             std::os::unix::fs::symlink(snapshot.disk(), files.disk())
                 .map_err(MicrovmError::file("linking", &files.disk()))?;
-            super::layers::create_slots(&files)?;
+            super::layers::create_slots(&files, self.config.volume_slots)?;
             relay::spawn(&self.config.relay, &files, None).await?;
             let launch = VmLaunch {
                 name: "sandbox-template",
@@ -156,6 +156,7 @@ impl Inner {
                 memory: Memory::SharedFile(snapshot.memory()),
                 incoming: false,
                 run_as: None,
+                volume_slots: self.config.volume_slots,
             };
             launch
                 .spawn(&self.config.qemu_binary, self.accel.accel, self.vm_gid)

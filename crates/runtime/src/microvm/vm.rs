@@ -290,7 +290,7 @@ impl Inner {
             None => (image.to_path_buf(), "raw"),
         };
         self.create_overlay(&backing, format, &files.disk()).await?;
-        super::layers::create_slots(&files)?;
+        super::layers::create_slots(&files, self.config.volume_slots)?;
         if let (Some(snapshot), Some(_)) = (snapshot, run_as) {
             // QEMU opens the state file on migrate-incoming, after it
             // dropped to the sandbox's uid. It holds the template VM's
@@ -309,6 +309,7 @@ impl Inner {
             },
             incoming: snapshot.is_some(),
             run_as,
+            volume_slots: self.config.volume_slots,
         };
         launch
             .spawn(&self.config.qemu_binary, self.accel.accel, gid)
