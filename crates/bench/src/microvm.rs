@@ -42,6 +42,23 @@ async fn unpooled_creates(
             .with_setting("runtime.microvm.volume_slots", &volume_slots.to_string()),
     )
     .await;
+    // With no pool nothing builds the template's snapshot ahead of the
+    // first create (a new setting may need a new one): wait for it, unmeasured.
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let response = server.post("/sandboxes").json(&json!({})).send().await?;
+        let status = response.status().as_u16();
+        let body: Value = response.json().await?;
+        if status == 201 {
+            kill(&server, body["sandbox_id"].as_str().unwrap_or_default()).await?;
+            break;
+        }
+        anyhow::ensure!(
+            body["code"] == "template_not_ready" && Instant::now() < deadline,
+            "create failed: {body}"
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
     let mut samples = Vec::new();
     for _ in 0..n {
         let (elapsed, id) = create(&server).await?;
