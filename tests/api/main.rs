@@ -16,5 +16,7 @@ mod faults;
 mod hydration;
 mod layers;
 mod microvm;
+mod pause;
 mod sandboxes;
 mod volumes;
+mod writeback;

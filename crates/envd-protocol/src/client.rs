@@ -226,6 +226,32 @@ impl EnvdClient {
             .boxed())
     }
 
+    /// Streams the tree under the directory `path` as a tar.gz archive
+    /// (read as the agent's root). A failure mid-walk ends the stream in an
+    /// error, never in a short clean end.
+    pub async fn archive(
+        &self,
+        path: &str,
+    ) -> Result<BoxStream<'static, Result<Bytes, EnvdError>>, EnvdError> {
+        let response = self
+            .send(
+                Method::GET,
+                &path_query(routes::FILES_ARCHIVE, path, "root"),
+                empty_body(),
+                None,
+            )
+            .await?;
+        let response = check_status(response).await?;
+        Ok(BodyDataStream::new(response.into_body())
+            .map_err(|e| EnvdError::Transport(e.to_string()))
+            .boxed())
+    }
+
+    /// What the sandbox uses, as its own kernel counts it (protocol 3).
+    pub async fn usage(&self) -> Result<Usage, EnvdError> {
+        self.get_json(routes::USAGE).await
+    }
+
     /// Reads a whole file into memory (for small files).
     pub async fn read_to_bytes(&self, path: &str, user: &str) -> Result<Bytes, EnvdError> {
         let mut stream = self.read_file(path, user).await?;

@@ -23,6 +23,13 @@ pub const FILES_RENAME: &str = "/files/rename";
 /// `POST`, query [`crate::UnpackQuery`], body = tar stream (optionally
 /// `Content-Encoding: gzip`) → [`crate::UnpackReport`].
 pub const FILES_UNPACK: &str = "/files/unpack";
+/// `GET`, query [`crate::PathQuery`] → the directory's tree as a tar.gz
+/// stream (directories, regular files and symlinks; one filesystem), as the
+/// agent's root sees it (protocol 3).
+pub const FILES_ARCHIVE: &str = "/files/archive";
+/// `GET` → [`crate::Usage`]: what the sandbox uses, as its own kernel
+/// counts it (protocol 3).
+pub const USAGE: &str = "/usage";
 /// `POST` [`crate::BlockMountRequest`] → [`crate::Empty`] (protocol 2).
 pub const VOLUMES_BLOCK_MOUNT: &str = "/volumes/block/mount";
 /// `POST` [`crate::BlockUnmountRequest`] → [`crate::Empty`] (protocol 2).

@@ -34,6 +34,21 @@ pub struct Health {
     pub can_switch_users: bool,
 }
 
+/// `GET /usage`: cumulative CPU time and current memory and disk use, as
+/// seen from inside (a VM's own kernel; in a container, `/proc` is the
+/// host's, so the host reads CPU and memory from the cgroup instead).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Busy CPU time of all CPUs since boot, in microseconds.
+    pub cpu_busy_usec: u64,
+    pub cpu_count: u32,
+    pub memory_used_bytes: u64,
+    pub memory_total_bytes: u64,
+    /// Of the filesystem holding `/`.
+    pub disk_used_bytes: u64,
+    pub disk_total_bytes: u64,
+}
+
 fn default_true() -> bool {
     true
 }

@@ -36,7 +36,7 @@ fn current_samples() -> BTreeMap<String, Value> {
         "Health",
         Health {
             status: "ok".into(),
-            protocol_version: 2,
+            protocol_version: 3,
             version: "0.1.0".into(),
             can_switch_users: true,
         },
@@ -235,6 +235,18 @@ fn current_samples() -> BTreeMap<String, Value> {
     sample(&mut s, "ProcessEvent.keepalive", ProcessEvent::Keepalive);
     sample(
         &mut s,
+        "Usage",
+        Usage {
+            cpu_busy_usec: 1_500_000,
+            cpu_count: 2,
+            memory_used_bytes: 64 << 20,
+            memory_total_bytes: 512 << 20,
+            disk_used_bytes: 1 << 30,
+            disk_total_bytes: 16 << 30,
+        },
+    );
+    sample(
+        &mut s,
         "InitRequest",
         InitRequest {
             token: "t0k3n".into(),
@@ -271,6 +283,8 @@ fn current_samples() -> BTreeMap<String, Value> {
             routes::FILES_UNPACK,
             routes::VOLUMES_BLOCK_MOUNT,
             routes::VOLUMES_BLOCK_UNMOUNT,
+            routes::FILES_ARCHIVE,
+            routes::USAGE,
             routes::ENV,
             routes::PROCESSES,
             routes::PROCESSES_RUN,

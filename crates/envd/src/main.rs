@@ -11,6 +11,7 @@ mod extract;
 mod files;
 mod guest;
 mod init;
+mod pack;
 mod paths;
 mod process;
 mod process_api;
@@ -18,6 +19,7 @@ mod reaper;
 mod server;
 mod sys;
 mod unpack;
+mod usage;
 mod users;
 
 use std::collections::BTreeMap;

@@ -11,6 +11,10 @@ pub enum OrchestratorError {
     SandboxNotFound(String),
     #[error("sandbox {0} has been killed")]
     SandboxKilled(String),
+    #[error("sandbox {0} is paused; resume it first")]
+    SandboxPaused(String),
+    #[error("{0}")]
+    NotPausable(String),
     #[error("template {0:?} not found")]
     TemplateNotFound(String),
     #[error("template {0:?} is still being built; try again shortly")]

@@ -18,4 +18,4 @@ pub use error::OrchestratorError;
 pub use hydrate::{Attachment, HydrateOutcome, HydrateSource, HydrateStatus, UnpackLimits};
 pub use ids::new_sandbox_id;
 pub use layers::{LayerInfo, LayerStats, LayerStore};
-pub use lifecycle::{CreateSandbox, Orchestrator, OrchestratorConfig};
+pub use lifecycle::{CreateSandbox, Orchestrator, OrchestratorConfig, UsageSample};

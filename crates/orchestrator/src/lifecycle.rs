@@ -22,6 +22,11 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
+mod pause;
+mod usage;
+
+pub use usage::UsageSample;
+
 type Result<T> = std::result::Result<T, OrchestratorError>;
 
 #[derive(Debug, Clone)]
@@ -73,6 +78,10 @@ pub struct Orchestrator {
     /// Held by the refill loop while it boots; see `shutdown`.
     refilling: tokio::sync::Mutex<()>,
     shutting_down: AtomicBool,
+    /// Pauses and resumes go one at a time (they are rare and short).
+    pausing: tokio::sync::Mutex<()>,
+    /// Metrics samples and the last CPU reading, per sandbox.
+    usage: Mutex<HashMap<String, usage::UsageHistory>>,
     config: OrchestratorConfig,
     me: Weak<Orchestrator>,
 }
@@ -136,6 +145,8 @@ impl Orchestrator {
             cold_boots: Semaphore::new(config.max_cold_boots.max(1)),
             refilling: tokio::sync::Mutex::new(()),
             shutting_down: AtomicBool::new(false),
+            pausing: tokio::sync::Mutex::new(()),
+            usage: Mutex::default(),
             config,
             me: me.clone(),
         })
@@ -508,6 +519,7 @@ impl Orchestrator {
             started_at,
             end_at: deadline(started_at, request.timeout_secs),
             killed_at: None,
+            paused_at: None,
         };
         self.store.insert_sandbox(&sandbox).await?;
         self.agents
@@ -596,6 +608,7 @@ impl Orchestrator {
             metrics::counter!("sandboxes_killed_total").increment(1);
         }
         self.agents.lock().unwrap().remove(id);
+        self.forget_usage(id);
         let (me, id) = (self.me.clone(), id.to_string());
         tokio::spawn(async move {
             if let Some(orchestrator) = me.upgrade() {
@@ -618,6 +631,7 @@ impl Orchestrator {
             }
         };
         self.agents.lock().unwrap().remove(id);
+        self.forget_usage(id);
         self.destroy_quietly(id).await;
         if killed {
             metrics::counter!("sandboxes_killed_total").increment(1);
@@ -646,7 +660,9 @@ impl Orchestrator {
         if sandbox.state == SandboxState::Killed {
             return Err(OrchestratorError::SandboxKilled(id.to_string()));
         }
-        let end_at = deadline(Utc::now(), timeout_secs);
+        // While paused the clock is stopped at the pause: resuming then
+        // moves the deadline on by the time spent paused.
+        let end_at = deadline(sandbox.paused_at.unwrap_or_else(Utc::now), timeout_secs);
         if !self
             .store
             .set_sandbox_deadline(owner_id, id, timeout_secs as i64, end_at)
@@ -655,8 +671,8 @@ impl Orchestrator {
             return Err(OrchestratorError::SandboxKilled(id.to_string()));
         }
         match end_at {
-            Some(at) => self.arm_deadline(id, at),
-            None => self.deadlines.cancel(id),
+            Some(at) if !sandbox.is_paused() => self.arm_deadline(id, at),
+            _ => self.deadlines.cancel(id),
         }
         Ok(())
     }
@@ -666,6 +682,9 @@ impl Orchestrator {
         let sandbox = self.get(owner_id, id).await?;
         if sandbox.state == SandboxState::Killed {
             return Err(OrchestratorError::SandboxKilled(id.to_string()));
+        }
+        if sandbox.is_paused() {
+            return Err(OrchestratorError::SandboxPaused(id.to_string()));
         }
         if let Some(client) = self.agents.lock().unwrap().get(id) {
             return Ok(client.clone());
@@ -698,10 +717,18 @@ impl Orchestrator {
             .running_sandboxes_on(&self.config.node_id)
             .await?
         {
-            let alive = present.contains(&sandbox.id) && runtime.is_alive(&sandbox.id).await;
-            let expired = sandbox.end_at.is_some_and(|at| at <= Utc::now());
+            // A paused machine's agent is frozen: that it exists is all
+            // there is to check, and its deadline is on hold.
+            let paused = sandbox.is_paused();
+            let alive = present.contains(&sandbox.id)
+                && if paused {
+                    runtime.is_running(&sandbox.id)
+                } else {
+                    runtime.is_alive(&sandbox.id).await
+                };
+            let expired = !paused && sandbox.end_at.is_some_and(|at| at <= Utc::now());
             if alive && !expired {
-                if let Some(at) = sandbox.end_at {
+                if let Some(at) = sandbox.end_at.filter(|_| !paused) {
                     self.arm_deadline(&sandbox.id, at);
                 }
                 kept.insert(sandbox.id.clone());

@@ -63,6 +63,6 @@ pub use microvm::{Accel, AccelChoice, MicrovmConfig, MicrovmRuntime};
 pub use namespace::launcher::launcher_main;
 pub use namespace::{NamespaceConfig, NamespaceRuntime};
 pub use process::LauncherCommand;
-pub use runtime::{BootSpec, Booted, Limits, Runtime, RuntimeError};
+pub use runtime::{BootSpec, Booted, HostUsage, Limits, Runtime, RuntimeError};
 pub use safe_remove::{remove_tree, MountPointsLeft};
 pub use templates::{TemplateCatalog, TemplateDef, TemplateError, TemplateStatus};

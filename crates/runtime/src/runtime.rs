@@ -29,6 +29,14 @@ pub struct BootSpec {
     pub limits: Limits,
 }
 
+/// What the host has counted of one sandbox (see [`Runtime::host_usage`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostUsage {
+    /// CPU time of all its processes so far, in microseconds.
+    pub cpu_usec: u64,
+    pub memory_bytes: u64,
+}
+
 /// A sandbox whose envd answered `/health`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Booted {
@@ -127,6 +135,30 @@ pub trait Runtime: Send + Sync {
     /// Proportional set size of the sandbox's machine, where measurable.
     fn memory_pss_bytes(&self, _id: &str) -> Option<u64> {
         None
+    }
+
+    /// CPU time and memory of the sandbox as the host counts them (its
+    /// cgroup), where the driver can; `None` where the sandbox's own kernel
+    /// is the one to ask (a VM's, through its agent).
+    fn host_usage(&self, _id: &str) -> Option<HostUsage> {
+        None
+    }
+
+    /// Stops every process of the sandbox where it stands, memory kept
+    /// (its agent too, so no call reaches it until [`Self::resume`]).
+    async fn pause(&self, _id: &str) -> Result<(), RuntimeError> {
+        Err(RuntimeError::Unsupported(format!(
+            "{} sandboxes cannot be paused",
+            self.kind()
+        )))
+    }
+
+    /// Lets a paused sandbox run on from where it stopped.
+    async fn resume(&self, _id: &str) -> Result<(), RuntimeError> {
+        Err(RuntimeError::Unsupported(format!(
+            "{} sandboxes cannot be paused",
+            self.kind()
+        )))
     }
 
     /// Whether this driver can share volume layers kept in `store_dir` (an

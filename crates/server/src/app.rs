@@ -3,7 +3,7 @@
 use crate::config::{BlobBackend, Config};
 use crate::quotas::Quotas;
 use crate::reconcile::{Reconciler, Uploads};
-use crate::routes::{commands, files, health, sandboxes, volumes};
+use crate::routes::{commands, files, health, pause, sandboxes, usage, volumes, writeback};
 use crate::{auth, metrics, node};
 use anyhow::Context;
 use axum::extract::{DefaultBodyLimit, Request};
@@ -122,12 +122,16 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(volumes::list, volumes::create).layer(refused_upload_closes()))
         .routes(routes!(volumes::get, volumes::delete))
         .routes(routes!(volumes::download))
+        .routes(routes!(writeback::snapshot))
+        .routes(routes!(writeback::commit))
         .routes(routes!(sandboxes::list, sandboxes::create))
         .routes(routes!(sandboxes::kill_many))
         .routes(routes!(sandboxes::get, sandboxes::kill))
         .routes(routes!(sandboxes::status))
         .routes(routes!(sandboxes::set_timeout))
-        .routes(routes!(sandboxes::metrics_not_implemented))
+        .routes(routes!(usage::metrics))
+        .routes(routes!(pause::pause))
+        .routes(routes!(pause::resume))
         .routes(routes!(commands::list, commands::run))
         .routes(routes!(commands::stream))
         .routes(routes!(commands::kill))

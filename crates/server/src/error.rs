@@ -146,6 +146,16 @@ impl From<OrchestratorError> for ApiError {
             E::SandboxNotFound(id) => ApiError::NotFound(format!("sandbox {id}")),
             E::TemplateNotFound(name) => ApiError::NotFound(format!("template {name:?}")),
             E::SandboxKilled(_) => ApiError::Gone(e.to_string()),
+            E::SandboxPaused(_) => ApiError::Conflict {
+                code: "sandbox_paused",
+                message: e.to_string(),
+                retry_after: None,
+            },
+            E::NotPausable(_) => ApiError::Conflict {
+                code: "not_pausable",
+                message: e.to_string(),
+                retry_after: None,
+            },
             E::TemplateNotReady(_) => ApiError::Conflict {
                 code: "template_not_ready",
                 message: e.to_string(),

@@ -101,7 +101,7 @@ impl From<&Sandbox> for SandboxView {
             sandbox_id: sandbox.id.clone(),
             template_id: format!("tpl-{}", sandbox.template),
             name: sandbox.template.clone(),
-            state: sandbox.state.as_str(),
+            state: sandbox.shown_state(),
             timeout: sandbox.timeout_secs,
             metadata: sandbox.metadata.clone(),
             envs: sandbox.envs.clone(),
@@ -349,6 +349,7 @@ mod tests {
             started_at: Utc::now(),
             end_at: None,
             killed_at: None,
+            paused_at: None,
         }
     }
 

@@ -12,8 +12,8 @@ use async_trait::async_trait;
 use std::sync::Arc;
 
 pub use model::{
-    IdempotencyClaim, NewVolume, Owner, QuotaOverride, Sandbox, SandboxPage, SandboxState,
-    SweepCounts, Usage, Volume, VolumeState,
+    IdempotencyClaim, ListedState, NewVolume, Owner, QuotaOverride, Sandbox, SandboxPage,
+    SandboxState, SweepCounts, Usage, Volume, VolumeState,
 };
 pub use sql::{PgStore, SqliteStore};
 
@@ -119,6 +119,15 @@ pub trait Store: Send + Sync + 'static {
         owner_id: &str,
         id: &str,
         timeout_secs: i64,
+        end_at: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> StoreResult<bool>;
+    /// Pauses (`paused_at` set) or resumes (`None`) a running sandbox and
+    /// sets its deadline; false if it is not running or already so.
+    async fn set_sandbox_paused(
+        &self,
+        owner_id: &str,
+        id: &str,
+        paused_at: Option<chrono::DateTime<chrono::Utc>>,
         end_at: Option<chrono::DateTime<chrono::Utc>>,
     ) -> StoreResult<bool>;
     /// Marks a running sandbox killed; false if it already was.

@@ -173,6 +173,23 @@ pub struct Sandbox {
     pub started_at: DateTime<Utc>,
     pub end_at: Option<DateTime<Utc>>,
     pub killed_at: Option<DateTime<Utc>>,
+    /// Set while a running sandbox is paused.
+    pub paused_at: Option<DateTime<Utc>>,
+}
+
+impl Sandbox {
+    pub fn is_paused(&self) -> bool {
+        self.state == SandboxState::Running && self.paused_at.is_some()
+    }
+
+    /// What clients see: `running`, `paused` or `killed`.
+    pub fn shown_state(&self) -> &'static str {
+        if self.is_paused() {
+            "paused"
+        } else {
+            self.state.as_str()
+        }
+    }
 }
 
 #[derive(sqlx::FromRow)]
@@ -191,6 +208,7 @@ pub(crate) struct SandboxRow {
     started_at: DateTime<Utc>,
     end_at: Option<DateTime<Utc>>,
     killed_at: Option<DateTime<Utc>>,
+    paused_at: Option<DateTime<Utc>>,
 }
 
 impl From<SandboxRow> for Sandbox {
@@ -210,6 +228,26 @@ impl From<SandboxRow> for Sandbox {
             started_at: row.started_at,
             end_at: row.end_at,
             killed_at: row.killed_at,
+            paused_at: row.paused_at,
+        }
+    }
+}
+
+/// A state a listing can ask for (paused is a running sandbox on hold).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListedState {
+    Running,
+    Paused,
+    Killed,
+}
+
+impl ListedState {
+    /// The SQL condition; a closed set, so it is safe to inline.
+    pub(crate) fn condition(self) -> &'static str {
+        match self {
+            ListedState::Running => "(state = 'running' AND paused_at IS NULL)",
+            ListedState::Paused => "(state = 'running' AND paused_at IS NOT NULL)",
+            ListedState::Killed => "state = 'killed'",
         }
     }
 }
@@ -218,7 +256,7 @@ impl From<SandboxRow> for Sandbox {
 /// than the cursor when one is given.
 #[derive(Debug, Clone, Default)]
 pub struct SandboxPage {
-    pub states: Vec<SandboxState>,
+    pub states: Vec<ListedState>,
     pub limit: i64,
     pub before: Option<(DateTime<Utc>, String)>,
 }

@@ -16,7 +16,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 const SANDBOX_COLUMNS: &str = "id, owner_id, template, state, node_id, envd_token, timeout_secs, \
-     metadata, envs, extra, volumes, started_at, end_at, killed_at";
+     metadata, envs, extra, volumes, started_at, end_at, killed_at, paused_at";
 
 const IDEMPOTENCY_TTL_HOURS: i64 = 24;
 
@@ -418,13 +418,11 @@ macro_rules! sql_store {
                 owner_id: &str,
                 page: &SandboxPage,
             ) -> StoreResult<Vec<Sandbox>> {
-                // States are a closed set, so they can be inlined safely.
-                let states: Vec<String> =
-                    page.states.iter().map(|s| format!("'{}'", s.as_str())).collect();
+                let states: Vec<&str> = page.states.iter().map(|s| s.condition()).collect();
                 let state_filter = if states.is_empty() {
                     String::new()
                 } else {
-                    format!(" AND state IN ({})", states.join(", "))
+                    format!(" AND ({})", states.join(" OR "))
                 };
                 let rows = match &page.before {
                     Some((started_at, id)) => {
@@ -486,6 +484,32 @@ macro_rules! sql_store {
                 .bind(SandboxState::Running.as_str())
                 .execute(&self.pool)
                 .await?;
+                Ok(result.rows_affected() == 1)
+            }
+
+            async fn set_sandbox_paused(
+                &self,
+                owner_id: &str,
+                id: &str,
+                paused_at: Option<chrono::DateTime<Utc>>,
+                end_at: Option<chrono::DateTime<Utc>>,
+            ) -> StoreResult<bool> {
+                // Only a running sandbox changes, and only from the other
+                // side (paused to resumed or back), so two racing calls
+                // cannot both win.
+                let from_paused = if paused_at.is_some() { "IS NULL" } else { "IS NOT NULL" };
+                let sql = format!(
+                    "UPDATE sandboxes SET paused_at = $1, end_at = $2 \
+                     WHERE owner_id = $3 AND id = $4 AND state = $5 AND paused_at {from_paused}"
+                );
+                let result = sqlx::query(&sql)
+                    .bind(paused_at)
+                    .bind(end_at)
+                    .bind(owner_id)
+                    .bind(id)
+                    .bind(SandboxState::Running.as_str())
+                    .execute(&self.pool)
+                    .await?;
                 Ok(result.rows_affected() == 1)
             }
 

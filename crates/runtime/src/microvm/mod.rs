@@ -140,6 +140,23 @@ impl MicrovmRuntime {
     pub fn accel(&self) -> &AccelDecision {
         &self.inner.accel
     }
+
+    /// One QMP command to VM `id`, its answer dropped.
+    async fn qmp_command(
+        &self,
+        id: &str,
+        command: &str,
+        arguments: serde_json::Value,
+    ) -> Result<(), RuntimeError> {
+        validate_id(id)?;
+        let mut qmp = Qmp::connect(&self.inner.files(id).qmp_socket(), QMP_TIMEOUT)
+            .await
+            .map_err(|e| RuntimeError::io("connecting to QMP", io::Error::other(e)))?;
+        qmp.execute(command, arguments)
+            .await
+            .map_err(|e| RuntimeError::io(command, io::Error::other(e)))?;
+        Ok(())
+    }
 }
 
 impl Inner {
@@ -314,13 +331,17 @@ impl Runtime for MicrovmRuntime {
     }
 
     async fn set_network(&self, id: &str, enabled: bool) -> Result<(), RuntimeError> {
-        let mut qmp = Qmp::connect(&self.inner.files(id).qmp_socket(), QMP_TIMEOUT)
+        self.qmp_command(id, "set_link", json!({ "name": "net0", "up": enabled }))
             .await
-            .map_err(|e| RuntimeError::io("connecting to QMP", io::Error::other(e)))?;
-        qmp.execute("set_link", json!({ "name": "net0", "up": enabled }))
-            .await
-            .map_err(|e| RuntimeError::io("set_link", io::Error::other(e)))?;
-        Ok(())
+    }
+
+    /// The VM's vCPUs stop (QMP `stop`); its memory stays where it is.
+    async fn pause(&self, id: &str) -> Result<(), RuntimeError> {
+        self.qmp_command(id, "stop", json!({})).await
+    }
+
+    async fn resume(&self, id: &str) -> Result<(), RuntimeError> {
+        self.qmp_command(id, "cont", json!({})).await
     }
 
     fn envd_socket(&self, id: &str) -> PathBuf {

@@ -70,6 +70,18 @@ pub struct SandboxCgroup {
     /// v1 only, when the devices controller is mounted: joined by the
     /// sandbox's PID 1 after it has mounted its disk.
     devices: Option<PathBuf>,
+    /// v1 only, when mounted: the freezer (pause) and CPU accounting
+    /// (metrics) hierarchies. v2 has both in the unified dir.
+    freezer: Option<PathBuf>,
+    cpuacct: Option<PathBuf>,
+}
+
+/// What a sandbox's cgroup has counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CgroupUsage {
+    /// CPU time of every process, past and present, in microseconds.
+    pub cpu_usec: u64,
+    pub memory_bytes: u64,
 }
 
 /// Whether device access is restricted by a device cgroup on this host.
@@ -106,10 +118,19 @@ impl SandboxCgroup {
         };
         let devices = (version == CgroupVersion::V1 && device_cgroup_available().is_ok())
             .then(|| root.join("devices").join(PARENT).join(id));
+        let optional_v1 = |controller: &str| {
+            (version == CgroupVersion::V1 && root.join(controller).join("tasks").exists())
+                .then(|| root.join(controller).join(PARENT).join(id))
+                // Co-mounted with `cpu` (`cpu,cpuacct`): already in `dirs`.
+                .filter(|dir| !dirs.iter().any(|d| same_hierarchy(d, dir)))
+        };
+        let (freezer, cpuacct) = (optional_v1("freezer"), optional_v1("cpuacct"));
         Ok(Self {
             version,
             dirs,
             devices,
+            freezer,
+            cpuacct,
         })
     }
 
@@ -152,6 +173,9 @@ impl SandboxCgroup {
                 write(pids, "pids.max", &limits.pids_max.to_string())?;
                 write(cpu, "cpu.cfs_period_us", &CPU_PERIOD_US.to_string())?;
                 write(cpu, "cpu.cfs_quota_us", &cpu_quota.to_string())?;
+                for extra in self.freezer.iter().chain(&self.cpuacct) {
+                    create_fresh_dir(extra)?;
+                }
                 if let Some(devices) = &self.devices {
                     create_fresh_dir(devices)?;
                     write(devices, "devices.deny", "a")?;
@@ -173,12 +197,16 @@ impl SandboxCgroup {
     }
 
     fn all_dirs(&self) -> impl Iterator<Item = &PathBuf> {
-        self.dirs.iter().chain(self.devices.iter())
+        self.joined_dirs().chain(self.devices.iter())
+    }
+
+    fn joined_dirs(&self) -> impl Iterator<Item = &PathBuf> {
+        self.dirs.iter().chain(&self.freezer).chain(&self.cpuacct)
     }
 
     /// Moves `pid` (0 = the calling process) into the group(s).
     pub fn join(&self, pid: u32) -> io::Result<()> {
-        for dir in &self.dirs {
+        for dir in self.joined_dirs() {
             write(dir, "cgroup.procs", &pid.to_string())?;
         }
         Ok(())
@@ -204,10 +232,91 @@ impl SandboxCgroup {
         self.all_dirs().any(|d| d.exists())
     }
 
+    /// Freezes (or thaws) every process of the group where it stands and
+    /// waits until the kernel says it is done.
+    pub fn set_frozen(&self, frozen: bool, timeout: Duration) -> io::Result<()> {
+        let (dir, file, value, done) = match (self.version, &self.freezer) {
+            (CgroupVersion::V2, _) => {
+                let done = if frozen { "frozen 1" } else { "frozen 0" };
+                (
+                    &self.dirs[0],
+                    "cgroup.freeze",
+                    if frozen { "1" } else { "0" },
+                    done,
+                )
+            }
+            (CgroupVersion::V1, Some(dir)) => {
+                let state = if frozen { "FROZEN" } else { "THAWED" };
+                (dir, "freezer.state", state, state)
+            }
+            (CgroupVersion::V1, None) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "the cgroup v1 freezer controller is not mounted on this host",
+                ))
+            }
+        };
+        write(dir, file, value)?;
+        let progress = if self.version == CgroupVersion::V2 {
+            "cgroup.events"
+        } else {
+            file
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            let now = fs::read_to_string(dir.join(progress))?;
+            if now.lines().any(|line| line.trim() == done) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("{} did not reach {done:?}", dir.display()),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// CPU time and memory the group's processes have used, where counted.
+    pub fn usage(&self) -> Option<CgroupUsage> {
+        let read = |dir: &Path, file: &str| fs::read_to_string(dir.join(file)).ok();
+        match self.version {
+            CgroupVersion::V2 => {
+                let stat = read(&self.dirs[0], "cpu.stat")?;
+                let cpu_usec = stat
+                    .lines()
+                    .find_map(|l| l.strip_prefix("usage_usec ")?.trim().parse().ok())?;
+                let memory_bytes = read(&self.dirs[0], "memory.current")?.trim().parse().ok()?;
+                Some(CgroupUsage {
+                    cpu_usec,
+                    memory_bytes,
+                })
+            }
+            CgroupVersion::V1 => {
+                // cpuacct lives with cpu (`cpu,cpuacct`) or in its own hierarchy.
+                let cpu_dir = self.cpuacct.as_ref().unwrap_or(&self.dirs[2]);
+                let nanos: u64 = read(cpu_dir, "cpuacct.usage")?.trim().parse().ok()?;
+                let memory_bytes = read(&self.dirs[0], "memory.usage_in_bytes")?
+                    .trim()
+                    .parse()
+                    .ok()?;
+                Some(CgroupUsage {
+                    cpu_usec: nanos / 1000,
+                    memory_bytes,
+                })
+            }
+        }
+    }
+
     /// SIGKILLs every member until the group is empty, then removes it.
     /// Succeeds if the group does not exist.
     pub fn kill_all_and_remove(&self, timeout: Duration) -> io::Result<()> {
         let deadline = Instant::now() + timeout;
+        // A frozen v1 task does not die until thawed (v2 kills it anyway).
+        if let Some(freezer) = &self.freezer {
+            write_optional(freezer, "freezer.state", "THAWED");
+        }
         loop {
             let pids = self.pids();
             if pids.is_empty() {
@@ -250,6 +359,13 @@ impl SandboxCgroup {
         }
         Ok(())
     }
+}
+
+/// Whether two v1 controller paths are one hierarchy (co-mounted
+/// controllers appear under several names, linked to one mount).
+fn same_hierarchy(a: &Path, b: &Path) -> bool {
+    let mount = |p: &Path| p.ancestors().nth(2).and_then(|m| fs::canonicalize(m).ok());
+    mount(a).is_some() && mount(a) == mount(b)
 }
 
 /// A leftover group with the same id (crashed earlier run) would carry stale

@@ -39,7 +39,7 @@ use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
 use crate::process::{self, LauncherCommand};
-use crate::runtime::{validate_id, BootSpec, Booted, Runtime, RuntimeError};
+use crate::runtime::{validate_id, BootSpec, Booted, HostUsage, Runtime, RuntimeError};
 use crate::slots::{IdRange, SlotAllocator, SLOTS_ROOT};
 use cgroups::SandboxCgroup;
 use launcher::{LaunchArgs, DISK_IMAGE};
@@ -52,6 +52,8 @@ const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(10);
 const HEALTH_POLL_INTERVAL: Duration = Duration::from_millis(5);
 const HEALTH_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 const DESTROY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long freezing or thawing a sandbox's processes may take.
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct NamespaceConfig {
@@ -386,6 +388,28 @@ impl NamespaceRuntime {
         Ok(())
     }
 
+    /// Pause and resume: the cgroup freezer stops every process of the
+    /// sandbox (its envd too) without them noticing, memory kept.
+    async fn freeze(&self, id: &str, frozen: bool) -> Result<(), RuntimeError> {
+        validate_id(id)?;
+        let cgroup = SandboxCgroup::for_sandbox(id).map_err(|e| RuntimeError::Cgroup {
+            id: id.to_string(),
+            message: e.to_string(),
+        })?;
+        if !cgroup.exists() {
+            return Err(RuntimeError::InvalidSpec(format!(
+                "sandbox {id} is not running"
+            )));
+        }
+        tokio::task::spawn_blocking(move || cgroup.set_frozen(frozen, FREEZE_TIMEOUT))
+            .await
+            .map_err(|e| RuntimeError::io("freezer task", io::Error::other(e)))?
+            .map_err(|e| RuntimeError::Cgroup {
+                id: id.to_string(),
+                message: format!("freezer: {e}"),
+            })
+    }
+
     /// Blocking [`Runtime::destroy`], for contexts without an async runtime
     /// (shutdown hooks, `Drop` guards in tests).
     pub fn destroy_sync(&self, id: &str) -> Result<(), RuntimeError> {
@@ -486,6 +510,23 @@ impl Runtime for NamespaceRuntime {
                 Err(e)
             }
         }
+    }
+
+    fn host_usage(&self, id: &str) -> Option<HostUsage> {
+        validate_id(id).ok()?;
+        let usage = SandboxCgroup::for_sandbox(id).ok()?.usage()?;
+        Some(HostUsage {
+            cpu_usec: usage.cpu_usec,
+            memory_bytes: usage.memory_bytes,
+        })
+    }
+
+    async fn pause(&self, id: &str) -> Result<(), RuntimeError> {
+        self.freeze(id, true).await
+    }
+
+    async fn resume(&self, id: &str) -> Result<(), RuntimeError> {
+        self.freeze(id, false).await
     }
 
     async fn destroy(&self, id: &str) -> Result<(), RuntimeError> {

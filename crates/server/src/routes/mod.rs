@@ -1,8 +1,11 @@
 pub mod commands;
 pub mod files;
 pub mod health;
+pub mod pause;
 pub mod sandboxes;
+pub mod usage;
 pub mod volumes;
+pub mod writeback;
 
 use axum::http::{header, HeaderMap};
 

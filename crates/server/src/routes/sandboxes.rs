@@ -15,7 +15,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use sandbox_orchestrator::CreateSandbox;
-use sandbox_store::{Owner, Sandbox, SandboxPage, SandboxState};
+use sandbox_store::{ListedState, Owner, Sandbox, SandboxPage};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
@@ -25,6 +25,8 @@ use utoipa::ToSchema;
 
 /// How long a create may run before its idempotency claim counts as abandoned.
 const IDEMPOTENCY_STALE_SECS: i64 = 600;
+/// What a listing shows unless told otherwise: every sandbox not killed.
+const LIVE: [ListedState; 2] = [ListedState::Running, ListedState::Paused];
 const MAX_LIST_LIMIT: i64 = 1000;
 const MAX_IDEMPOTENCY_KEY_LEN: usize = 256;
 
@@ -241,7 +243,7 @@ pub async fn status(
 ) -> ApiResult<Json<SandboxStatusView>> {
     let sandbox = state.orchestrator.get(&owner.id, &id).await?;
     Ok(Json(SandboxStatusView {
-        is_running: sandbox.state == SandboxState::Running,
+        is_running: sandbox.shown_state() == "running",
     }))
 }
 
@@ -281,9 +283,11 @@ pub async fn list(
     for (key, value) in &pairs {
         match (key.as_str(), value.as_str()) {
             ("state", "all") => all_states = true,
-            ("state", "running" | "live") => page.states.push(SandboxState::Running),
-            ("state", "killed") => page.states.push(SandboxState::Killed),
-            ("state", "paused" | "creating") => {} // never in these states
+            ("state", "running") => page.states.push(ListedState::Running),
+            ("state", "paused") => page.states.push(ListedState::Paused),
+            ("state", "live") => page.states.extend(LIVE),
+            ("state", "killed") => page.states.push(ListedState::Killed),
+            ("state", "creating") => {} // a create answers once it is running
             ("state", other) => {
                 return Err(ApiError::BadRequest(format!("unknown state {other:?}")))
             }
@@ -309,7 +313,7 @@ pub async fn list(
                 next_token: None,
             }));
         }
-        page.states.push(SandboxState::Running);
+        page.states.extend(LIVE);
     }
     let limit = page.limit;
     page.limit += 1;
@@ -441,12 +445,4 @@ pub async fn kill_many(
         StatusCode::OK
     };
     Ok((status, Json(KillManyView { results })).into_response())
-}
-
-#[utoipa::path(
-    get, path = "/sandboxes/{id}/metrics", tag = "sandboxes", params(("id" = String, Path, description = "Sandbox id (`sbx-…`)")),
-    responses((status = 501, description = "Not implemented yet", body = crate::views::ErrorView))
-)]
-pub async fn metrics_not_implemented() -> ApiError {
-    ApiError::NotImplemented("per-sandbox metrics are not implemented".into())
 }

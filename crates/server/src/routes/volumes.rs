@@ -10,7 +10,8 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures::StreamExt;
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
 use rand::Rng;
 use sandbox_blobs::{volume_key, BlobUpload};
 use sandbox_store::{NewVolume, Volume};
@@ -30,13 +31,15 @@ fn new_volume_id() -> String {
 }
 
 /// Why an upload stopped before its blob was committed.
-enum UploadFailure {
+pub(crate) enum UploadFailure {
     TooLarge(u64),
     Archive(ArchiveError),
     Storage(sandbox_blobs::BlobError),
     Body(String),
     /// The client stopped sending (the body-timeout layer cut it).
     Stalled,
+    /// A sandbox's agent, packing the bytes, failed or stopped.
+    Agent(String),
 }
 
 impl From<UploadFailure> for ApiError {
@@ -51,6 +54,9 @@ impl From<UploadFailure> for ApiError {
             UploadFailure::Stalled => {
                 ApiError::RequestTimeout("the upload stopped sending data; nothing was kept".into())
             }
+            UploadFailure::Agent(e) => ApiError::BadGateway(format!(
+                "packing inside the sandbox failed: {e}; nothing was kept"
+            )),
         }
     }
 }
@@ -75,19 +81,21 @@ struct StoredBlob {
 
 /// Streams the body into `upload` while checking the gzip magic, the size
 /// cap and the archive itself, and hashing. Commits only a valid blob.
-async fn stream_into(
-    body: Body,
+async fn stream_into<S>(
+    mut chunks: S,
     mut upload: Box<dyn BlobUpload>,
     cap: u64,
     limits: sandbox_archive::Limits,
-) -> Result<StoredBlob, UploadFailure> {
+) -> Result<StoredBlob, UploadFailure>
+where
+    S: Stream<Item = Result<Bytes, UploadFailure>> + Send + Unpin,
+{
     let mut inspector = ArchiveInspector::start(limits);
     let mut size: u64 = 0;
     let mut head: Vec<u8> = Vec::with_capacity(2);
-    let mut stream = body.into_data_stream();
     let outcome = async {
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(body_failure)?;
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk?;
             size += chunk.len() as u64;
             if size > cap {
                 return Err(UploadFailure::TooLarge(cap));
@@ -135,11 +143,7 @@ async fn stream_into(
     }
 }
 
-/// Order of events, so that no crash or failure leaves a blob without a
-/// row or a row claiming a blob that is not there: a `pending` row first
-/// (invisible to the API), then the blob, then the row turns `ready`. A
-/// failed upload removes its row; a crashed one is removed by the
-/// reconciler (see `crate::reconcile`).
+/// A client's upload; see [`store_new_volume`].
 #[utoipa::path(
     post, path = "/volumes", tag = "volumes",
     params(("name" = Option<String>, Query, description = "Volume name (default `volume`)")),
@@ -162,11 +166,6 @@ pub async fn create(
     if super::declared_length(&headers).is_some_and(|len| len > cap) {
         return Err(UploadFailure::TooLarge(cap).into());
     }
-    if query.name.as_ref().is_some_and(|n| n.len() > MAX_NAME_LEN) {
-        return Err(ApiError::BadRequest(format!(
-            "volume name is limited to {MAX_NAME_LEN} bytes"
-        )));
-    }
     // The body is checked to be a gzip tarball, so that is what is stored,
     // whatever a client's defaults said (curl's --data-binary sends
     // application/x-www-form-urlencoded); a gzip flavour it named is kept.
@@ -176,23 +175,68 @@ pub async fn create(
         .filter(|ct| ct.len() <= 128 && ct.contains("gzip"))
         .unwrap_or("application/gzip")
         .to_string();
+    let source = NewVolumeSource {
+        name: query.name.unwrap_or_default(),
+        content_type,
+        metadata: BTreeMap::new(),
+        cap,
+    };
+    let chunks = body
+        .into_data_stream()
+        .map(|chunk| chunk.map_err(body_failure));
+    let volume = store_new_volume(&state, &owner.id, source, chunks).await?;
+    drop(admission);
+    Ok((StatusCode::CREATED, Json(VolumeView::from(volume))).into_response())
+}
 
+/// What a new volume is called and how many bytes it may take.
+pub(crate) struct NewVolumeSource {
+    pub name: String,
+    pub content_type: String,
+    pub metadata: BTreeMap<String, String>,
+    /// The caller's upload allowance (see `Quotas::admit_upload`).
+    pub cap: u64,
+}
+
+/// Stores a tar.gz arriving as `chunks` as a new volume of `owner_id`: the
+/// one path every volume's bytes take, whether a client uploads them or a
+/// sandbox's agent packs them.
+///
+/// Order of events, so that no crash or failure leaves a blob without a
+/// row or a row claiming a blob that is not there: a `pending` row first
+/// (invisible to the API), then the blob, then the row turns `ready`. A
+/// failed upload removes its row; a crashed one is removed by the
+/// reconciler (see `crate::reconcile`).
+pub(crate) async fn store_new_volume<S>(
+    state: &AppState,
+    owner_id: &str,
+    source: NewVolumeSource,
+    chunks: S,
+) -> ApiResult<Volume>
+where
+    S: Stream<Item = Result<Bytes, UploadFailure>> + Send + Unpin,
+{
+    if source.name.len() > MAX_NAME_LEN {
+        return Err(ApiError::BadRequest(format!(
+            "volume name is limited to {MAX_NAME_LEN} bytes"
+        )));
+    }
     let mut id = new_volume_id();
     while state.store.volume_id_exists(&id).await? {
         id = new_volume_id();
     }
-    let key = volume_key(&owner.id, &id);
+    let key = volume_key(owner_id, &id);
     let mut new = NewVolume {
         id: id.clone(),
-        owner_id: owner.id.clone(),
-        name: query.name.unwrap_or_default(),
+        owner_id: owner_id.to_string(),
+        name: source.name,
         blob_key: key.clone(),
         size_bytes: 0,
         sha256: String::new(),
-        content_type,
+        content_type: source.content_type,
         uncompressed_bytes: 0,
         entry_count: 0,
-        metadata: BTreeMap::new(),
+        metadata: source.metadata,
     };
     // Registered before the row exists, so the reconciler never takes a
     // live upload's row or partial blob for a crashed one.
@@ -202,7 +246,7 @@ pub async fn create(
     let stored = async {
         let upload = state.blobs.begin_upload(&key).await?;
         let limits = state.config.volumes.archive_limits();
-        stream_into(body, upload, cap, limits)
+        stream_into(chunks, upload, source.cap, limits)
             .await
             .map_err(ApiError::from)
     }
@@ -210,7 +254,7 @@ pub async fn create(
     let blob = match stored {
         Ok(blob) => blob,
         Err(e) => {
-            forget_pending(&state, &id, &key).await;
+            forget_pending(state, &id, &key).await;
             return Err(e);
         }
     };
@@ -224,20 +268,19 @@ pub async fn create(
             // The row could not turn ready: take the blob back rather than
             // keep bytes nobody can reach (the reconciler retries if this
             // fails too).
-            forget_pending(&state, &id, &key).await;
+            forget_pending(state, &id, &key).await;
             return Err(match outcome {
                 Err(e) => e.into(),
                 _ => ApiError::Unavailable("the upload's record vanished; retry".into()),
             });
         }
     };
-    drop(admission);
     tracing::info!(
-        volume_id = %volume.id, owner_id = %owner.id, bytes = blob.size,
+        volume_id = %volume.id, owner_id, bytes = blob.size,
         entries = blob.summary.entries, elapsed_ms = started.elapsed().as_millis() as u64,
-        "volume uploaded"
+        "volume stored"
     );
-    Ok((StatusCode::CREATED, Json(VolumeView::from(volume))).into_response())
+    Ok(volume)
 }
 
 /// Undoes a failed upload: its blob (if committed), then its pending row.
