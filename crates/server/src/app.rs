@@ -107,13 +107,16 @@ pub async fn open_blobs(config: &Config) -> anyhow::Result<Arc<dyn BlobStore>> {
 /// list (`routes!` reads each handler's `#[utoipa::path]`), so a route is
 /// served exactly when it is documented.
 pub fn api_router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
-    let (router, document) = api_routes().split_for_parts();
+    let (router, mut document) = api_routes().split_for_parts();
+    crate::openapi::document_paused_answers(&mut document);
     (router.with_state(state), document)
 }
 
 /// The OpenAPI document alone (`sandbox-manager openapi` prints it).
 pub fn openapi_document() -> utoipa::openapi::OpenApi {
-    api_routes().split_for_parts().1
+    let mut document = api_routes().split_for_parts().1;
+    crate::openapi::document_paused_answers(&mut document);
+    document
 }
 
 fn api_routes() -> OpenApiRouter<AppState> {

@@ -45,6 +45,42 @@ impl Modify for ApiKeyAuth {
     }
 }
 
+/// Every command and file call answers 409 while its sandbox is paused
+/// (the agent is frozen), next to the 410 it answers once it is killed.
+/// Applied to the finished document (the router adds the paths after the
+/// `#[openapi]` modifiers have run).
+pub fn document_paused_answers(openapi: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::RefOr;
+    for item in openapi.paths.paths.values_mut() {
+        let operations = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ];
+        for operation in operations.into_iter().flatten() {
+            let through_agent = operation
+                .tags
+                .iter()
+                .flatten()
+                .any(|tag| tag == "commands" || tag == "files");
+            let responses = &mut operation.responses.responses;
+            if through_agent && responses.contains_key("410") && !responses.contains_key("409") {
+                let error = responses["410"].clone();
+                let paused = match error {
+                    RefOr::T(mut response) => {
+                        response.description = "The sandbox is paused".into();
+                        RefOr::T(response)
+                    }
+                    other => other,
+                };
+                responses.insert("409".into(), paused);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     /// The paths come from the router (`app::api_router`); the document

@@ -1,0 +1,69 @@
+"""Volume write-back, pause/resume and metrics through the real Declaw
+Python SDK (1.7.0), on whichever runtime the suite runs."""
+
+import time
+
+import pytest
+from declaw import Sandbox, Volumes
+from declaw.exceptions import ConflictException
+
+from conftest import make_targz
+
+
+@pytest.fixture
+def sandbox_server(server_factory):
+    return server_factory(sandboxes=True)
+
+
+def test_commit_and_snapshot_write_back_into_new_volumes(sandbox_server):
+    source = Volumes.create(name="data", data=make_targz({"rows.csv": b"1\n2\n"}))
+    original = Volumes.download(source.volume_id)
+    sbx = Sandbox.create(template="base", volumes=[source.attach("/data")])
+    try:
+        edit = sbx.commands.run("cd /data && echo 3 >> rows.csv && mkdir out && echo r > out/result.txt")
+        assert edit.exit_code == 0, edit.stderr
+        committed = Volumes.commit(sbx.sandbox_id, source.volume_id)
+        assert committed.volume_id != source.volume_id
+        assert committed.name == "data-commit"
+        snap = Volumes.snapshot(sbx.sandbox_id, "/data/out", name="results")
+        assert snap.name == "results"
+    finally:
+        sbx.kill()
+
+    fresh = Sandbox.create(template="base", volumes=[committed.attach("/data"), snap.attach("/results")])
+    try:
+        seen = fresh.commands.run("cat /data/rows.csv /results/result.txt")
+        assert seen.stdout == "1\n2\n3\nr\n"
+    finally:
+        fresh.kill()
+    assert Volumes.download(source.volume_id) == original, "the source is unchanged"
+    again = Sandbox.create(template="base", volumes=[source.attach("/data")])
+    try:
+        assert again.commands.run("cat /data/rows.csv").stdout == "1\n2\n"
+    finally:
+        again.kill()
+    for volume in (source, committed, snap):
+        Volumes.delete(volume.volume_id)
+
+
+def test_pause_resume_and_metrics(sandbox_server):
+    sbx = Sandbox.create(template="base", timeout=300)
+    try:
+        before = sbx.get_info()
+        sbx.commands.run("echo kept > /tmp/f; (while :; do :; done) &", background=True)
+        time.sleep(1)
+        metrics = sbx.get_metrics()
+        assert metrics and metrics[-1].cpu_usage_percent > 20, metrics
+        assert metrics[-1].memory_usage_mb > 0
+
+        sbx.pause()
+        with pytest.raises(ConflictException):
+            sbx.commands.run("true")
+        time.sleep(1.5)
+        sbx.resume()
+        after = sbx.get_info()
+        assert (after.end_at - before.end_at).total_seconds() >= 1.5
+        assert sbx.commands.run("cat /tmp/f").stdout == "kept\n"
+        assert sbx.is_running()
+    finally:
+        sbx.kill()
