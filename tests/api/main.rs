@@ -17,6 +17,7 @@ mod hydration;
 mod layers;
 mod microvm;
 mod pause;
+mod pty;
 mod sandboxes;
 mod volumes;
 mod writeback;

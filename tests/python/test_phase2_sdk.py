@@ -67,3 +67,22 @@ def test_pause_resume_and_metrics(sandbox_server):
         assert sbx.is_running()
     finally:
         sbx.kill()
+
+
+def test_pty_runs_tty_on_a_pseudo_terminal(sandbox_server):
+    from declaw.sandbox.commands.models import PtySize
+
+    sbx = Sandbox.create(template="base")
+    try:
+        chunks = []
+        handle = sbx.pty.create(size=PtySize(cols=100, rows=30), on_data=chunks.append)
+        handle.send_stdin("tty; stty size; exit 7\n")
+        result = handle.wait(timeout=60)
+        seen = b"".join(chunks).decode()
+        assert "/dev/pts/" in seen, seen
+        assert "30 100" in seen, seen
+        assert result == 7
+        other = sbx.pty.create()
+        assert other.kill() is True
+    finally:
+        sbx.kill()

@@ -467,6 +467,30 @@ impl EnvdClient {
     }
 
     /// Kills the process group of `pid`; false when the pid is not tracked.
+    /// Starts a login shell on a new pseudo-terminal; returns its pid
+    /// (input: [`Self::write_stdin`], kill: [`Self::kill`]).
+    pub async fn pty_start(&self, request: &PtyRequest) -> Result<u32, EnvdError> {
+        let started: StartedProcess = self.post_json(routes::PTY, request).await?;
+        Ok(started.pid)
+    }
+
+    /// The terminal's output from now on, ending with its exit.
+    pub async fn pty_stream(
+        &self,
+        pid: u32,
+    ) -> Result<BoxStream<'static, Result<PtyEvent, EnvdError>>, EnvdError> {
+        let response = self
+            .send(Method::GET, &routes::pty_stream(pid), empty_body(), None)
+            .await?;
+        let response = check_status(response).await?;
+        Ok(ndjson::events(response.into_body()))
+    }
+
+    pub async fn pty_resize(&self, pid: u32, size: PtySize) -> Result<(), EnvdError> {
+        let _: Empty = self.post_json(&routes::pty_resize(pid), &size).await?;
+        Ok(())
+    }
+
     pub async fn kill(&self, pid: u32) -> Result<bool, EnvdError> {
         let response = self
             .send(Method::DELETE, &routes::process(pid), empty_body(), None)

@@ -24,7 +24,8 @@ pub use types::*;
 ///
 /// - 1: files, processes, env, init.
 /// - 2: block volumes (`/volumes/block/*`), for VM agents.
-/// - 3: directory archives (`/files/archive`), usage figures (`/usage`).
+/// - 3: directory archives (`/files/archive`), usage figures (`/usage`),
+///   pseudo-terminals (`/pty`).
 pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Header carrying the access token: `Authorization: Bearer TOKEN`.

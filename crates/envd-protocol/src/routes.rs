@@ -47,6 +47,18 @@ pub const PROCESSES_START: &str = "/processes/start";
 /// [`crate::ProcessEvent`]s, ending with [`crate::ProcessEvent::Exit`].
 pub const PROCESSES_STREAM: &str = "/processes/stream";
 
+/// `POST` [`crate::PtyRequest`] → [`crate::StartedProcess`] (protocol 3).
+/// Input goes through [`process_stdin`], the kill through [`process`].
+pub const PTY: &str = "/pty";
+
+/// `GET /pty/{pid}/stream` → newline-delimited [`crate::PtyEvent`]s.
+pub fn pty_stream(pid: u32) -> String {
+    format!("/pty/{pid}/stream")
+}
+/// `POST /pty/{pid}/resize` [`crate::PtySize`] → [`crate::Empty`].
+pub fn pty_resize(pid: u32) -> String {
+    format!("/pty/{pid}/resize")
+}
 /// `POST /processes/{pid}/wait` → [`crate::RunResult`].
 pub fn process_wait(pid: u32) -> String {
     format!("/processes/{pid}/wait")

@@ -366,6 +366,45 @@ pub struct KillResponse {
     pub killed: bool,
 }
 
+/// Terminal size of a pseudo-terminal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PtySize {
+    pub cols: u16,
+    pub rows: u16,
+}
+
+/// `POST /pty`: a login shell on a new pseudo-terminal (protocol 3).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PtyRequest {
+    #[serde(default = "default_user")]
+    pub user: String,
+    #[serde(default)]
+    pub cwd: Option<String>,
+    #[serde(default)]
+    pub envs: BTreeMap<String, String>,
+    pub size: PtySize,
+    /// Seconds; `None` = [`DEFAULT_PROCESS_TIMEOUT_SECS`], `Some(0)` = none.
+    #[serde(default)]
+    pub timeout: Option<u64>,
+}
+
+/// One line of `GET /pty/{pid}/stream` (newline-delimited JSON). Output
+/// produced before the first listener attached is sent to it first (up to
+/// 64 KiB); later listeners get output from the moment they attach.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum PtyEvent {
+    /// Raw terminal output, base64.
+    Data {
+        data: String,
+    },
+    Keepalive,
+    /// Last event.
+    Exit {
+        exit_code: i32,
+    },
+}
+
 /// One line of the `/processes/stream` response (newline-delimited JSON).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]

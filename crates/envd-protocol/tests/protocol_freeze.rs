@@ -235,6 +235,26 @@ fn current_samples() -> BTreeMap<String, Value> {
     sample(&mut s, "ProcessEvent.keepalive", ProcessEvent::Keepalive);
     sample(
         &mut s,
+        "PtyRequest",
+        PtyRequest {
+            user: "user".into(),
+            cwd: Some("/home/user".into()),
+            envs: envs(),
+            size: PtySize { cols: 80, rows: 24 },
+            timeout: Some(3600),
+        },
+    );
+    sample(
+        &mut s,
+        "PtyEvent.data",
+        PtyEvent::Data {
+            data: "aGk=".into(),
+        },
+    );
+    sample(&mut s, "PtyEvent.keepalive", PtyEvent::Keepalive);
+    sample(&mut s, "PtyEvent.exit", PtyEvent::Exit { exit_code: 0 });
+    sample(
+        &mut s,
         "Usage",
         Usage {
             cpu_busy_usec: 1_500_000,
@@ -285,6 +305,9 @@ fn current_samples() -> BTreeMap<String, Value> {
             routes::VOLUMES_BLOCK_UNMOUNT,
             routes::FILES_ARCHIVE,
             routes::USAGE,
+            routes::PTY,
+            routes::pty_stream(1),
+            routes::pty_resize(1),
             routes::ENV,
             routes::PROCESSES,
             routes::PROCESSES_RUN,

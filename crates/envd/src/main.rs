@@ -15,6 +15,7 @@ mod pack;
 mod paths;
 mod process;
 mod process_api;
+mod pty;
 mod reaper;
 mod server;
 mod sys;

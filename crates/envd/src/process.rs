@@ -87,6 +87,8 @@ pub struct Tracked {
     stdin: tokio::sync::Mutex<Option<ChildStdin>>,
     captured: Option<Arc<Mutex<Captured>>>,
     outcome: watch::Receiver<Option<Outcome>>,
+    /// The terminal of a process started on a pseudo-terminal.
+    pub pty: Option<Arc<crate::pty::Terminal>>,
 }
 
 impl Tracked {
@@ -155,6 +157,9 @@ impl Tracked {
     }
 
     pub async fn write_stdin(&self, data: &[u8]) -> ApiResult<()> {
+        if let Some(terminal) = &self.pty {
+            return terminal.write_input(data).await;
+        }
         let mut stdin = self.stdin.lock().await;
         let pipe = stdin.as_mut().ok_or_else(|| {
             ApiError::new(
@@ -191,6 +196,9 @@ pub struct SpawnOptions {
     pub stdin: bool,
     /// Stop tracking once it exits (foreground and streamed processes).
     pub forget_on_exit: bool,
+    /// Run on a new pseudo-terminal of this size (its stdin, stdout and
+    /// stderr, and its controlling terminal) instead of pipes.
+    pub pty: Option<envd_protocol::PtySize>,
 }
 
 pub struct ProcessManager {
@@ -281,7 +289,15 @@ impl ProcessManager {
         env.insert("LOGNAME".into(), user.name.clone());
         env.entry("PATH".into())
             .or_insert_with(|| DEFAULT_PATH.into());
+        if options.pty.is_some() {
+            env.insert("TERM".into(), "xterm-256color".into());
+        }
         env.extend(request.envs.clone());
+        let terminal = options
+            .pty
+            .map(crate::pty::Terminal::open)
+            .transpose()
+            .map_err(|e| ApiError::internal(format!("cannot open a pseudo-terminal: {e}")))?;
 
         let mut command = Command::new("/bin/sh");
         command
@@ -289,14 +305,28 @@ impl ProcessManager {
             .arg(&request.cmd)
             .current_dir(&host_cwd)
             .env_clear()
-            .envs(&env)
-            .stdin(if options.stdin {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .envs(&env);
+        match &terminal {
+            Some((_, secondary)) => {
+                let stdio = || secondary.try_clone().map(Stdio::from);
+                let clone_failed = |e| ApiError::internal(format!("pseudo-terminal: {e}"));
+                command
+                    .stdin(stdio().map_err(clone_failed)?)
+                    .stdout(stdio().map_err(clone_failed)?)
+                    .stderr(stdio().map_err(clone_failed)?);
+            }
+            None => {
+                command
+                    .stdin(if options.stdin {
+                        Stdio::piped()
+                    } else {
+                        Stdio::null()
+                    })
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped());
+            }
+        }
+        let controlling_terminal = terminal.is_some();
         let switch_to = users
             .can_switch()
             .then(|| (user.uid, user.gid, user.groups.clone()));
@@ -306,6 +336,10 @@ impl ProcessManager {
             command.pre_exec(move || {
                 libc::umask(0o022);
                 if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The new session's controlling terminal: its stdin.
+                if controlling_terminal && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 if let Some((uid, gid, groups)) = &switch_to {
@@ -340,18 +374,32 @@ impl ProcessManager {
                 stderr: BoundedBuffer::new(self.max_output),
             }))
         });
-        let stdout_task = tokio::spawn(pump_output(
-            child.stdout.take().expect("stdout is piped"),
-            OutputStream::Stdout,
-            captured.clone(),
-            options.events.clone(),
-        ));
-        let stderr_task = tokio::spawn(pump_output(
-            child.stderr.take().expect("stderr is piped"),
-            OutputStream::Stderr,
-            captured.clone(),
-            options.events,
-        ));
+        // The child holds the terminal's secondary side now; ours must go,
+        // or the primary never sees the end of the session.
+        let terminal = terminal.map(|(terminal, secondary)| {
+            drop(secondary);
+            Arc::new(terminal)
+        });
+        let (stdout_task, stderr_task) = match &terminal {
+            Some(terminal) => (
+                tokio::spawn(terminal.clone().pump_output()),
+                tokio::spawn(async {}),
+            ),
+            None => (
+                tokio::spawn(pump_output(
+                    child.stdout.take().expect("stdout is piped"),
+                    OutputStream::Stdout,
+                    captured.clone(),
+                    options.events.clone(),
+                )),
+                tokio::spawn(pump_output(
+                    child.stderr.take().expect("stderr is piped"),
+                    OutputStream::Stderr,
+                    captured.clone(),
+                    options.events,
+                )),
+            ),
+        };
 
         let (outcome_sender, outcome) = watch::channel(None);
         let tracked = Arc::new(Tracked {
@@ -363,6 +411,7 @@ impl ProcessManager {
             stdin: tokio::sync::Mutex::new(child.stdin.take()),
             captured,
             outcome,
+            pty: terminal,
         });
         self.lock_table().insert(pid, tracked.clone());
         tracing::info!(pid, user = %user.name, cmd = %request.cmd, "process started");

@@ -62,6 +62,7 @@ pub async fn run(
         events: None,
         stdin: false,
         forget_on_exit: true,
+        pty: None,
     };
     let tracked = state
         .processes
@@ -80,6 +81,7 @@ pub async fn start(
         events: None,
         stdin: request.stdin,
         forget_on_exit: false,
+        pty: None,
     };
     let tracked = state
         .processes
@@ -148,6 +150,7 @@ pub async fn stream(
         events: Some(chunk_sender),
         stdin: false,
         forget_on_exit: true,
+        pty: None,
     };
     let process = state
         .processes

@@ -18,7 +18,7 @@ use crate::error::ApiError;
 use crate::paths::SandboxRoot;
 use crate::process::ProcessManager;
 use crate::users::Users;
-use crate::{auth, block, files, guest, init, pack, process_api, unpack, usage};
+use crate::{auth, block, files, guest, init, pack, process_api, pty, unpack, usage};
 
 pub struct AppState {
     pub root: SandboxRoot,
@@ -45,6 +45,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(routes::FILES_UNPACK, post(unpack::unpack))
         .route(routes::FILES_ARCHIVE, get(pack::archive))
         .route(routes::USAGE, get(usage::usage))
+        .route(routes::PTY, post(pty::start))
+        .route("/pty/{pid}/stream", get(pty::stream))
+        .route("/pty/{pid}/resize", post(pty::resize))
         .route(routes::VOLUMES_BLOCK_MOUNT, post(block::mount))
         .route(routes::VOLUMES_BLOCK_UNMOUNT, post(block::unmount))
         .route(routes::ENV, put(process_api::set_env))

@@ -3,7 +3,7 @@
 use crate::config::{BlobBackend, Config};
 use crate::quotas::Quotas;
 use crate::reconcile::{Reconciler, Uploads};
-use crate::routes::{commands, files, health, pause, sandboxes, usage, volumes, writeback};
+use crate::routes::{commands, files, health, pause, pty, sandboxes, usage, volumes, writeback};
 use crate::{auth, metrics, node};
 use anyhow::Context;
 use axum::extract::{DefaultBodyLimit, Request};
@@ -140,6 +140,10 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(commands::kill))
         .routes(routes!(commands::wait))
         .routes(routes!(commands::stdin))
+        .routes(routes!(pty::create))
+        .routes(routes!(pty::stream))
+        .routes(routes!(pty::input))
+        .routes(routes!(pty::resize, pty::kill))
         .routes(routes!(
             files::read,
             files::write,

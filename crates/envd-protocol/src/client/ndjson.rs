@@ -1,12 +1,13 @@
-//! Decoding of the newline-delimited JSON event stream of `/processes/stream`.
+//! Decoding of the newline-delimited JSON event streams (`/processes/stream`, `/pty/{pid}/stream`).
 
 use bytes::{Buf, BytesMut};
 use futures::stream::{self, BoxStream, StreamExt};
 use http_body_util::BodyDataStream;
 use hyper::body::Incoming;
 
+use serde::de::DeserializeOwned;
+
 use super::EnvdError;
-use crate::ProcessEvent;
 
 /// Lines longer than this are a protocol error: envd sends output in chunks
 /// of at most 64 KiB, which JSON-escape to under 400 KiB.
@@ -22,7 +23,9 @@ struct State {
 }
 
 /// Stream of typed events; blank lines (keep-alives) are skipped.
-pub fn events(body: Incoming) -> BoxStream<'static, Result<ProcessEvent, EnvdError>> {
+pub fn events<E: DeserializeOwned + Send + 'static>(
+    body: Incoming,
+) -> BoxStream<'static, Result<E, EnvdError>> {
     let state = State {
         body: BodyDataStream::new(body),
         buffer: BytesMut::new(),
@@ -40,7 +43,7 @@ pub fn events(body: Incoming) -> BoxStream<'static, Result<ProcessEvent, EnvdErr
                 if line.iter().all(u8::is_ascii_whitespace) {
                     continue;
                 }
-                let event = serde_json::from_slice::<ProcessEvent>(line)
+                let event = serde_json::from_slice::<E>(line)
                     .map_err(|e| EnvdError::Decode(format!("bad event line: {e}")));
                 return Some((event, state));
             }
@@ -48,7 +51,7 @@ pub fn events(body: Incoming) -> BoxStream<'static, Result<ProcessEvent, EnvdErr
                 if state.buffer.has_remaining() && !state.buffer.iter().all(u8::is_ascii_whitespace)
                 {
                     let line = std::mem::take(&mut state.buffer);
-                    let event = serde_json::from_slice::<ProcessEvent>(&line)
+                    let event = serde_json::from_slice::<E>(&line)
                         .map_err(|e| EnvdError::Decode(format!("bad event line: {e}")));
                     return Some((event, state));
                 }

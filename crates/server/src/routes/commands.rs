@@ -56,7 +56,7 @@ fn parse_run(body: RunBody) -> ApiResult<(ProcessRequest, bool)> {
     Ok((request, body.background))
 }
 
-fn parse_pid(pid: &str) -> ApiResult<u32> {
+pub(crate) fn parse_pid(pid: &str) -> ApiResult<u32> {
     pid.parse()
         .map_err(|_| ApiError::BadRequest(format!("pid must be an integer, got {pid:?}")))
 }
@@ -257,7 +257,7 @@ fn sse_events(
 }
 
 /// A stream fed by a task, so the translation can be written as a loop.
-fn async_stream<F, Fut>(produce: F) -> impl Stream<Item = Result<Event, Infallible>>
+pub(crate) fn async_stream<F, Fut>(produce: F) -> impl Stream<Item = Result<Event, Infallible>>
 where
     F: FnOnce(tokio::sync::mpsc::Sender<Event>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,

@@ -2,6 +2,7 @@ pub mod commands;
 pub mod files;
 pub mod health;
 pub mod pause;
+pub mod pty;
 pub mod sandboxes;
 pub mod usage;
 pub mod volumes;
