@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmarks. Each prints figures as ratios against a baseline measured in
 # the same run. Usage:
-#   scripts/bench.sh [volume-upload|sandbox-create|hydrate|load|microvm|envd-unpack|all]
+#   scripts/bench.sh [volume-upload|sandbox-create|hydrate|phase2|load|microvm|envd-unpack|all]
+# `phase2` runs on the runtime SANDBOX_TEST_RUNTIME names (namespace by default).
 # `load` takes LOAD_CLIENTS (default 8) and LOAD_SECONDS (default 60).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +13,7 @@ cargo build --release -q -p sandbox-manager -p bench -p envd
 export SANDBOX_MANAGER_BIN=$CARGO_TARGET_DIR/release/sandbox-manager
 what=${1:-all}
 bench=$CARGO_TARGET_DIR/release/sandbox-bench
-for name in volume-upload sandbox-create hydrate; do
+for name in volume-upload sandbox-create hydrate phase2; do
   if [[ $what == "$name" || $what == all ]]; then
     echo; "$bench" "$name"
   fi

@@ -5,6 +5,7 @@
 mod hydrate;
 mod load;
 mod microvm;
+mod phase2;
 mod sandbox_create;
 mod stats;
 mod volume_upload;
@@ -52,6 +53,9 @@ enum Bench {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
+    /// Volume commit of a 256 MiB mount path vs `tar czf` of it, and pause
+    /// and resume latency vs a command round trip.
+    Phase2,
     /// microVM runtime: cold boot and snapshot restore to envd-ready, warm
     /// create, command round trip, idle PSS, hydrate vs tar xzf.
     Microvm,
@@ -71,5 +75,6 @@ async fn main() -> anyhow::Result<()> {
         Bench::Hydrate => hydrate::run(&cli.server, &cli.work_dir).await,
         Bench::Load { clients, seconds } => load::run(&cli.server, clients, seconds).await,
         Bench::Microvm => microvm::run(&cli.server, &cli.work_dir).await,
+        Bench::Phase2 => phase2::run(&cli.server, &cli.work_dir).await,
     }
 }

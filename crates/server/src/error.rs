@@ -25,8 +25,6 @@ pub enum ApiError {
     Unprocessable { code: &'static str, message: String },
     #[error("{0}")]
     BadGateway(String),
-    #[error("{0}")]
-    NotImplemented(String),
     /// An error the sandbox agent reported, passed through as it came.
     #[error("{message}")]
     Agent {
@@ -64,7 +62,6 @@ impl ApiError {
             ApiError::Gone(_) => StatusCode::GONE,
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
-            ApiError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ApiError::Agent { status, .. } => *status,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
@@ -84,7 +81,6 @@ impl ApiError {
             ApiError::Gone(_) => "sandbox_killed",
             ApiError::Unprocessable { code, .. } => code,
             ApiError::BadGateway(_) => "envd_unreachable",
-            ApiError::NotImplemented(_) => "not_implemented",
             ApiError::Agent { code, .. } => code,
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::Conflict { code, .. } => code,

@@ -3,7 +3,10 @@
 
 use chrono::Utc;
 use rand::Rng;
-use sandbox_store::{NewVolume, QuotaOverride, Store, SweepCounts, Volume, VolumeState};
+use sandbox_store::{
+    ListedState, NewVolume, QuotaOverride, Sandbox, SandboxPage, SandboxState, Store, SweepCounts,
+    Volume, VolumeState,
+};
 use sqlx::Connection;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -152,6 +155,91 @@ async fn conformance(store: Arc<dyn Store>) {
 
     crash_safe_volumes(&*store, &alice.id).await;
     quotas_and_sweeps(&*store, &alice.id, &bob.id).await;
+    pause_and_resume(&*store, &alice.id, &bob.id).await;
+}
+
+/// Pause and resume flip `paused_at` (and set the deadline) once each way,
+/// for the owner only; listings tell running from paused.
+async fn pause_and_resume(store: &dyn Store, alice: &str, bob: &str) {
+    let started_at = Utc::now();
+    let end_at = started_at + chrono::Duration::seconds(300);
+    let sandbox = Sandbox {
+        id: "sbx-paused".into(),
+        owner_id: alice.into(),
+        template: "base".into(),
+        state: SandboxState::Running,
+        node_id: "node".into(),
+        envd_token: "t".into(),
+        timeout_secs: 300,
+        metadata: BTreeMap::new(),
+        envs: BTreeMap::new(),
+        extra: Default::default(),
+        volumes: serde_json::json!([]),
+        started_at,
+        end_at: Some(end_at),
+        killed_at: None,
+        paused_at: None,
+    };
+    store.insert_sandbox(&sandbox).await.unwrap();
+    let listed = |state: ListedState| async move {
+        let page = SandboxPage {
+            states: vec![state],
+            limit: 10,
+            before: None,
+        };
+        let rows = store.list_sandboxes(alice, &page).await.unwrap();
+        rows.into_iter().map(|s| s.id).collect::<Vec<_>>()
+    };
+    assert_eq!(listed(ListedState::Running).await, ["sbx-paused"]);
+    let now = Some(Utc::now());
+    assert!(!store
+        .set_sandbox_paused(bob, "sbx-paused", now, Some(end_at))
+        .await
+        .unwrap());
+    assert!(store
+        .set_sandbox_paused(alice, "sbx-paused", now, Some(end_at))
+        .await
+        .unwrap());
+    assert!(!store
+        .set_sandbox_paused(alice, "sbx-paused", now, Some(end_at))
+        .await
+        .unwrap());
+    let paused = store
+        .get_sandbox(alice, "sbx-paused")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(paused.is_paused());
+    assert_eq!(paused.shown_state(), "paused");
+    assert_eq!(listed(ListedState::Paused).await, ["sbx-paused"]);
+    assert!(listed(ListedState::Running).await.is_empty());
+
+    let later = end_at + chrono::Duration::seconds(5);
+    assert!(store
+        .set_sandbox_paused(alice, "sbx-paused", None, Some(later))
+        .await
+        .unwrap());
+    assert!(!store
+        .set_sandbox_paused(alice, "sbx-paused", None, Some(later))
+        .await
+        .unwrap());
+    let resumed = store
+        .get_sandbox(alice, "sbx-paused")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resumed.shown_state(), "running");
+    assert_eq!(
+        resumed.end_at.map(|t| t.timestamp()),
+        Some(later.timestamp())
+    );
+
+    assert!(store.mark_sandbox_killed("sbx-paused").await.unwrap());
+    assert!(!store
+        .set_sandbox_paused(alice, "sbx-paused", now, None)
+        .await
+        .unwrap());
+    assert_eq!(listed(ListedState::Killed).await, ["sbx-paused"]);
 }
 
 /// A pending row is invisible until finished; the reconciler can find and

@@ -1,0 +1,110 @@
+//! The Phase-2 SDK calls: volume commit of a 256 MiB mount path against
+//! `tar czf` of the same tree on the host, and pause/resume latency against
+//! a `commands.run("true")` round trip, all measured in the same run (on
+//! the runtime `SANDBOX_TEST_RUNTIME` names, namespace by default).
+
+use crate::hydrate::{archive, create, upload};
+use crate::stats::summarize;
+use serde_json::{json, Value};
+use std::path::Path;
+use std::time::{Duration, Instant};
+use testkit::{ServerOptions, TestServer};
+
+const COMMITS: usize = 3;
+const PAUSES: usize = 20;
+
+/// `tar czf` (gzip's default level) of the unpacked archive into a file
+/// (GNU tar skips reading the files when the archive is `/dev/null`).
+fn tar_czf(archive: &Path) -> anyhow::Result<Duration> {
+    let tree = tempfile::tempdir()?;
+    let status = std::process::Command::new("tar")
+        .arg("xzf")
+        .arg(archive)
+        .arg("-C")
+        .arg(tree.path())
+        .status()?;
+    anyhow::ensure!(status.success(), "tar xzf failed");
+    let out = tempfile::NamedTempFile::new()?;
+    let started = Instant::now();
+    let status = std::process::Command::new("tar")
+        .arg("czf")
+        .arg(out.path())
+        .arg("-C")
+        .arg(tree.path())
+        .arg(".")
+        .status()?;
+    anyhow::ensure!(status.success(), "tar czf failed");
+    Ok(started.elapsed())
+}
+
+async fn post_ok(server: &TestServer, path: &str) -> anyhow::Result<Value> {
+    let response = server.post(path).send().await?;
+    let status = response.status();
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    anyhow::ensure!(status.is_success(), "{path}: {status} {body}");
+    Ok(body)
+}
+
+pub async fn run(binary: &Path, work_dir: &Path) -> anyhow::Result<()> {
+    let archive = archive(work_dir)?;
+    let server = TestServer::start(ServerOptions::production(binary).with_sandboxes(2, 0)).await;
+    server.wait_for_pool(2).await;
+    println!("runtime: {}", server.health().await["runtime"]["kind"]);
+
+    let volume = upload(&server, &archive).await?;
+    let (_, sandbox) = create(&server, Some(&volume)).await?;
+    let mut tar_times = Vec::new();
+    let mut commit_times = Vec::new();
+    for _ in 0..COMMITS {
+        tar_times.push(tar_czf(&archive)?);
+        let started = Instant::now();
+        let committed = post_ok(
+            &server,
+            &format!("/sandboxes/{sandbox}/volumes/{volume}/commit"),
+        )
+        .await?;
+        commit_times.push(started.elapsed());
+        let id = committed["volume_id"].as_str().unwrap();
+        server.delete(&format!("/volumes/{id}")).send().await?;
+    }
+    let (tar, commit) = (summarize(&tar_times), summarize(&commit_times));
+    println!("commit of a 256 MiB mount path (2,000 files), {COMMITS} runs:");
+    println!("  tar czf (host, gzip -6)   {tar}");
+    println!("  POST …/commit             {commit}");
+    println!("  commit / tar czf (p50)    {:.2}x", commit.p50 / tar.p50);
+
+    let mut pauses = Vec::new();
+    let mut resumes = Vec::new();
+    let mut round_trips = Vec::new();
+    for _ in 0..PAUSES {
+        let started = Instant::now();
+        let result = server
+            .post(&format!("/sandboxes/{sandbox}/commands"))
+            .json(&json!({ "cmd": "true" }))
+            .send()
+            .await?;
+        anyhow::ensure!(result.status().is_success());
+        round_trips.push(started.elapsed());
+        let started = Instant::now();
+        post_ok(&server, &format!("/sandboxes/{sandbox}/pause")).await?;
+        pauses.push(started.elapsed());
+        let started = Instant::now();
+        post_ok(&server, &format!("/sandboxes/{sandbox}/resume")).await?;
+        resumes.push(started.elapsed());
+    }
+    let (trip, pause, resume) = (
+        summarize(&round_trips),
+        summarize(&pauses),
+        summarize(&resumes),
+    );
+    println!("pause and resume, {PAUSES} cycles:");
+    println!("  commands.run(\"true\")      {trip}");
+    println!("  pause                     {pause}");
+    println!("  resume                    {resume}");
+    println!(
+        "  pause / round trip (p50)  {:.2}x   resume / round trip (p50)  {:.2}x",
+        pause.p50 / trip.p50,
+        resume.p50 / trip.p50
+    );
+    Ok(())
+}
