@@ -16,6 +16,10 @@ pub(crate) struct Header {
     pub path: Vec<u8>,
     pub link_name: Vec<u8>,
     pub mode: u32,
+    /// Owner ids; 0 where the field is blank or unreadable (volumes ignore
+    /// them, so an odd writer's field is no reason to refuse an archive).
+    pub uid: u32,
+    pub gid: u32,
     /// The size field as written; what it means depends on the typeflag.
     pub size: u64,
 }
@@ -39,11 +43,19 @@ impl Header {
         path.extend_from_slice(name);
         let mode = parse_numeric(&block[100..108])
             .and_then(|mode| u32::try_from(mode).map_err(|_| corrupt("mode field out of range")))?;
+        let id = |field: &[u8]| {
+            parse_numeric(field)
+                .ok()
+                .and_then(|id| u32::try_from(id).ok())
+                .unwrap_or(0)
+        };
         Ok(Header {
             typeflag: block[156],
             path,
             link_name: until_nul(&block[157..257]).to_vec(),
             mode,
+            uid: id(&block[108..116]),
+            gid: id(&block[116..124]),
             size: parse_numeric(&block[124..136])?,
         })
     }

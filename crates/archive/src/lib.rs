@@ -149,6 +149,8 @@ pub struct EntryHeader {
     pub link_name: Option<Vec<u8>>,
     pub kind: EntryKind,
     pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
     /// Bytes of data that [`TarReader::read_data`] will return (0 for kinds
     /// that carry no data).
     pub size: u64,
@@ -350,6 +352,8 @@ impl<R: Read> TarReader<R> {
             link_name: (!link_name.is_empty()).then_some(link_name),
             kind,
             mode: header.mode,
+            uid: header.uid,
+            gid: header.gid,
             size,
         })
     }

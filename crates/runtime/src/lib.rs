@@ -53,6 +53,7 @@ pub mod ext4;
 pub mod microvm;
 pub mod namespace;
 pub mod process;
+pub mod rootfs_unpack;
 pub mod runtime;
 pub mod safe_remove;
 pub mod slots;
