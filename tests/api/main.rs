@@ -19,5 +19,6 @@ mod microvm;
 mod pause;
 mod pty;
 mod sandboxes;
+mod templates;
 mod volumes;
 mod writeback;

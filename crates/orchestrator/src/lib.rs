@@ -10,6 +10,7 @@ mod ids;
 mod layers;
 mod lifecycle;
 mod pool;
+mod recipe;
 mod timers;
 mod unrecorded;
 
@@ -18,4 +19,8 @@ pub use error::OrchestratorError;
 pub use hydrate::{Attachment, HydrateOutcome, HydrateSource, HydrateStatus, UnpackLimits};
 pub use ids::new_sandbox_id;
 pub use layers::{LayerInfo, LayerStats, LayerStore};
-pub use lifecycle::{CreateSandbox, Orchestrator, OrchestratorConfig, UsageSample};
+pub use lifecycle::{
+    BuildConfig, BuildRequest, BuildState, CreateSandbox, Orchestrator, OrchestratorConfig,
+    UsageSample, TRUNCATED,
+};
+pub use recipe::{BuildRecipe, BuildStep};

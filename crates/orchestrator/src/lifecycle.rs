@@ -22,9 +22,11 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
+mod build;
 mod pause;
 mod usage;
 
+pub use build::{BuildConfig, BuildRequest, BuildState, TRUNCATED};
 pub use usage::UsageSample;
 
 type Result<T> = std::result::Result<T, OrchestratorError>;
@@ -41,6 +43,8 @@ pub struct OrchestratorConfig {
     pub strict_hydrate: bool,
     /// Archive limits each hydration's unpack enforces.
     pub unpack_limits: UnpackLimits,
+    /// Custom template builds.
+    pub builds: BuildConfig,
 }
 
 /// A validated create request.
@@ -82,6 +86,9 @@ pub struct Orchestrator {
     pausing: tokio::sync::Mutex<()>,
     /// Metrics samples and the last CPU reading, per sandbox.
     usage: Mutex<HashMap<String, usage::UsageHistory>>,
+    /// Live logs of the template builds running here.
+    builds: Mutex<HashMap<String, Arc<Mutex<build::BuildLog>>>>,
+    build_slots: Semaphore,
     config: OrchestratorConfig,
     me: Weak<Orchestrator>,
 }
@@ -147,6 +154,8 @@ impl Orchestrator {
             shutting_down: AtomicBool::new(false),
             pausing: tokio::sync::Mutex::new(()),
             usage: Mutex::default(),
+            builds: Mutex::default(),
+            build_slots: Semaphore::new(config.builds.max_concurrent.max(1)),
             config,
             me: me.clone(),
         })
@@ -201,12 +210,23 @@ impl Orchestrator {
 
     /// Boots a fresh sandbox of `template` and waits for its agent.
     async fn boot(&self, template: &str) -> Result<WarmSandbox> {
-        let runtime = self.runtime()?;
         let rootfs = self.template_rootfs(template)?;
         let definition = self
             .templates
             .get(template)
             .ok_or_else(|| OrchestratorError::TemplateNotFound(template.to_string()))?;
+        self.boot_rootfs(template, rootfs, definition.limits())
+            .await
+    }
+
+    /// Boots a sandbox from `rootfs` (`label` names it in errors and metrics).
+    async fn boot_rootfs(
+        &self,
+        label: &str,
+        rootfs: std::path::PathBuf,
+        limits: sandbox_runtime::Limits,
+    ) -> Result<WarmSandbox> {
+        let runtime = self.runtime()?;
         let id = new_sandbox_id();
         let held = self.unrecorded.hold(&id);
         let token = new_token();
@@ -217,16 +237,16 @@ impl Orchestrator {
                 rootfs,
                 token: token.clone(),
                 hostname: id.clone(),
-                limits: definition.limits(),
+                limits,
             })
             .await
             .map_err(|e| match e {
                 RuntimeError::NotReady(why) => {
-                    OrchestratorError::TemplateNotReady(format!("{template}: {why}"))
+                    OrchestratorError::TemplateNotReady(format!("{label}: {why}"))
                 }
                 e => OrchestratorError::NoCapacity(e),
             })?;
-        metrics::histogram!("sandbox_boot_seconds", "template" => template.to_string())
+        metrics::histogram!("sandbox_boot_seconds", "template" => label.to_string())
             .record(started.elapsed().as_secs_f64());
         Ok(WarmSandbox {
             booted,
@@ -420,20 +440,58 @@ impl Orchestrator {
         }
     }
 
-    async fn create_attached(&self, owner_id: &str, request: CreateSandbox) -> Result<Sandbox> {
+    async fn create_attached(&self, owner_id: &str, mut request: CreateSandbox) -> Result<Sandbox> {
         self.runtime()?;
-        self.template_rootfs(&request.template)?;
+        // Built-in names first (no alias may shadow them), then the
+        // owner's own templates by alias or id.
+        // `tpl-NAME` is how the SDKs spell a built-in's id.
+        let builtin = [
+            request.template.as_str(),
+            request.template.trim_start_matches("tpl-"),
+        ]
+        .into_iter()
+        .find(|name| self.templates.get(name).is_some())
+        .map(str::to_string);
+        let custom = match builtin {
+            Some(name) => {
+                self.template_rootfs(&name)?;
+                request.template = name;
+                None
+            }
+            None => Some(self.custom_template(owner_id, &request.template).await?),
+        };
         let egress = crate::egress::policy(&request.extra).await?;
         let volumes = self.attached_volumes(owner_id, &request.volumes).await?;
-        let warm = self.claim_or_boot(&request.template).await?;
+        let warm = match &custom {
+            None => self.claim_or_boot(&request.template).await?,
+            Some(choice) => {
+                // Custom templates have no warm pool: a cold boot.
+                let _permit = self.cold_boots.acquire().await.expect("never closed");
+                self.boot_rootfs(&choice.template_id, choice.rootfs.clone(), choice.limits)
+                    .await?
+            }
+        };
+        let mut disk_mib = None;
+        if let Some(choice) = &custom {
+            let mut envs = choice.recipe.envs.clone();
+            envs.extend(std::mem::take(&mut request.envs));
+            request.envs = envs;
+            request.template = choice.template_id.clone();
+            disk_mib = Some(choice.limits.disk_mib);
+        }
         let id = warm.booted.id.clone();
         let finished = std::panic::AssertUnwindSafe(
-            self.finish_create(owner_id, request, egress, volumes, &warm),
+            self.finish_create(owner_id, request, egress, volumes, &warm, disk_mib),
         )
         .catch_unwind()
         .await;
         match finished {
-            Ok(Ok(sandbox)) => Ok(sandbox),
+            Ok(Ok(sandbox)) => {
+                if let Some(choice) = &custom {
+                    self.start_template_command(&sandbox, &warm, choice).await;
+                }
+                Ok(sandbox)
+            }
             Ok(Err(e)) => {
                 self.destroy_quietly(&id).await;
                 Err(e)
@@ -453,6 +511,7 @@ impl Orchestrator {
         egress: EgressPolicy,
         volumes: Vec<Volume>,
         warm: &WarmSandbox,
+        disk_mib: Option<u64>,
     ) -> Result<Sandbox> {
         let runtime = self.runtime()?;
         let client = runtime.agent(&warm.booted.id, &warm.token);
@@ -472,10 +531,13 @@ impl Orchestrator {
         if !request.envs.is_empty() {
             client.set_env(request.envs.clone()).await?;
         }
-        let disk_bytes = self
-            .templates
-            .get(&request.template)
-            .map_or(u64::MAX, |t| t.limits().disk_mib.saturating_mul(1 << 20));
+        let disk_bytes = disk_mib
+            .or_else(|| {
+                self.templates
+                    .get(&request.template)
+                    .map(|t| t.limits().disk_mib)
+            })
+            .map_or(u64::MAX, |mib| mib.saturating_mul(1 << 20));
         // Past the driver's mount slots (a few on microVMs), volumes are copied.
         let layer_slots = runtime.layer_slots();
         let hydrates = request.volumes.iter().zip(&volumes).enumerate().map(
@@ -533,6 +595,40 @@ impl Orchestrator {
             .increment(1);
         tracing::info!(sandbox_id = %sandbox.id, owner_id, template = %sandbox.template, "sandbox created");
         Ok(sandbox)
+    }
+
+    /// A custom template's start command, in the background for the
+    /// sandbox's life; a failure to start it is logged, not fatal.
+    async fn start_template_command(
+        &self,
+        sandbox: &Sandbox,
+        warm: &WarmSandbox,
+        choice: &build::CustomChoice,
+    ) {
+        let Some(cmd) = &choice.recipe.start_cmd else {
+            return;
+        };
+        let Ok(runtime) = self.runtime() else { return };
+        let request = envd_protocol::ProcessRequest {
+            cmd: cmd.clone(),
+            user: choice.recipe.user.clone(),
+            cwd: choice.recipe.workdir.clone(),
+            envs: BTreeMap::new(),
+            timeout: Some(0),
+            stdin: false,
+        };
+        match runtime
+            .agent(&warm.booted.id, &warm.token)
+            .start(&request)
+            .await
+        {
+            Ok(pid) => {
+                tracing::info!(sandbox_id = %sandbox.id, pid, "template start command started")
+            }
+            Err(e) => {
+                tracing::warn!(sandbox_id = %sandbox.id, error = %e, "template start command failed")
+            }
+        }
     }
 
     /// A volume deleted while we hydrated it is a 403, never half a volume
@@ -701,6 +797,7 @@ impl Orchestrator {
     /// machines without a row (old pool members, orphans) are destroyed,
     /// and the deadlines of the survivors are armed again.
     pub async fn reconcile(&self) -> Result<()> {
+        self.fail_interrupted_builds().await;
         let runtime = match self.runtime() {
             Ok(runtime) => runtime.clone(),
             Err(_) => return Ok(()),

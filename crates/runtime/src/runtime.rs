@@ -144,6 +144,13 @@ pub trait Runtime: Send + Sync {
         None
     }
 
+    /// Whether the driver's sandboxes can reach the internet (a template
+    /// build then installs packages inside its build sandbox; otherwise
+    /// the host installs them into a private copy of the base first).
+    fn outbound_network(&self) -> bool {
+        false
+    }
+
     /// Stops every process of the sandbox where it stands, memory kept
     /// (its agent too, so no call reaches it until [`Self::resume`]).
     async fn pause(&self, _id: &str) -> Result<(), RuntimeError> {

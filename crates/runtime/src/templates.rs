@@ -426,6 +426,68 @@ async fn customize_rootfs(def: &TemplateDef, rootfs: &Path) -> Result<(), Templa
     Ok(())
 }
 
+/// Installs Debian `packages` into `rootfs` (a private copy of a template)
+/// with the copy's own apt, chrooted, in private mount and PID namespaces
+/// (`build_ns`): for custom template builds on runtimes whose sandboxes
+/// have no network. Package names must already be validated; apt fetches
+/// them from the template's mirror and runs their maintainer scripts. The
+/// chroot gets a fresh proc (of its own PID namespace) and a minimal /dev,
+/// never the host's. Returns apt's output.
+pub async fn install_packages(rootfs: &Path, packages: &[String]) -> Result<String, TemplateError> {
+    const SCRIPT: &str = r#"set -eu
+root=$1; shift
+mount -t proc proc "$root/proc"
+mount -t tmpfs -o mode=0755,nosuid tmpfs "$root/dev"
+for node in null:1:3 zero:1:5 full:1:7 random:1:8 urandom:1:9 tty:5:0; do
+  name=${node%%:*}; numbers=${node#*:}
+  mknod -m 0666 "$root/dev/$name" c "${numbers%%:*}" "${numbers#*:}"
+done
+resolv="$root/etc/resolv.conf"
+[ -e "$resolv" ] || [ -L "$resolv" ] && mv "$resolv" "$resolv.build-saved"
+cp /etc/resolv.conf "$resolv"
+status=0
+chroot "$root" /bin/sh -c 'apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" && apt-get clean && rm -rf /var/lib/apt/lists/*' apt "$@" 2>&1 || status=$?
+rm -f "$resolv"
+[ -e "$resolv.build-saved" ] || [ -L "$resolv.build-saved" ] && mv "$resolv.build-saved" "$resolv"
+exit $status
+"#;
+    let mut command = Command::new("/bin/bash");
+    command
+        .arg("-c")
+        .arg(SCRIPT)
+        .arg("install-packages")
+        .arg(rootfs)
+        .args(packages)
+        .stdin(std::process::Stdio::null());
+    build_ns::isolate(&mut command);
+    let output = process::output_async(&mut command)
+        .await
+        .map_err(|source| TemplateError::Build {
+            name: rootfs.display().to_string(),
+            source,
+        })?;
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Copies a built template's root filesystem to `dest` (which must not
+/// exist), keeping owners, modes and links (`cp -a`, reflinked where the
+/// filesystem can).
+pub async fn copy_rootfs(source: &Path, dest: &Path) -> Result<(), TemplateError> {
+    let mut command = Command::new("cp");
+    command
+        .args(["-a", "--reflink=auto"])
+        .arg(source)
+        .arg(dest)
+        .stdin(std::process::Stdio::null());
+    process::output_async(&mut command)
+        .await
+        .map(drop)
+        .map_err(|source| TemplateError::Build {
+            name: dest.display().to_string(),
+            source,
+        })
+}
+
 /// Runs a build step in its own mount and PID namespaces (see `build_ns`:
 /// its mounts never reach the host, and it dies with the server).
 async fn run_checked(template: &str, mut command: Command) -> Result<(), TemplateError> {

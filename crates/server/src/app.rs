@@ -3,7 +3,9 @@
 use crate::config::{BlobBackend, Config};
 use crate::quotas::Quotas;
 use crate::reconcile::{Reconciler, Uploads};
-use crate::routes::{commands, files, health, pause, pty, sandboxes, usage, volumes, writeback};
+use crate::routes::{
+    commands, files, health, pause, pty, sandboxes, templates, usage, volumes, writeback,
+};
 use crate::{auth, metrics, node};
 use anyhow::Context;
 use axum::extract::{DefaultBodyLimit, Request};
@@ -132,6 +134,9 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(sandboxes::get, sandboxes::kill))
         .routes(routes!(sandboxes::status))
         .routes(routes!(sandboxes::set_timeout))
+        .routes(routes!(templates::build))
+        .routes(routes!(templates::rebuild))
+        .routes(routes!(templates::status))
         .routes(routes!(usage::metrics))
         .routes(routes!(pause::pause))
         .routes(routes!(pause::resume))

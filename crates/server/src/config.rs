@@ -21,6 +21,7 @@ pub struct Config {
     pub log: LogConfig,
     pub runtime: RuntimeConfig,
     pub pool: PoolConfig,
+    pub builds: BuildsConfig,
     pub sandboxes: SandboxesConfig,
     pub hydrate: HydrateConfig,
     pub http: HttpConfig,
@@ -145,6 +146,15 @@ pub struct MicrovmSettings {
 pub struct PoolConfig {
     pub sizes: std::collections::BTreeMap<String, usize>,
     pub max_cold_boots: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct BuildsConfig {
+    pub max_concurrent: usize,
+    pub timeout_secs: u64,
+    pub max_vcpus: u32,
+    pub max_memory_mb: u64,
+    pub max_disk_mb: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -23,6 +23,7 @@ use utoipa::{Modify, OpenApi};
         (name = "sandboxes", description = "Create (from a warm pool), inspect, extend, kill"),
         (name = "commands", description = "Run commands through the sandbox's agent"),
         (name = "files", description = "Read and write files inside a sandbox"),
+        (name = "templates", description = "Custom templates: build your own image, then create sandboxes from its alias"),
         (name = "service", description = "Health"),
     )
 )]

@@ -99,7 +99,11 @@ impl From<&Sandbox> for SandboxView {
     fn from(sandbox: &Sandbox) -> Self {
         let mut view = SandboxView {
             sandbox_id: sandbox.id.clone(),
-            template_id: format!("tpl-{}", sandbox.template),
+            template_id: if sandbox.template.starts_with("tpl-") {
+                sandbox.template.clone()
+            } else {
+                format!("tpl-{}", sandbox.template)
+            },
             name: sandbox.template.clone(),
             state: sandbox.shown_state(),
             timeout: sandbox.timeout_secs,

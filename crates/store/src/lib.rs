@@ -12,10 +12,12 @@ use async_trait::async_trait;
 use std::sync::Arc;
 
 pub use model::{
-    IdempotencyClaim, ListedState, NewVolume, Owner, QuotaOverride, Sandbox, SandboxPage,
-    SandboxState, SweepCounts, Usage, Volume, VolumeState,
+    BuildStatus, CustomTemplate, IdempotencyClaim, ListedState, NewVolume, Owner, QuotaOverride,
+    Sandbox, SandboxPage, SandboxState, SweepCounts, TemplateBuild, Usage, Volume, VolumeState,
 };
 pub use sql::{PgStore, SqliteStore};
+/// JSON column values (custom template specs and build logs).
+pub use sqlx::types::Json;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -130,6 +132,32 @@ pub trait Store: Send + Sync + 'static {
         paused_at: Option<chrono::DateTime<chrono::Utc>>,
         end_at: Option<chrono::DateTime<chrono::Utc>>,
     ) -> StoreResult<bool>;
+    /// Creates the owner's template `alias`, or updates its spec and
+    /// limits (keeping its id and ready build); returns the row.
+    async fn upsert_template(&self, template: &CustomTemplate) -> StoreResult<CustomTemplate>;
+    /// The owner's template by id or alias; other owners' are `None`.
+    async fn get_template(
+        &self,
+        owner_id: &str,
+        id_or_alias: &str,
+    ) -> StoreResult<Option<CustomTemplate>>;
+    async fn insert_template_build(&self, build: &TemplateBuild) -> StoreResult<()>;
+    async fn get_template_build(
+        &self,
+        owner_id: &str,
+        id: &str,
+    ) -> StoreResult<Option<TemplateBuild>>;
+    /// Records a build's end and log; a completed one becomes its
+    /// template's ready build.
+    async fn finish_template_build(
+        &self,
+        id: &str,
+        status: BuildStatus,
+        logs: &[String],
+    ) -> StoreResult<()>;
+    /// Builds this node left running (it restarted): marked failed with
+    /// `note` appended; returns how many.
+    async fn fail_unfinished_builds(&self, node_id: &str, note: &str) -> StoreResult<u64>;
     /// Marks a running sandbox killed; false if it already was.
     async fn mark_sandbox_killed(&self, id: &str) -> StoreResult<bool>;
 

@@ -273,3 +273,58 @@ pub enum IdempotencyClaim {
     /// Same key, different request body.
     Mismatch,
 }
+
+/// An owner's custom template (see `migrations/*/0005_templates.sql`).
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct CustomTemplate {
+    pub id: String,
+    pub owner_id: String,
+    pub alias: String,
+    /// The build recipe, as the orchestrator serialised it.
+    pub spec: sqlx::types::Json<serde_json::Value>,
+    pub vcpus: i64,
+    pub memory_mb: i64,
+    pub disk_mb: i64,
+    /// The build sandboxes get; `None` until one succeeded.
+    pub ready_build: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuildStatus {
+    Building,
+    Completed,
+    Failed,
+}
+
+impl BuildStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BuildStatus::Building => "building",
+            BuildStatus::Completed => "completed",
+            BuildStatus::Failed => "failed",
+        }
+    }
+
+    pub fn parse(text: &str) -> Self {
+        match text {
+            "building" => BuildStatus::Building,
+            "completed" => BuildStatus::Completed,
+            _ => BuildStatus::Failed,
+        }
+    }
+}
+
+/// One build of a custom template.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct TemplateBuild {
+    pub id: String,
+    pub template_id: String,
+    pub owner_id: String,
+    pub status: String,
+    pub logs: sqlx::types::Json<Vec<String>>,
+    pub node_id: String,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}

@@ -3,8 +3,9 @@
 //! cannot drift apart.
 
 use crate::model::{
-    IdempotencyClaim, NewVolume, Owner, QuotaOverride, Sandbox, SandboxPage, SandboxRow,
-    SandboxState, SweepCounts, Usage, Volume, VolumeRow, VolumeState,
+    BuildStatus, CustomTemplate, IdempotencyClaim, NewVolume, Owner, QuotaOverride, Sandbox,
+    SandboxPage, SandboxRow, SandboxState, SweepCounts, TemplateBuild, Usage, Volume, VolumeRow,
+    VolumeState,
 };
 use crate::{Store, StoreResult};
 use async_trait::async_trait;
@@ -595,6 +596,131 @@ macro_rules! sql_store {
                 .execute(&self.pool)
                 .await?;
                 Ok(())
+            }
+
+            async fn upsert_template(&self, t: &CustomTemplate) -> StoreResult<CustomTemplate> {
+                let row = sqlx::query_as::<_, CustomTemplate>(
+                    "INSERT INTO templates (id, owner_id, alias, spec, vcpus, memory_mb, disk_mb, \
+                     ready_build, created_at, updated_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, $8, $8) \
+                     ON CONFLICT (owner_id, alias) DO UPDATE SET spec = excluded.spec, \
+                     vcpus = excluded.vcpus, memory_mb = excluded.memory_mb, \
+                     disk_mb = excluded.disk_mb, updated_at = excluded.updated_at \
+                     RETURNING id, owner_id, alias, spec, vcpus, memory_mb, disk_mb, \
+                     ready_build, created_at, updated_at",
+                )
+                .bind(&t.id)
+                .bind(&t.owner_id)
+                .bind(&t.alias)
+                .bind(&t.spec)
+                .bind(t.vcpus)
+                .bind(t.memory_mb)
+                .bind(t.disk_mb)
+                .bind(t.updated_at)
+                .fetch_one(&self.pool)
+                .await?;
+                Ok(row)
+            }
+
+            async fn get_template(
+                &self,
+                owner_id: &str,
+                id_or_alias: &str,
+            ) -> StoreResult<Option<CustomTemplate>> {
+                let row = sqlx::query_as::<_, CustomTemplate>(
+                    "SELECT id, owner_id, alias, spec, vcpus, memory_mb, disk_mb, ready_build, \
+                     created_at, updated_at FROM templates \
+                     WHERE owner_id = $1 AND (id = $2 OR alias = $2)",
+                )
+                .bind(owner_id)
+                .bind(id_or_alias)
+                .fetch_optional(&self.pool)
+                .await?;
+                Ok(row)
+            }
+
+            async fn insert_template_build(&self, b: &TemplateBuild) -> StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO template_builds (id, template_id, owner_id, status, logs, \
+                     node_id, created_at, finished_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                )
+                .bind(&b.id)
+                .bind(&b.template_id)
+                .bind(&b.owner_id)
+                .bind(&b.status)
+                .bind(&b.logs)
+                .bind(&b.node_id)
+                .bind(b.created_at)
+                .bind(b.finished_at)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn get_template_build(
+                &self,
+                owner_id: &str,
+                id: &str,
+            ) -> StoreResult<Option<TemplateBuild>> {
+                let row = sqlx::query_as::<_, TemplateBuild>(
+                    "SELECT id, template_id, owner_id, status, logs, node_id, created_at, \
+                     finished_at FROM template_builds WHERE owner_id = $1 AND id = $2",
+                )
+                .bind(owner_id)
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+                Ok(row)
+            }
+
+            async fn finish_template_build(
+                &self,
+                id: &str,
+                status: BuildStatus,
+                logs: &[String],
+            ) -> StoreResult<()> {
+                let now = Utc::now();
+                let mut tx = self.pool.begin().await?;
+                sqlx::query(
+                    "UPDATE template_builds SET status = $1, logs = $2, finished_at = $3 \
+                     WHERE id = $4",
+                )
+                .bind(status.as_str())
+                .bind(sqlx::types::Json(logs))
+                .bind(now)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+                if status == BuildStatus::Completed {
+                    sqlx::query(
+                        "UPDATE templates SET ready_build = $1, updated_at = $2 WHERE id = \
+                         (SELECT template_id FROM template_builds WHERE id = $1)",
+                    )
+                    .bind(id)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn fail_unfinished_builds(&self, node_id: &str, note: &str) -> StoreResult<u64> {
+                let unfinished: Vec<TemplateBuild> = sqlx::query_as(
+                    "SELECT id, template_id, owner_id, status, logs, node_id, created_at, \
+                     finished_at FROM template_builds WHERE node_id = $1 AND status = $2",
+                )
+                .bind(node_id)
+                .bind(BuildStatus::Building.as_str())
+                .fetch_all(&self.pool)
+                .await?;
+                for build in &unfinished {
+                    let mut logs = build.logs.0.clone();
+                    logs.push(note.to_string());
+                    self.finish_template_build(&build.id, BuildStatus::Failed, &logs)
+                        .await?;
+                }
+                Ok(unfinished.len() as u64)
             }
 
             async fn release_idempotency_key(&self, owner_id: &str, key: &str) -> StoreResult<()> {

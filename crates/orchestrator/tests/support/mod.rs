@@ -273,6 +273,7 @@ fn config(options: &Options) -> OrchestratorConfig {
         max_cold_boots: options.max_cold_boots,
         strict_hydrate: options.strict_hydrate,
         unpack_limits: UnpackLimits::default(),
+        builds: Default::default(),
     }
 }
 

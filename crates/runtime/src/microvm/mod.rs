@@ -335,6 +335,10 @@ impl Runtime for MicrovmRuntime {
             .await
     }
 
+    fn outbound_network(&self) -> bool {
+        true
+    }
+
     /// The VM's vCPUs stop (QMP `stop`); its memory stays where it is.
     async fn pause(&self, id: &str) -> Result<(), RuntimeError> {
         self.qmp_command(id, "stop", json!({})).await

@@ -62,10 +62,6 @@ fn parse_create(body: CreateBody, sandboxes: &SandboxesConfig) -> ApiResult<Crea
         .template
         .filter(|t| !t.is_empty())
         .unwrap_or_else(|| "base".into());
-    let template = template
-        .strip_prefix("tpl-")
-        .unwrap_or(&template)
-        .to_string();
     Ok(CreateSandbox {
         template,
         timeout_secs: sandboxes.effective_timeout(body.timeout),
