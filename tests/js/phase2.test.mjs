@@ -105,3 +105,25 @@ test("a pty runs tty on a pseudo-terminal", async () => {
     await sbx.kill();
   }
 });
+
+test("a template built with the SDK serves creates by its alias", async () => {
+  const { Template, TemplateBase } = await import("@declaw/sdk");
+  // aptInstall() is sent as `apt_packages` by this SDK version.
+  const spec = new TemplateBase().aptInstall("jq").runCmd(["echo js > /opt/from-js"]);
+  // Template.build in @declaw/sdk 1.3.0 answers at once; poll the status.
+  let info = await Template.build(spec, "js-data");
+  const deadline = Date.now() + 1_200_000;
+  while (info.status === "building" && Date.now() < deadline) {
+    await new Promise((r) => setTimeout(r, 1000));
+    info = await Template.getBuildStatus(info.buildId);
+  }
+  assert.equal(info.status, "completed", (info.logs ?? []).join("\n"));
+  assert.ok(info.logs.some((line) => line.includes("apt-get install jq")), info.logs.join("\n"));
+  const sbx = await Sandbox.create({ template: "js-data" });
+  try {
+    const out = await sbx.commands.run("jq -n 3; cat /opt/from-js");
+    assert.equal(out.stdout, "3\njs\n");
+  } finally {
+    await sbx.kill();
+  }
+});

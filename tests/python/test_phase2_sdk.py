@@ -86,3 +86,31 @@ def test_pty_runs_tty_on_a_pseudo_terminal(sandbox_server):
         assert other.kill() is True
     finally:
         sbx.kill()
+
+
+def test_template_build_then_create_from_its_alias(sandbox_server):
+    from declaw import Template, TemplateBase
+    from declaw.exceptions import BuildError
+
+    seen = []
+    spec = (
+        TemplateBase()
+        .apt_install("jq")
+        .run_cmd(["echo baked > /opt/baked"])
+        .set_envs({"STAGE": "sdk"})
+    )
+    info = Template.build(spec, alias="sdk-data", on_build_logs=seen.append, build_timeout=1200)
+    assert info.status == "completed"
+    assert any("apt-get install jq" in line for line in seen), seen
+    sbx = Sandbox.create(template="sdk-data")
+    try:
+        out = sbx.commands.run("jq -n '[1,2]|length'; cat /opt/baked; echo $STAGE").stdout
+        assert out == "2\nbaked\nsdk\n"
+    finally:
+        sbx.kill()
+
+    broken = TemplateBase().run_cmd(["echo going down; exit 4"])
+    with pytest.raises(BuildError) as failed:
+        Template.build(broken, alias="sdk-broken", build_timeout=1200)
+    assert "going down" in str(failed.value)
+    assert "exited with 4" in str(failed.value)

@@ -1,7 +1,9 @@
-//! The Phase-2 SDK calls: volume commit of a 256 MiB mount path against
-//! `tar czf` of the same tree on the host, and pause/resume latency against
-//! a `commands.run("true")` round trip, all measured in the same run (on
-//! the runtime `SANDBOX_TEST_RUNTIME` names, namespace by default).
+//! The Phase-2 SDK calls: a custom template build with one package against
+//! one with no steps (what every build costs: boot, capture, prepare),
+//! volume commit of a 256 MiB mount path against `tar czf` of the same tree
+//! on the host, and pause/resume latency against a `commands.run("true")`
+//! round trip, all measured in the same run (on the runtime
+//! `SANDBOX_TEST_RUNTIME` names, namespace by default).
 
 use crate::hydrate::{archive, create, upload};
 use crate::stats::summarize;
@@ -45,11 +47,43 @@ async fn post_ok(server: &TestServer, path: &str) -> anyhow::Result<Value> {
     Ok(body)
 }
 
+/// Seconds from `POST /templates/build` to `completed`.
+async fn build_seconds(server: &TestServer, alias: &str, spec: Value) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let response = server
+        .post("/templates/build")
+        .json(&json!({ "alias": alias, "template": spec }))
+        .send()
+        .await?;
+    let build: Value = response.json().await?;
+    let id = build["build_id"].as_str().unwrap_or_default().to_string();
+    loop {
+        let status: Value = server
+            .get(&format!("/templates/builds/{id}"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        match status["status"].as_str() {
+            Some("building") => tokio::time::sleep(Duration::from_millis(100)).await,
+            Some("completed") => return Ok(started.elapsed().as_secs_f64()),
+            _ => anyhow::bail!("build {alias} failed: {status}"),
+        }
+    }
+}
+
 pub async fn run(binary: &Path, work_dir: &Path) -> anyhow::Result<()> {
     let archive = archive(work_dir)?;
     let server = TestServer::start(ServerOptions::production(binary).with_sandboxes(2, 0)).await;
     server.wait_for_pool(2).await;
     println!("runtime: {}", server.health().await["runtime"]["kind"]);
+
+    let empty = build_seconds(&server, "bench-empty", json!({})).await?;
+    let jq = build_seconds(&server, "bench-jq", json!({ "packages": ["jq"] })).await?;
+    println!("custom template build (to completed):");
+    println!("  no steps (boot, capture, prepare)   {empty:>7.1} s");
+    println!("  packages [\"jq\"]                     {jq:>7.1} s");
+    println!("  one package / no steps              {:>7.2}x", jq / empty);
 
     let volume = upload(&server, &archive).await?;
     let (_, sandbox) = create(&server, Some(&volume)).await?;

@@ -198,7 +198,9 @@ impl BuildRecipe {
             }
             Some(_) => return Err("envs must be an object of strings".into()),
         }
-        let packages = strings("packages")?;
+        // `@declaw/sdk` 1.3.0 sends `apt_packages`; both are honoured.
+        let mut packages = strings("packages")?;
+        packages.extend(strings("apt_packages")?);
         let run_cmds = strings("run_cmds")?;
         let mut steps = Vec::new();
         if !packages.is_empty() {
