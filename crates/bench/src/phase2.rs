@@ -78,6 +78,8 @@ pub async fn run(binary: &Path, work_dir: &Path) -> anyhow::Result<()> {
     server.wait_for_pool(2).await;
     println!("runtime: {}", server.health().await["runtime"]["kind"]);
 
+    // The first build warms the page cache for the rest: not measured.
+    build_seconds(&server, "bench-warm", json!({})).await?;
     let empty = build_seconds(&server, "bench-empty", json!({})).await?;
     let jq = build_seconds(&server, "bench-jq", json!({ "packages": ["jq"] })).await?;
     println!("custom template build (to completed):");
