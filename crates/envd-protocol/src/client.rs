@@ -212,18 +212,8 @@ impl EnvdClient {
         path: &str,
         user: &str,
     ) -> Result<BoxStream<'static, Result<Bytes, EnvdError>>, EnvdError> {
-        let response = self
-            .send(
-                Method::GET,
-                &path_query(routes::FILES, path, user),
-                empty_body(),
-                None,
-            )
-            .await?;
-        let response = check_status(response).await?;
-        Ok(BodyDataStream::new(response.into_body())
-            .map_err(|e| EnvdError::Transport(e.to_string()))
-            .boxed())
+        self.get_stream(&path_query(routes::FILES, path, user))
+            .await
     }
 
     /// Streams the tree under the directory `path` as a tar.gz archive
@@ -233,14 +223,16 @@ impl EnvdClient {
         &self,
         path: &str,
     ) -> Result<BoxStream<'static, Result<Bytes, EnvdError>>, EnvdError> {
-        let response = self
-            .send(
-                Method::GET,
-                &path_query(routes::FILES_ARCHIVE, path, "root"),
-                empty_body(),
-                None,
-            )
-            .await?;
+        self.get_stream(&path_query(routes::FILES_ARCHIVE, path, "root"))
+            .await
+    }
+
+    /// `GET uri`'s body as a stream of chunks, after a success status.
+    async fn get_stream(
+        &self,
+        uri: &str,
+    ) -> Result<BoxStream<'static, Result<Bytes, EnvdError>>, EnvdError> {
+        let response = self.send(Method::GET, uri, empty_body(), None).await?;
         let response = check_status(response).await?;
         Ok(BodyDataStream::new(response.into_body())
             .map_err(|e| EnvdError::Transport(e.to_string()))

@@ -21,6 +21,12 @@ const SANDBOX_COLUMNS: &str = "id, owner_id, template, state, node_id, envd_toke
 
 const IDEMPOTENCY_TTL_HOURS: i64 = 24;
 
+const TEMPLATE_COLUMNS: &str =
+    "id, owner_id, alias, spec, vcpus, memory_mb, disk_mb, ready_build, created_at, updated_at";
+
+const BUILD_COLUMNS: &str =
+    "id, template_id, owner_id, status, logs, node_id, created_at, finished_at";
+
 const VOLUME_COLUMNS: &str = "id, owner_id, name, blob_key, size_bytes, sha256, content_type, \
      uncompressed_bytes, entry_count, metadata, state, created_at, updated_at";
 
@@ -599,16 +605,15 @@ macro_rules! sql_store {
             }
 
             async fn upsert_template(&self, t: &CustomTemplate) -> StoreResult<CustomTemplate> {
-                let row = sqlx::query_as::<_, CustomTemplate>(
-                    "INSERT INTO templates (id, owner_id, alias, spec, vcpus, memory_mb, disk_mb, \
-                     ready_build, created_at, updated_at) \
+                let sql = format!(
+                    "INSERT INTO templates ({TEMPLATE_COLUMNS}) \
                      VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, $8, $8) \
                      ON CONFLICT (owner_id, alias) DO UPDATE SET spec = excluded.spec, \
                      vcpus = excluded.vcpus, memory_mb = excluded.memory_mb, \
                      disk_mb = excluded.disk_mb, updated_at = excluded.updated_at \
-                     RETURNING id, owner_id, alias, spec, vcpus, memory_mb, disk_mb, \
-                     ready_build, created_at, updated_at",
-                )
+                     RETURNING {TEMPLATE_COLUMNS}"
+                );
+                let row = sqlx::query_as::<_, CustomTemplate>(&sql)
                 .bind(&t.id)
                 .bind(&t.owner_id)
                 .bind(&t.alias)
@@ -627,11 +632,11 @@ macro_rules! sql_store {
                 owner_id: &str,
                 id_or_alias: &str,
             ) -> StoreResult<Option<CustomTemplate>> {
-                let row = sqlx::query_as::<_, CustomTemplate>(
-                    "SELECT id, owner_id, alias, spec, vcpus, memory_mb, disk_mb, ready_build, \
-                     created_at, updated_at FROM templates \
-                     WHERE owner_id = $1 AND (id = $2 OR alias = $2)",
-                )
+                let sql = format!(
+                    "SELECT {TEMPLATE_COLUMNS} FROM templates \
+                     WHERE owner_id = $1 AND (id = $2 OR alias = $2)"
+                );
+                let row = sqlx::query_as::<_, CustomTemplate>(&sql)
                 .bind(owner_id)
                 .bind(id_or_alias)
                 .fetch_optional(&self.pool)
@@ -640,10 +645,11 @@ macro_rules! sql_store {
             }
 
             async fn insert_template_build(&self, b: &TemplateBuild) -> StoreResult<()> {
-                sqlx::query(
-                    "INSERT INTO template_builds (id, template_id, owner_id, status, logs, \
-                     node_id, created_at, finished_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                )
+                let sql = format!(
+                    "INSERT INTO template_builds ({BUILD_COLUMNS}) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+                );
+                sqlx::query(&sql)
                 .bind(&b.id)
                 .bind(&b.template_id)
                 .bind(&b.owner_id)
@@ -662,10 +668,10 @@ macro_rules! sql_store {
                 owner_id: &str,
                 id: &str,
             ) -> StoreResult<Option<TemplateBuild>> {
-                let row = sqlx::query_as::<_, TemplateBuild>(
-                    "SELECT id, template_id, owner_id, status, logs, node_id, created_at, \
-                     finished_at FROM template_builds WHERE owner_id = $1 AND id = $2",
-                )
+                let sql = format!(
+                    "SELECT {BUILD_COLUMNS} FROM template_builds WHERE owner_id = $1 AND id = $2"
+                );
+                let row = sqlx::query_as::<_, TemplateBuild>(&sql)
                 .bind(owner_id)
                 .bind(id)
                 .fetch_optional(&self.pool)
@@ -706,10 +712,10 @@ macro_rules! sql_store {
             }
 
             async fn fail_unfinished_builds(&self, node_id: &str, note: &str) -> StoreResult<u64> {
-                let unfinished: Vec<TemplateBuild> = sqlx::query_as(
-                    "SELECT id, template_id, owner_id, status, logs, node_id, created_at, \
-                     finished_at FROM template_builds WHERE node_id = $1 AND status = $2",
-                )
+                let sql = format!(
+                    "SELECT {BUILD_COLUMNS} FROM template_builds WHERE node_id = $1 AND status = $2"
+                );
+                let unfinished: Vec<TemplateBuild> = sqlx::query_as(&sql)
                 .bind(node_id)
                 .bind(BuildStatus::Building.as_str())
                 .fetch_all(&self.pool)

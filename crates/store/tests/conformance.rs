@@ -4,8 +4,8 @@
 use chrono::Utc;
 use rand::Rng;
 use sandbox_store::{
-    ListedState, NewVolume, QuotaOverride, Sandbox, SandboxPage, SandboxState, Store, SweepCounts,
-    Volume, VolumeState,
+    BuildStatus, CustomTemplate, Json, ListedState, NewVolume, QuotaOverride, Sandbox, SandboxPage,
+    SandboxState, Store, SweepCounts, TemplateBuild, Volume, VolumeState,
 };
 use sqlx::Connection;
 use std::collections::BTreeMap;
@@ -156,6 +156,92 @@ async fn conformance(store: Arc<dyn Store>) {
     crash_safe_volumes(&*store, &alice.id).await;
     quotas_and_sweeps(&*store, &alice.id, &bob.id).await;
     pause_and_resume(&*store, &alice.id, &bob.id).await;
+    custom_templates(&*store, &alice.id, &bob.id).await;
+}
+
+/// Upsert by alias keeps the id; builds finish once; a completed build
+/// becomes the template's ready build; a restart fails what was running.
+async fn custom_templates(store: &dyn Store, alice: &str, bob: &str) {
+    let now = Utc::now();
+    let template = |id: &str, spec: serde_json::Value| CustomTemplate {
+        id: id.into(),
+        owner_id: alice.into(),
+        alias: "data".into(),
+        spec: Json(spec),
+        vcpus: 1,
+        memory_mb: 512,
+        disk_mb: 2048,
+        ready_build: None,
+        created_at: now,
+        updated_at: now,
+    };
+    let first = store
+        .upsert_template(&template("tpl-1", serde_json::json!({"v": 1})))
+        .await
+        .unwrap();
+    let again = store
+        .upsert_template(&template("tpl-2", serde_json::json!({"v": 2})))
+        .await
+        .unwrap();
+    assert_eq!(again.id, "tpl-1", "the alias keeps its template");
+    assert_eq!(again.spec.0["v"], 2);
+    for name in ["data", "tpl-1"] {
+        assert!(store.get_template(alice, name).await.unwrap().is_some());
+        assert!(store.get_template(bob, name).await.unwrap().is_none());
+    }
+    let build = |id: &str| TemplateBuild {
+        id: id.into(),
+        template_id: first.id.clone(),
+        owner_id: alice.into(),
+        status: BuildStatus::Building.as_str().into(),
+        logs: Json(Vec::new()),
+        node_id: "node".into(),
+        created_at: now,
+        finished_at: None,
+    };
+    store.insert_template_build(&build("bld-1")).await.unwrap();
+    store.insert_template_build(&build("bld-2")).await.unwrap();
+    assert!(store
+        .get_template_build(bob, "bld-1")
+        .await
+        .unwrap()
+        .is_none());
+    let lines = vec!["ok".to_string()];
+    store
+        .finish_template_build("bld-1", BuildStatus::Completed, &lines)
+        .await
+        .unwrap();
+    let done = store
+        .get_template_build(alice, "bld-1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (done.status.as_str(), done.logs.0.clone()),
+        ("completed", lines)
+    );
+    let ready = store.get_template(alice, "data").await.unwrap().unwrap();
+    assert_eq!(ready.ready_build.as_deref(), Some("bld-1"));
+    assert_eq!(
+        store
+            .fail_unfinished_builds("node", "restarted")
+            .await
+            .unwrap(),
+        1
+    );
+    let failed = store
+        .get_template_build(alice, "bld-2")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(failed.status, "failed");
+    assert_eq!(failed.logs.0, ["restarted"]);
+    let ready = store.get_template(alice, "data").await.unwrap().unwrap();
+    assert_eq!(
+        ready.ready_build.as_deref(),
+        Some("bld-1"),
+        "a failure moves nothing"
+    );
 }
 
 /// Pause and resume flip `paused_at` (and set the deadline) once each way,

@@ -139,7 +139,15 @@ pub async fn kill(
     SandboxAgent(agent): SandboxAgent,
     Path((_, pid)): Path<(String, String)>,
 ) -> ApiResult<Json<KilledView>> {
-    let pid = parse_pid(&pid)?;
+    kill_pid(&agent, parse_pid(&pid)?).await
+}
+
+/// Kills a process (or terminal) group; a pid the agent does not track is
+/// `killed: false`, not an error.
+pub(crate) async fn kill_pid(
+    agent: &envd_protocol::client::EnvdClient,
+    pid: u32,
+) -> ApiResult<Json<KilledView>> {
     let killed = match agent.kill(pid).await {
         Ok(killed) => killed,
         Err(e) if e.status() == Some(404) => false,

@@ -5,7 +5,7 @@
 use crate::error::{ApiError, ApiResult};
 use crate::extract::SandboxAgent;
 use crate::json::JsonBody;
-use crate::routes::commands::{async_stream, parse_pid};
+use crate::routes::commands::{async_stream, kill_pid, parse_pid};
 use crate::views::{KilledView, StartedView};
 use axum::extract::Path;
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -175,10 +175,5 @@ pub async fn kill(
     SandboxAgent(agent): SandboxAgent,
     Path((_, pid)): Path<(String, String)>,
 ) -> ApiResult<Json<KilledView>> {
-    let killed = match agent.kill(parse_pid(&pid)?).await {
-        Ok(killed) => killed,
-        Err(e) if e.status() == Some(404) => false,
-        Err(e) => return Err(e.into()),
-    };
-    Ok(Json(KilledView { killed }))
+    kill_pid(&agent, parse_pid(&pid)?).await
 }
