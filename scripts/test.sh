@@ -50,7 +50,7 @@ SANDBOX_MANAGER__RUNTIME__MICROVM__IMAGES_DIR=${SANDBOX_IMAGES_DIR:-/var/tmp/san
 step "Rust sandbox suites on microVMs"
 # --nocapture: SKIP lines (and the accelerator in use) stay visible.
 SANDBOX_TEST_RUNTIME=microvm cargo test -p sandbox-manager --test api -- \
-  sandboxes:: hydration:: layers:: microvm:: escape:: writeback:: pause:: pty:: templates:: --include-ignored --nocapture
+  sandboxes:: hydration:: layers:: microvm:: escape:: writeback:: pause:: pty:: templates:: snapshots:: --include-ignored --nocapture
 
 step "Python and JS SDK tests"
 SANDBOX_MANAGER_BIN=$CARGO_TARGET_DIR/debug/sandbox-manager "$VENV/bin/python" -m pytest -q -rs tests/python

@@ -19,6 +19,7 @@ mod microvm;
 mod pause;
 mod pty;
 mod sandboxes;
+mod snapshots;
 mod templates;
 mod volumes;
 mod writeback;

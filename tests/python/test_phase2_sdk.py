@@ -114,3 +114,21 @@ def test_template_build_then_create_from_its_alias(sandbox_server):
         Template.build(broken, alias="sdk-broken", build_timeout=1200)
     assert "going down" in str(failed.value)
     assert "exited with 4" in str(failed.value)
+
+
+def test_snapshot_and_restore(sandbox_server):
+    sbx = Sandbox.create(template="base", timeout=300)
+    try:
+        sbx.files.write("/home/user/state.txt", "before")
+        snap = sbx.create_snapshot()
+        assert snap.sandbox_id == sbx.sandbox_id
+        sbx.files.write("/home/user/state.txt", "after")
+        listed = sbx.list_snapshots()
+        assert [s.snapshot_id for s in listed] == [snap.snapshot_id]
+        restored = Sandbox.restore(sbx.sandbox_id, snapshot_id=snap.snapshot_id)
+        assert restored.sandbox_id == sbx.sandbox_id
+        assert restored.files.read("/home/user/state.txt") == "before"
+        assert sbx.delete_snapshot(snap.snapshot_id) is True
+        assert sbx.list_snapshots() == []
+    finally:
+        sbx.kill()

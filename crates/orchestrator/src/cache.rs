@@ -55,6 +55,11 @@ pub struct BlobRef {
 }
 
 impl BlobCache {
+    /// The object store behind the cache.
+    pub fn store(&self) -> &Arc<dyn BlobStore> {
+        &self.blobs
+    }
+
     pub fn new(dir: PathBuf, max_bytes: u64, blobs: Arc<dyn BlobStore>) -> std::io::Result<Self> {
         // Leftovers of an earlier run may be partial: start empty. Only our
         // own files go, in case the directory is shared with something else.

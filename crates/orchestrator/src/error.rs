@@ -15,6 +15,10 @@ pub enum OrchestratorError {
     SandboxPaused(String),
     #[error("{0}")]
     NotPausable(String),
+    #[error("snapshot {0} not found")]
+    SnapshotNotFound(String),
+    #[error("object storage unavailable: {0}")]
+    StorageUnavailable(String),
     #[error("template {0:?} not found")]
     TemplateNotFound(String),
     #[error("template {0:?} is still being built; try again shortly")]

@@ -24,6 +24,7 @@ use tokio::sync::Semaphore;
 
 mod build;
 mod pause;
+mod snapshot;
 mod usage;
 
 pub use build::{BuildConfig, BuildRequest, BuildState, TRUNCATED};
@@ -302,6 +303,10 @@ impl Orchestrator {
             }
         }
         for sandbox in running {
+            // A held machine is being replaced (a restore) right now.
+            if held.contains(&sandbox.id) {
+                continue;
+            }
             if !runtime.is_running(&sandbox.id) {
                 tracing::warn!(sandbox_id = %sandbox.id, "sandbox machine died: marking killed");
                 metrics::counter!("sandboxes_died_total").increment(1);

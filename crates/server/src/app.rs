@@ -4,7 +4,7 @@ use crate::config::{BlobBackend, Config};
 use crate::quotas::Quotas;
 use crate::reconcile::{Reconciler, Uploads};
 use crate::routes::{
-    commands, files, health, pause, pty, sandboxes, templates, usage, volumes, writeback,
+    commands, files, health, pause, pty, sandboxes, snapshots, templates, usage, volumes, writeback,
 };
 use crate::{auth, metrics, node};
 use anyhow::Context;
@@ -134,6 +134,11 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(sandboxes::get, sandboxes::kill))
         .routes(routes!(sandboxes::status))
         .routes(routes!(sandboxes::set_timeout))
+        .routes(routes!(snapshots::create))
+        .routes(routes!(snapshots::list_for_sandbox))
+        .routes(routes!(snapshots::list_all))
+        .routes(routes!(snapshots::delete))
+        .routes(routes!(snapshots::restore))
         .routes(routes!(templates::build))
         .routes(routes!(templates::rebuild))
         .routes(routes!(templates::status))

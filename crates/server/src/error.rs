@@ -141,6 +141,7 @@ impl From<OrchestratorError> for ApiError {
         match e {
             E::SandboxNotFound(id) => ApiError::NotFound(format!("sandbox {id}")),
             E::TemplateNotFound(name) => ApiError::NotFound(format!("template {name:?}")),
+            E::SnapshotNotFound(what) => ApiError::NotFound(format!("snapshot {what}")),
             E::SandboxKilled(_) => ApiError::Gone(e.to_string()),
             E::SandboxPaused(_) => ApiError::Conflict {
                 code: "sandbox_paused",
@@ -163,6 +164,7 @@ impl From<OrchestratorError> for ApiError {
             | E::RuntimeUnavailable(_)
             | E::DatabaseUnavailable(_)
             | E::ShuttingDown
+            | E::StorageUnavailable(_)
             | E::HydrateFailed { .. } => ApiError::Unavailable(e.to_string()),
             E::AgentUnreachable(_) => ApiError::BadGateway(e.to_string()),
             E::Agent(EnvdError::Api {

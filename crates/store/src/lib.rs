@@ -13,7 +13,8 @@ use std::sync::Arc;
 
 pub use model::{
     BuildStatus, CustomTemplate, IdempotencyClaim, ListedState, NewVolume, Owner, QuotaOverride,
-    Sandbox, SandboxPage, SandboxState, SweepCounts, TemplateBuild, Usage, Volume, VolumeState,
+    Sandbox, SandboxPage, SandboxSnapshot, SandboxState, SweepCounts, TemplateBuild, Usage, Volume,
+    VolumeState,
 };
 pub use sql::{PgStore, SqliteStore};
 /// JSON column values (custom template specs and build logs).
@@ -158,6 +159,31 @@ pub trait Store: Send + Sync + 'static {
     /// Builds this node left running (it restarted): marked failed with
     /// `note` appended; returns how many.
     async fn fail_unfinished_builds(&self, node_id: &str, note: &str) -> StoreResult<u64>;
+    async fn insert_snapshot(&self, snapshot: &SandboxSnapshot) -> StoreResult<()>;
+    /// The owner's snapshots, newest first, of one sandbox or all.
+    async fn list_snapshots(
+        &self,
+        owner_id: &str,
+        sandbox_id: Option<&str>,
+        limit: i64,
+    ) -> StoreResult<Vec<SandboxSnapshot>>;
+    /// Removes the owner's snapshot row; returns it if there was one.
+    async fn delete_snapshot(
+        &self,
+        owner_id: &str,
+        id: &str,
+    ) -> StoreResult<Option<SandboxSnapshot>>;
+    /// Brings the owner's sandbox row back to running (a restore): new
+    /// agent token and template, fresh start and deadline, not paused.
+    async fn revive_sandbox(
+        &self,
+        owner_id: &str,
+        id: &str,
+        template: &str,
+        envd_token: &str,
+        started_at: chrono::DateTime<chrono::Utc>,
+        end_at: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> StoreResult<bool>;
     /// Marks a running sandbox killed; false if it already was.
     async fn mark_sandbox_killed(&self, id: &str) -> StoreResult<bool>;
 

@@ -328,3 +328,17 @@ pub struct TemplateBuild {
     pub created_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
 }
+
+/// A filesystem snapshot of a sandbox (see `0006_snapshots.sql`).
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct SandboxSnapshot {
+    pub id: String,
+    pub owner_id: String,
+    pub sandbox_id: String,
+    pub template: String,
+    /// `manual` (the only kind taken here so far).
+    pub source: String,
+    pub blob_key: String,
+    pub size_bytes: i64,
+    pub created_at: DateTime<Utc>,
+}

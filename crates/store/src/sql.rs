@@ -4,8 +4,8 @@
 
 use crate::model::{
     BuildStatus, CustomTemplate, IdempotencyClaim, NewVolume, Owner, QuotaOverride, Sandbox,
-    SandboxPage, SandboxRow, SandboxState, SweepCounts, TemplateBuild, Usage, Volume, VolumeRow,
-    VolumeState,
+    SandboxPage, SandboxRow, SandboxSnapshot, SandboxState, SweepCounts, TemplateBuild, Usage,
+    Volume, VolumeRow, VolumeState,
 };
 use crate::{Store, StoreResult};
 use async_trait::async_trait;
@@ -23,6 +23,9 @@ const IDEMPOTENCY_TTL_HOURS: i64 = 24;
 
 const TEMPLATE_COLUMNS: &str =
     "id, owner_id, alias, spec, vcpus, memory_mb, disk_mb, ready_build, created_at, updated_at";
+
+const SNAPSHOT_COLUMNS: &str =
+    "id, owner_id, sandbox_id, template, source, blob_key, size_bytes, created_at";
 
 const BUILD_COLUMNS: &str =
     "id, template_id, owner_id, status, logs, node_id, created_at, finished_at";
@@ -727,6 +730,87 @@ macro_rules! sql_store {
                         .await?;
                 }
                 Ok(unfinished.len() as u64)
+            }
+
+            async fn insert_snapshot(&self, snap: &SandboxSnapshot) -> StoreResult<()> {
+                let sql = format!(
+                    "INSERT INTO snapshots ({SNAPSHOT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+                );
+                sqlx::query(&sql)
+                    .bind(&snap.id)
+                    .bind(&snap.owner_id)
+                    .bind(&snap.sandbox_id)
+                    .bind(&snap.template)
+                    .bind(&snap.source)
+                    .bind(&snap.blob_key)
+                    .bind(snap.size_bytes)
+                    .bind(snap.created_at)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn list_snapshots(
+                &self,
+                owner_id: &str,
+                sandbox_id: Option<&str>,
+                limit: i64,
+            ) -> StoreResult<Vec<SandboxSnapshot>> {
+                let sql = format!(
+                    "SELECT {SNAPSHOT_COLUMNS} FROM snapshots WHERE owner_id = $1 \
+                     AND ($2 IS NULL OR sandbox_id = $2) \
+                     ORDER BY created_at DESC, id DESC LIMIT $3"
+                );
+                let rows = sqlx::query_as::<_, SandboxSnapshot>(&sql)
+                    .bind(owner_id)
+                    .bind(sandbox_id)
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?;
+                Ok(rows)
+            }
+
+            async fn delete_snapshot(
+                &self,
+                owner_id: &str,
+                id: &str,
+            ) -> StoreResult<Option<SandboxSnapshot>> {
+                let sql = format!(
+                    "DELETE FROM snapshots WHERE owner_id = $1 AND id = $2 \
+                     RETURNING {SNAPSHOT_COLUMNS}"
+                );
+                let row = sqlx::query_as::<_, SandboxSnapshot>(&sql)
+                    .bind(owner_id)
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                Ok(row)
+            }
+
+            async fn revive_sandbox(
+                &self,
+                owner_id: &str,
+                id: &str,
+                template: &str,
+                envd_token: &str,
+                started_at: chrono::DateTime<Utc>,
+                end_at: Option<chrono::DateTime<Utc>>,
+            ) -> StoreResult<bool> {
+                let result = sqlx::query(
+                    "UPDATE sandboxes SET state = $1, template = $2, envd_token = $3, \
+                     started_at = $4, end_at = $5, killed_at = NULL, paused_at = NULL \
+                     WHERE owner_id = $6 AND id = $7",
+                )
+                .bind(SandboxState::Running.as_str())
+                .bind(template)
+                .bind(envd_token)
+                .bind(started_at)
+                .bind(end_at)
+                .bind(owner_id)
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
+                Ok(result.rows_affected() == 1)
             }
 
             async fn release_idempotency_key(&self, owner_id: &str, key: &str) -> StoreResult<()> {

@@ -124,7 +124,7 @@ pub(crate) struct CustomChoice {
 }
 
 impl Orchestrator {
-    fn custom_dir(&self) -> PathBuf {
+    pub(super) fn custom_dir(&self) -> PathBuf {
         self.templates.templates_dir().join("custom")
     }
 
@@ -577,7 +577,7 @@ fn sqlx_json(recipe: &BuildRecipe) -> sandbox_store::Json<serde_json::Value> {
 
 /// Custom template roots keep owners and setuid bits: only root may enter
 /// their parent, so no host user can run what a tenant built.
-fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+pub(super) fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))

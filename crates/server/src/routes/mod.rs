@@ -4,6 +4,7 @@ pub mod health;
 pub mod pause;
 pub mod pty;
 pub mod sandboxes;
+pub mod snapshots;
 pub mod templates;
 pub mod usage;
 pub mod volumes;
