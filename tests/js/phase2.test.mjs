@@ -127,3 +127,21 @@ test("a template built with the SDK serves creates by its alias", async () => {
     await sbx.kill();
   }
 });
+
+test("snapshot, then restore under the same id", async () => {
+  const sbx = await Sandbox.create({ template: "base", timeout: 300 });
+  try {
+    await sbx.files.write("/home/user/state.txt", "before");
+    const snap = await sbx.snapshot();
+    assert.equal(snap.sandboxId, sbx.sandboxId);
+    await sbx.files.write("/home/user/state.txt", "after");
+    const listed = await sbx.listSnapshots();
+    assert.deepEqual(listed.map((s) => s.snapshotId), [snap.snapshotId]);
+    const restored = await Sandbox.restore(sbx.sandboxId, { snapshotId: snap.snapshotId });
+    assert.equal(restored.sandboxId, sbx.sandboxId);
+    assert.equal(await restored.files.read("/home/user/state.txt"), "before");
+    assert.equal(await sbx.deleteSnapshot(snap.snapshotId), true);
+  } finally {
+    await sbx.kill();
+  }
+});

@@ -49,4 +49,4 @@ def test_js_sdk_write_back_pause_metrics_pty(js_sdk, server_factory):
     )
     print(result.stdout[-4000:])
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert re.search(r"pass 4\b", result.stdout), result.stdout[-2000:]
+    assert re.search(r"pass 5\b", result.stdout), result.stdout[-2000:]
