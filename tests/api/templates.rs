@@ -218,3 +218,37 @@ async fn failed_and_invalid_builds_say_why_and_a_rebuild_keeps_running_sandboxes
         "docker\n"
     );
 }
+
+#[tokio::test]
+async fn a_build_cut_by_a_restart_reads_failed_and_leaves_nothing_behind() {
+    let _suite = common::suite(module_path!()).await;
+    if !sandboxes_supported("a_build_cut_by_a_restart_reads_failed_and_leaves_nothing_behind") {
+        return;
+    }
+    let mut server = TestServer::start(common::production().with_sandboxes(0, 0)).await;
+    let started = start_build(
+        &server,
+        json!({ "alias": "cut", "template": {
+            "packages": ["jq"], "run_cmds": ["echo sleeping; sleep 600"] } }),
+    )
+    .await;
+    let build_id = started["build_id"].as_str().unwrap().to_string();
+    let path = format!("/templates/builds/{build_id}");
+    common::eventually(
+        "the build's step runs",
+        Duration::from_secs(300),
+        || async { log_of(&server.get_json(&path).await).contains("sleeping") },
+    )
+    .await;
+    let build_dir = common::shared_templates_dir()
+        .join("custom")
+        .join(&build_id);
+    server.crash();
+    server.launch().await;
+    let build = server.get_json(&path).await;
+    assert_eq!(build["status"], "failed", "{build}");
+    assert!(log_of(&build).contains("interrupted"), "{build}");
+    assert!(!build_dir.exists(), "{} is left", build_dir.display());
+    let (status, body) = server.create_sandbox(json!({ "template": "cut" })).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+}

@@ -802,7 +802,6 @@ impl Orchestrator {
     /// machines without a row (old pool members, orphans) are destroyed,
     /// and the deadlines of the survivors are armed again.
     pub async fn reconcile(&self) -> Result<()> {
-        self.fail_interrupted_builds().await;
         let runtime = match self.runtime() {
             Ok(runtime) => runtime.clone(),
             Err(_) => return Ok(()),
@@ -848,6 +847,8 @@ impl Orchestrator {
         if let Some(layers) = &self.layers {
             layers.retain_users(&kept).await;
         }
+        // Build sandboxes were among the machines destroyed above.
+        self.fail_interrupted_builds().await;
         Ok(())
     }
 

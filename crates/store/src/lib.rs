@@ -157,8 +157,8 @@ pub trait Store: Send + Sync + 'static {
         logs: &[String],
     ) -> StoreResult<()>;
     /// Builds this node left running (it restarted): marked failed with
-    /// `note` appended; returns how many.
-    async fn fail_unfinished_builds(&self, node_id: &str, note: &str) -> StoreResult<u64>;
+    /// `note` appended; returns their ids.
+    async fn fail_unfinished_builds(&self, node_id: &str, note: &str) -> StoreResult<Vec<String>>;
     async fn insert_snapshot(&self, snapshot: &SandboxSnapshot) -> StoreResult<()>;
     /// The owner's snapshots, newest first, of one sandbox or all.
     async fn list_snapshots(

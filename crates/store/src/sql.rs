@@ -714,7 +714,11 @@ macro_rules! sql_store {
                 Ok(())
             }
 
-            async fn fail_unfinished_builds(&self, node_id: &str, note: &str) -> StoreResult<u64> {
+            async fn fail_unfinished_builds(
+                &self,
+                node_id: &str,
+                note: &str,
+            ) -> StoreResult<Vec<String>> {
                 let sql = format!(
                     "SELECT {BUILD_COLUMNS} FROM template_builds WHERE node_id = $1 AND status = $2"
                 );
@@ -729,7 +733,7 @@ macro_rules! sql_store {
                     self.finish_template_build(&build.id, BuildStatus::Failed, &logs)
                         .await?;
                 }
-                Ok(unfinished.len() as u64)
+                Ok(unfinished.into_iter().map(|b| b.id).collect())
             }
 
             async fn insert_snapshot(&self, snap: &SandboxSnapshot) -> StoreResult<()> {

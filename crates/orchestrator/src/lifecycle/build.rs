@@ -274,17 +274,31 @@ impl Orchestrator {
         })
     }
 
-    /// After a restart: builds this node was running are failed.
+    /// After a restart: builds this node was running are failed, and
+    /// what they left half-made on disk goes.
     pub(crate) async fn fail_interrupted_builds(&self) {
         let note = "build interrupted: the server restarted; start it again";
-        match self
+        let failed = match self
             .store
             .fail_unfinished_builds(&self.config.node_id, note)
             .await
         {
-            Ok(0) => {}
-            Ok(n) => tracing::warn!(builds = n, "failed template builds a restart interrupted"),
-            Err(e) => tracing::warn!(error = %e, "could not fail interrupted template builds"),
+            Ok(failed) => failed,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not fail interrupted template builds");
+                return;
+            }
+        };
+        for build_id in failed {
+            tracing::warn!(build_id, "template build interrupted by a restart: failed");
+            let dir = self.custom_dir().join(&build_id);
+            if dir.exists() {
+                let removed =
+                    tokio::task::spawn_blocking(move || sandbox_runtime::remove_tree(&dir)).await;
+                if let Ok(Err(e)) = removed {
+                    tracing::warn!(build_id, error = %e, "could not remove an interrupted build");
+                }
+            }
         }
     }
 
