@@ -227,7 +227,7 @@ async fn custom_templates(store: &dyn Store, alice: &str, bob: &str) {
             .fail_unfinished_builds("node", "restarted")
             .await
             .unwrap(),
-        1
+        ["bld-2"]
     );
     let failed = store
         .get_template_build(alice, "bld-2")
