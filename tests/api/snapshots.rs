@@ -32,7 +32,12 @@ async fn restore_brings_back_each_snapshots_files_under_the_same_id() {
     if !sandboxes_supported("restore_brings_back_each_snapshots_files_under_the_same_id") {
         return;
     }
-    let server = TestServer::start(common::production().with_sandboxes(1, 0)).await;
+    let server = TestServer::start(
+        common::production()
+            .with_sandboxes(1, 0)
+            .with_setting("sandboxes.max_snapshots", "2"),
+    )
+    .await;
     let id = server.new_sandbox(json!({ "timeout": 600 })).await;
     let wrote = server
         .run_command_as(
@@ -67,6 +72,16 @@ async fn restore_brings_back_each_snapshots_files_under_the_same_id() {
         )
         .await;
     let second = snapshot(&server, &id).await;
+    // Each can be as large as the disk: a sandbox keeps a bounded number.
+    let (status, body) = server
+        .post(&format!("/sandboxes/{id}/snapshot"))
+        .reply()
+        .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("delete one"),
+        "{body}"
+    );
     let listed = server.get_json(&format!("/sandboxes/{id}/snapshots")).await;
     let ids: Vec<&str> = listed["snapshots"]
         .as_array()
@@ -159,6 +174,14 @@ async fn restore_brings_back_each_snapshots_files_under_the_same_id() {
         .reply()
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    let second_id = second["snapshot_id"].as_str().unwrap();
+    let (status, _) = server
+        .delete(&format!("/sandboxes/{id}/snapshots/{second_id}"))
+        .reply()
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let listed = server.get_json("/snapshots").await;
+    assert_eq!(listed["snapshots"], json!([]), "{listed}");
     // Paused sandboxes cannot be snapshotted (their agent is frozen).
     let (status, _) = server.post(&format!("/sandboxes/{id}/pause")).reply().await;
     assert_eq!(status, StatusCode::OK);

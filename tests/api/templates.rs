@@ -240,15 +240,44 @@ async fn a_build_cut_by_a_restart_reads_failed_and_leaves_nothing_behind() {
         || async { log_of(&server.get_json(&path).await).contains("sleeping") },
     )
     .await;
-    let build_dir = common::shared_templates_dir()
-        .join("custom")
-        .join(&build_id);
+    // Builds take turns; one owner may queue only a few.
+    let mut queued = Vec::new();
+    for n in 0..3 {
+        let body = json!({ "alias": format!("queued{n}"), "template": {} });
+        let build = start_build(&server, body).await;
+        queued.push(build["build_id"].as_str().unwrap().to_string());
+    }
+    let (status, body) = server
+        .post("/templates/build")
+        .json(&json!({ "alias": "one-too-many", "template": {} }))
+        .reply()
+        .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    let waiting = server
+        .get_json(&format!("/templates/builds/{}", queued[0]))
+        .await;
+    assert!(
+        log_of(&waiting).contains("waiting for a build slot"),
+        "{waiting}"
+    );
+    let build_dir = server.data_dir.path().join("builds").join(&build_id);
+    if !common::is_microvm() {
+        // The host installed the packages into a copy of the base there.
+        assert!(build_dir.exists(), "{}", build_dir.display());
+    }
     server.crash();
     server.launch().await;
     let build = server.get_json(&path).await;
     assert_eq!(build["status"], "failed", "{build}");
     assert!(log_of(&build).contains("interrupted"), "{build}");
     assert!(!build_dir.exists(), "{} is left", build_dir.display());
+    for id in &queued {
+        let build = server.get_json(&format!("/templates/builds/{id}")).await;
+        assert_eq!(
+            build["status"], "failed",
+            "a queued build is cut too: {build}"
+        );
+    }
     let (status, body) = server.create_sandbox(json!({ "template": "cut" })).await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
 }

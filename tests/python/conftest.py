@@ -8,8 +8,8 @@ test points them at the server it starts.
 import io
 import os
 import random
-import tarfile
 import shutil
+import tarfile
 import subprocess
 import tempfile
 import threading
@@ -147,6 +147,11 @@ class Server:
         # launchers) go with it.
         _kill_processes_mentioning(self.data_dir.name)
         _kill_sandbox_cgroups(Path(self.data_dir.name) / "sandboxes")
+        # Custom template builds go with the data dir; their microVM images
+        # in the shared images dir are keyed by the build's name.
+        builds = Path(self.data_dir.name) / "builds"
+        for build in builds.iterdir() if builds.is_dir() else []:
+            shutil.rmtree(Path(IMAGES_DIR) / "templates" / build.name, ignore_errors=True)
         self.log.close()
         self.data_dir.cleanup()
 

@@ -46,6 +46,8 @@ pub struct OrchestratorConfig {
     pub unpack_limits: UnpackLimits,
     /// Custom template builds.
     pub builds: BuildConfig,
+    /// Snapshots one sandbox may keep.
+    pub max_snapshots_per_sandbox: usize,
 }
 
 /// A validated create request.

@@ -150,6 +150,7 @@ pub struct PoolConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct BuildsConfig {
+    pub dir: String,
     pub max_concurrent: usize,
     pub timeout_secs: u64,
     pub max_vcpus: u32,
@@ -166,6 +167,8 @@ pub struct SandboxesConfig {
     pub allow_no_timeout: bool,
     /// Most volumes one sandbox may attach.
     pub max_attachments: usize,
+    /// Most snapshots one sandbox may keep (each up to its disk's size).
+    pub max_snapshots: usize,
     pub node_id: String,
 }
 
@@ -300,6 +303,11 @@ impl Config {
 
     pub fn templates_dir(&self) -> PathBuf {
         self.under_data_dir(&self.runtime.templates_dir, "templates")
+    }
+
+    /// Root filesystems of custom template builds and restored snapshots.
+    pub fn builds_dir(&self) -> PathBuf {
+        self.under_data_dir(&self.builds.dir, "builds")
     }
 
     pub fn envd_path(&self) -> PathBuf {

@@ -207,12 +207,14 @@ pub async fn start(
                 max_ratio: Some(config.volumes.max_expansion_ratio),
             },
             builds: sandbox_orchestrator::BuildConfig {
+                dir: config.builds_dir(),
                 max_concurrent: config.builds.max_concurrent,
                 timeout: std::time::Duration::from_secs(config.builds.timeout_secs),
                 max_vcpus: config.builds.max_vcpus,
                 max_memory_mb: config.builds.max_memory_mb,
                 max_disk_mb: config.builds.max_disk_mb,
             },
+            max_snapshots_per_sandbox: config.sandboxes.max_snapshots,
         },
     );
     if orchestrator.runtime_kind().is_ok() {

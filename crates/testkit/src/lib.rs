@@ -627,6 +627,19 @@ impl Drop for TestServer {
         // a test's server never comes back, so its machines go with it.
         kill_processes_mentioning(&self.sandbox_state_dir());
         kill_sandbox_cgroups(&self.sandbox_state_dir());
+        // Custom template builds and restored snapshots live in the data
+        // dir (removed with it); their microVM images live in the shared
+        // images dir, keyed by the build's name: they go too.
+        for build in std::fs::read_dir(self.data_dir.path().join("builds"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let images = shared_images_dir()
+                .join("templates")
+                .join(build.file_name());
+            let _ = std::fs::remove_dir_all(images);
+        }
     }
 }
 

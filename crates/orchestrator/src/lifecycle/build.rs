@@ -4,7 +4,7 @@
 //! inside it as the step's user through its agent, then has the agent pack
 //! the sandbox's `/` and unpacks that on the host with `rootfs_unpack`
 //! (which treats it as the hostile archive it is) into a directory of its
-//! own: `TEMPLATES_DIR/custom/BUILD_ID/rootfs`. The driver then prepares it
+//! own: `BUILDS_DIR/BUILD_ID/rootfs` (`builds.dir`). The driver then prepares it
 //! like any template (a microVM image and snapshot). Each build has its own
 //! directory, so a rebuild never touches what running sandboxes use.
 //!
@@ -29,6 +29,10 @@ use std::time::{Duration, Instant};
 
 /// Lines a build log keeps; older ones are dropped and marked.
 const MAX_LOG_LINES: usize = 1000;
+/// Builds one owner may have queued or running on a node at once: builds
+/// take turns for `max_concurrent` slots, so one owner must not be able to
+/// queue everyone else out.
+const MAX_BUILDS_PER_OWNER: usize = 4;
 /// What the log starts with once lines were dropped (the SDKs look for it).
 pub const TRUNCATED: &str = "... [earlier build output truncated]";
 const MAX_LOG_LINE_BYTES: usize = 4096;
@@ -36,6 +40,9 @@ const MAX_LOG_LINE_BYTES: usize = 4096;
 /// Bounds and pace of custom template builds.
 #[derive(Debug, Clone)]
 pub struct BuildConfig {
+    /// Where finished builds (and restored snapshots) live, one directory
+    /// each; only root may enter it.
+    pub dir: PathBuf,
     pub max_concurrent: usize,
     pub timeout: Duration,
     /// Largest resources a client may ask a template for.
@@ -47,6 +54,7 @@ pub struct BuildConfig {
 impl Default for BuildConfig {
     fn default() -> Self {
         BuildConfig {
+            dir: PathBuf::from("builds"),
             max_concurrent: 1,
             timeout: Duration::from_secs(1800),
             max_vcpus: 4,
@@ -78,6 +86,7 @@ pub struct BuildState {
 /// The live log of a running build.
 #[derive(Default)]
 pub(crate) struct BuildLog {
+    owner_id: String,
     lines: VecDeque<String>,
     truncated: bool,
 }
@@ -125,7 +134,7 @@ pub(crate) struct CustomChoice {
 
 impl Orchestrator {
     pub(super) fn custom_dir(&self) -> PathBuf {
-        self.templates.templates_dir().join("custom")
+        self.config.builds.dir.clone()
     }
 
     /// Where build `build_id`'s root filesystem lives.
@@ -228,12 +237,28 @@ impl Orchestrator {
             created_at: Utc::now(),
             finished_at: None,
         };
-        self.store.insert_template_build(&build).await?;
-        let shared: SharedLog = Arc::default();
-        self.builds
-            .lock()
-            .unwrap()
-            .insert(build_id.clone(), shared.clone());
+        let shared: SharedLog = Arc::new(Mutex::new(BuildLog {
+            owner_id: owner_id.to_string(),
+            ..Default::default()
+        }));
+        {
+            let mut builds = self.builds.lock().unwrap();
+            let mine = builds
+                .values()
+                .filter(|log| log.lock().unwrap().owner_id == owner_id)
+                .count();
+            if mine >= MAX_BUILDS_PER_OWNER {
+                return Err(OrchestratorError::QuotaExceeded(format!(
+                    "at most {MAX_BUILDS_PER_OWNER} template builds at once per owner; \
+                     wait for one to finish"
+                )));
+            }
+            builds.insert(build_id.clone(), shared.clone());
+        }
+        if let Err(e) = self.store.insert_template_build(&build).await {
+            self.builds.lock().unwrap().remove(&build_id);
+            return Err(e.into());
+        }
         let me = self.me.upgrade().ok_or(OrchestratorError::ShuttingDown)?;
         let (id, template_id) = (build_id.clone(), template.id.clone());
         tokio::spawn(async move {

@@ -43,6 +43,17 @@ impl Orchestrator {
     pub async fn snapshot(&self, owner_id: &str, id: &str) -> Result<SandboxSnapshot> {
         let agent = self.agent(owner_id, id).await?;
         let sandbox = self.get(owner_id, id).await?;
+        // Each snapshot can be as large as the sandbox's disk.
+        let most = self.config.max_snapshots_per_sandbox;
+        let kept = self
+            .store
+            .list_snapshots(owner_id, Some(id), most as i64)
+            .await?;
+        if kept.len() >= most {
+            return Err(OrchestratorError::QuotaExceeded(format!(
+                "sandbox {id} keeps {most} snapshots, the most it may; delete one first"
+            )));
+        }
         let cap = self
             .limits_of(owner_id, &sandbox.template)
             .await?

@@ -274,6 +274,7 @@ fn config(options: &Options) -> OrchestratorConfig {
         strict_hydrate: options.strict_hydrate,
         unpack_limits: UnpackLimits::default(),
         builds: Default::default(),
+        max_snapshots_per_sandbox: 16,
     }
 }
 
