@@ -18,7 +18,7 @@ use crate::recipe::{BuildRecipe, BuildStep};
 use chrono::Utc;
 use envd_protocol::{ProcessEvent, ProcessRequest};
 use futures::StreamExt;
-use sandbox_runtime::rootfs_unpack::unpack_rootfs;
+use sandbox_runtime::rootfs_unpack::{unpack_rootfs, Unpacked};
 use sandbox_runtime::templates::{copy_rootfs, install_packages};
 use sandbox_runtime::{BootSpec, Limits};
 use sandbox_store::{BuildStatus, CustomTemplate, TemplateBuild};
@@ -538,26 +538,12 @@ impl Orchestrator {
             .archive("/")
             .await
             .map_err(|e| format!("packing the build sandbox: {e}"))?;
-        let build_dir = self.custom_dir().join(build_id);
-        let staging = build_dir.join("rootfs.tmp");
+        let archive = archive.map(|chunk| chunk.map_err(std::io::Error::other));
         let max_bytes = limits.disk_mib.saturating_mul(1 << 20);
-        let reader = tokio_util::io::StreamReader::new(
-            archive.map(|chunk| chunk.map_err(std::io::Error::other)),
-        );
-        let (custom, dir) = (self.custom_dir(), staging.clone());
-        let unpacked = tokio::task::spawn_blocking(move || {
-            create_private_dir(&custom)?;
-            std::fs::create_dir_all(&dir)?;
-            let limits = sandbox_archive::Limits {
-                max_bytes,
-                ..Default::default()
-            };
-            unpack_rootfs(tokio_util::io::SyncIoBridge::new(reader), &dir, limits)
-                .map_err(|e| std::io::Error::other(e.to_string()))
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("unpacking the captured root filesystem: {e}"))?;
+        let unpacked = self
+            .unpack_build_rootfs(build_id, archive, max_bytes)
+            .await
+            .map_err(|e| format!("unpacking the captured root filesystem: {e}"))?;
         log(
             shared,
             format!(
@@ -568,12 +554,45 @@ impl Orchestrator {
                 unpacked.bytes >> 20
             ),
         );
-        // Swap into place, then the stamp: the driver keys its artefacts
-        // by it (a microVM image per build).
-        let rootfs = build_dir.join("rootfs");
-        std::fs::rename(&staging, &rootfs).map_err(|e| e.to_string())?;
-        std::fs::write(build_dir.join("stamp"), build_id).map_err(|e| e.to_string())?;
         Ok(())
+    }
+
+    /// Unpacks a sandbox's packed root filesystem (hostile: see
+    /// `rootfs_unpack`) into `BUILDS_DIR/name/rootfs`, then writes the
+    /// `stamp` that marks it finished; the driver keys its artefacts (a
+    /// microVM image) by it. Shared by template builds and restores.
+    pub(super) async fn unpack_build_rootfs<S>(
+        &self,
+        name: &str,
+        archive: S,
+        max_bytes: u64,
+    ) -> std::io::Result<Unpacked>
+    where
+        S: futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send + Unpin + 'static,
+    {
+        let (custom, name) = (self.custom_dir(), name.to_string());
+        let reader = tokio_util::io::StreamReader::new(archive);
+        tokio::task::spawn_blocking(move || {
+            create_private_dir(&custom)?;
+            let dir = custom.join(&name);
+            let staging = dir.join("rootfs.tmp");
+            if staging.exists() {
+                sandbox_runtime::remove_tree(&staging)?;
+            }
+            std::fs::create_dir_all(&staging)?;
+            let limits = sandbox_archive::Limits {
+                max_bytes,
+                ..Default::default()
+            };
+            let unpacked =
+                unpack_rootfs(tokio_util::io::SyncIoBridge::new(reader), &staging, limits)
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+            std::fs::rename(&staging, dir.join("rootfs"))?;
+            std::fs::write(dir.join("stamp"), &name)?;
+            Ok(unpacked)
+        })
+        .await
+        .map_err(std::io::Error::other)?
     }
 
     /// The owner's custom template named `name` (alias or id), ready.
@@ -616,7 +635,7 @@ fn sqlx_json(recipe: &BuildRecipe) -> sandbox_store::Json<serde_json::Value> {
 
 /// Custom template roots keep owners and setuid bits: only root may enter
 /// their parent, so no host user can run what a tenant built.
-pub(super) fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))

@@ -15,7 +15,6 @@ use crate::error::OrchestratorError;
 use crate::ids::{new_sandbox_id, new_token};
 use chrono::Utc;
 use futures::StreamExt;
-use sandbox_runtime::rootfs_unpack::unpack_rootfs;
 use sandbox_runtime::{BootSpec, Limits};
 use sandbox_store::{Sandbox, SandboxSnapshot, SandboxState};
 use std::path::PathBuf;
@@ -206,36 +205,12 @@ impl Orchestrator {
             .get(&snapshot.blob_key)
             .await
             .map_err(|e| OrchestratorError::StorageUnavailable(e.to_string()))?;
-        let reader = tokio_util::io::StreamReader::new(
-            blob.stream
-                .map(|chunk| chunk.map_err(std::io::Error::other)),
-        );
-        let (custom, staging, max_bytes) = (
-            self.custom_dir(),
-            dir.join("rootfs.tmp"),
-            limits.disk_mib.saturating_mul(1 << 20),
-        );
-        let snapshot_id = snapshot.id.clone();
-        let unpacked = tokio::task::spawn_blocking(move || {
-            super::build::create_private_dir(&custom)?;
-            if staging.exists() {
-                sandbox_runtime::remove_tree(&staging)?;
-            }
-            std::fs::create_dir_all(&staging)?;
-            let limits = sandbox_archive::Limits {
-                max_bytes,
-                ..Default::default()
-            };
-            unpack_rootfs(tokio_util::io::SyncIoBridge::new(reader), &staging, limits)
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
-            std::fs::rename(&staging, staging.with_file_name("rootfs"))?;
-            std::fs::write(staging.with_file_name("stamp"), &snapshot_id)
-        })
-        .await
-        .map_err(|e| OrchestratorError::StorageUnavailable(e.to_string()))?;
-        unpacked.map_err(|e| {
-            OrchestratorError::InvalidRequest(format!("the snapshot cannot be restored: {e}"))
-        })?;
+        let max_bytes = limits.disk_mib.saturating_mul(1 << 20);
+        self.unpack_build_rootfs(&snapshot.id, blob.stream, max_bytes)
+            .await
+            .map_err(|e| {
+                OrchestratorError::InvalidRequest(format!("the snapshot cannot be restored: {e}"))
+            })?;
         Ok(rootfs)
     }
 }
